@@ -1,0 +1,33 @@
+# vocabmetric: `make run` builds the demo metric, `make test` runs the tests.
+# Both create .venv on first use. torch is pinned to the CPU build that lies on this
+# machine's disk (a bare `torch` requirement would download a several-GB CUDA build);
+# pyproject.toml keeps `torch>=2.2` so GPU users get their own.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+TORCH  ?= torch==2.13.0
+OUT    ?= runs/demo
+
+.PHONY: install run test test-slow bench clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q "$(TORCH)"
+	$(BIN)/python -m pip install -q -e ".[train,serve,dev]"
+	touch $@
+
+run: $(STAMP)
+	$(BIN)/vocabmetric build pipelines/demo.toml --out $(OUT)
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+test-slow: $(STAMP)
+	$(BIN)/python -m pytest -q -m slow
+
+clean:
+	rm -rf $(VENV) runs build *.egg-info

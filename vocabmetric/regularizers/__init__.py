@@ -1,0 +1,5 @@
+"""Regularizers for RL fine-tuning (torch): KL estimators and Wasserstein penalties.
+
+Every regularizer takes policy logits ``[..., V]`` (with grad) and a reference, and
+returns per-position values ``[...]``; the caller chooses the mask and the reduction.
+"""

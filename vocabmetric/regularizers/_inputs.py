@@ -1,0 +1,82 @@
+"""Input checks and reference handling shared by every regularizer.
+
+A regularizer takes policy logits ``[..., V]`` (with grad) and a reference given either
+as logits ``[..., V]`` (no grad) or as a top-k pair ``(ids [..., m], logprobs [..., m])``,
+as RL pipelines often keep only a few reference log-probabilities per position.
+"""
+
+from __future__ import annotations
+
+from typing import Union
+
+import torch
+
+from ..errors import FingerprintMismatch, VocabMetricError
+
+Reference = Union[torch.Tensor, tuple]
+
+
+def check_finite(tensor: torch.Tensor, name: str, where: str) -> None:
+    """Raise if ``tensor`` holds a NaN (±inf logits are allowed: they are exact zeros)."""
+    if torch.isnan(tensor).any():
+        raise VocabMetricError(
+            f"{where}: {name} contains NaN (shape {tuple(tensor.shape)}); the model produced "
+            "NaN logits upstream — the penalty refuses to hide them in a NaN loss"
+        )
+
+
+def check_width(vocab_size: int, logits: torch.Tensor, where: str) -> None:
+    """Raise :class:`FingerprintMismatch` if the logits width is not the operator's V."""
+    if logits.shape[-1] != vocab_size:
+        raise FingerprintMismatch(
+            f"{where}: logits have {logits.shape[-1]} entries in their last dimension but the "
+            f"metric covers {vocab_size} token ids; it was built for another tokenizer "
+            "(check `vocabmetric info STORE` against your model's vocabulary size)"
+        )
+
+
+def reference_probs(ref: Reference, logits: torch.Tensor, where: str) -> torch.Tensor:
+    """The reference distribution ``q [..., V]`` in float32, without grad.
+
+    * logits ``[..., V]``: ``softmax(ref)``.
+    * ``(ids [..., m], logprobs [..., m])``: ``q[ids] = exp(logprobs)``, and the mass left
+      over, ``1 - Σ exp(logprobs)``, is spread evenly over the other V − m tokens (the
+      reference says nothing about them).
+    """
+    V = logits.shape[-1]
+    if isinstance(ref, torch.Tensor):
+        if ref.shape != logits.shape:
+            raise VocabMetricError(
+                f"{where}: reference logits {tuple(ref.shape)} and policy logits "
+                f"{tuple(logits.shape)} must have the same shape"
+            )
+        check_finite(ref, "reference logits", where)
+        return torch.softmax(ref.detach().float(), dim=-1)
+    if not (isinstance(ref, (tuple, list)) and len(ref) == 2):
+        raise VocabMetricError(
+            f"{where}: reference must be logits [..., V] or a pair (ids [..., m], logprobs [..., m]), "
+            f"got {type(ref).__name__}"
+        )
+    ids, logprobs = ref
+    ids = torch.as_tensor(ids, device=logits.device).long()
+    logprobs = torch.as_tensor(logprobs, device=logits.device).detach().float()
+    if ids.shape != logprobs.shape or ids.shape[:-1] != logits.shape[:-1]:
+        raise VocabMetricError(
+            f"{where}: top-k reference ids {tuple(ids.shape)} and logprobs {tuple(logprobs.shape)} "
+            f"must both be [..., m] with leading dims {tuple(logits.shape[:-1])}"
+        )
+    check_finite(logprobs, "reference logprobs", where)
+    if ids.numel() and (ids.min() < 0 or ids.max() >= V):
+        raise VocabMetricError(f"{where}: top-k reference ids must lie in [0, {V})")
+    top = logprobs.exp()
+    total = top.sum(-1, keepdim=True)
+    if (total > 1 + 1e-3).any():
+        raise VocabMetricError(
+            f"{where}: top-k reference probabilities sum to {total.max().item():.4f} > 1; pass "
+            "log-probabilities of a normalized distribution"
+        )
+    m = ids.shape[-1]
+    rest = (1 - total).clamp_min(0) / max(V - m, 1)
+    q = rest.expand(*logits.shape[:-1], V).clone()
+    q.scatter_(-1, ids, top)
+    return q / q.sum(-1, keepdim=True)
