@@ -3,3 +3,4 @@
 Every regularizer takes policy logits ``[..., V]`` (with grad) and a reference, and
 returns per-position values ``[...]``; the caller chooses the mask and the reduction.
 """
+from .kl import aggregate as aggregate, full_kl as full_kl, kl_estimate as kl_estimate, kl_in_reward as kl_in_reward

@@ -1,0 +1,401 @@
+"""KL penalties for RL fine-tuning: sampled-token estimators, exact KL, reward form.
+
+A trainer penalizes the policy π for drifting from a reference π_ref. Three forms:
+
+* :func:`kl_estimate` — per-token estimates k1, k2, k3, abs, k1+, k3+ (Schulman 2020) of
+  KL(π‖π_ref) from the log-probabilities of tokens sampled from π. Their *values* and
+  their *gradients as a loss* are different things; each docstring states both, and
+  ``tests/test_kl.py`` proves each statement exactly by enumerating small distributions.
+* :func:`full_kl` — the exact KL over the whole vocabulary per position, from logits,
+  chunked so that no extra ``[N, V]`` tensor is ever held.
+* :func:`kl_in_reward` — k1 placed in the return (reward-to-go), the form whose
+  policy-gradient is the unbiased gradient of the sequence-level reverse KL.
+
+:func:`aggregate` reduces per-token values to the scalar loss the way trainers do.
+
+Conventions: ``logp = log π(x)`` carries the gradient, ``ref_logp = log π_ref(x)`` does
+not, ``log_ratio = logp - ref_logp``. ``-inf`` is an exact zero probability; NaN is an
+error. Low-precision inputs (bf16, fp16) are computed in float32.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch.autograd.function import once_differentiable
+
+from ..errors import ConfigError, VocabMetricError
+from ._inputs import check_finite
+
+ESTIMATORS = ("k1", "k2", "k3", "abs", "k1+", "k3+")
+AGGREGATIONS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum")
+DIRECTIONS = ("reverse", "forward")
+
+# Elements per chunk of full_kl: a few float32 temporaries of this size (~16 MiB each)
+# stay small beside N·V inputs yet amortize the per-chunk overhead.
+_CHUNK_ELEMENTS = 1 << 22
+
+
+# --------------------------------------------------------------------------------------
+# sampled-token estimators
+
+
+def kl_estimate(
+    logp: torch.Tensor,
+    ref_logp: torch.Tensor,
+    estimator: str = "k3",
+    *,
+    clamp: float | None = 20.0,
+    old_logp: torch.Tensor | None = None,
+) -> torch.Tensor:
+    r"""Per-token estimate of KL(π‖π_ref) from tokens sampled from π.
+
+    With :math:`r = \mathrm{clip}(\log π(x) - \log π_{ref}(x), -c, c)`:
+
+    ========  ===========================  =============================================
+    name      value                        gradient as an on-policy loss, E_{x∼π}[∇·]
+    ========  ===========================  =============================================
+    ``k1``    :math:`r`                    0 — it does nothing
+    ``k2``    :math:`r^2/2`                ∇ KL(π‖π_ref), the true reverse-KL gradient
+    ``k3``    :math:`e^{-r} - 1 + r`       ∇ KL(π_ref‖π), the *forward*-KL gradient
+    ``abs``   :math:`|r|`                  Σ π·sign(r)·∇log π: no KL's (for logging)
+    ``k1+``   value of k1, gradient of k2  ∇ KL(π‖π_ref)
+    ``k3+``   value of k3, gradient of k2  ∇ KL(π‖π_ref)
+    ========  ===========================  =============================================
+
+    Values: k1 and k3 are unbiased for KL(π‖π_ref) (k3 ≥ 0, lower variance when π ≈
+    π_ref); k2 is biased (E[k2] ≠ KL) but has low variance; k1 is noisy. The gradient
+    column holds exactly in expectation over x ∼ π when only ``logp(x)`` is
+    differentiated (the sampling weights are constants), which is what a trainer does
+    when it adds ``kl_estimate(...)`` to its loss.
+
+    **Off-policy** (``old_logp`` given, tokens sampled from π_old, as in PPO/GRPO
+    mini-batches after the first): the value is multiplied by the importance weight
+    :math:`w = π/π_{old} = \exp(\mathrm{clip}(\log π - \log π_{old}, -c, c))`, the
+    DeepSeek-V3.2 form. The weight carries the gradient, so :math:`E_{x∼π_{old}}[w\,k]`
+    is unbiased for :math:`E_{x∼π}[k]` in value *and* gradient: for ``k1`` and ``k3``
+    the gradient becomes ∇ KL(π‖π_ref) (this holds also when π_old = π, i.e.
+    ``old_logp=logp.detach()``); for ``k2`` and ``abs`` it is ∇ E_π[k], no KL's.
+    ``k1+`` / ``k3+`` keep their rule: value :math:`w\,k`, gradient that of
+    :math:`\mathrm{sg}(w)\,k_2`, which is ∇ KL(π‖π_ref).
+
+    Parameters
+    ----------
+    logp : Tensor, shape (...)
+        :math:`\log π(x)` of the sampled tokens, with grad.
+    ref_logp : Tensor, shape (...)
+        :math:`\log π_{ref}(x)`, same shape; never differentiated.
+    estimator : {"k1", "k2", "k3", "abs", "k1+", "k3+"}
+    clamp : float or None
+        Bound c on |log_ratio| (and on |log π/π_old|), applied *before* any ``exp``:
+        values are at most :math:`e^c` and neither value nor gradient is ever inf or NaN,
+        for any finite or ±inf input. Where the clamp binds, the gradient through the
+        ratio is zero (``torch.clamp``), as with the trainers' clamps. ``None`` disables
+        it (then k3 overflows when π ≪ π_ref).
+    old_logp : Tensor, shape (...), optional
+        :math:`\log π_{old}(x)` of the policy that sampled the tokens; never differentiated.
+
+    Returns
+    -------
+    Tensor, shape (...)
+        Per-token values, float32 for low-precision inputs, else the input dtype.
+        Cost O(numel), elementwise.
+
+    Raises
+    ------
+    VocabMetricError
+        NaN in an input (the message names it), or shapes that differ (names both).
+    ConfigError
+        Unknown ``estimator`` or a non-positive ``clamp``.
+
+    Examples
+    --------
+    >>> loss = aggregate(kl_estimate(logp, ref_logp, "k3+"), mask, "token-mean")
+    """
+    where = "kl_estimate"
+    if estimator not in ESTIMATORS:
+        raise ConfigError(f"{where}: unknown estimator {estimator!r}; choose one of {ESTIMATORS}")
+    _check_clamp(clamp, where)
+    _check_same_shape(where, logp=logp, ref_logp=ref_logp, old_logp=old_logp)
+    log_ratio = _log_ratio(logp, ref_logp, clamp, where, ("logp", "ref_logp"))
+
+    k2 = log_ratio.square() / 2
+    if estimator == "k1":
+        value = log_ratio
+    elif estimator == "k2":
+        value = k2
+    elif estimator == "abs":
+        value = log_ratio.abs()
+    else:  # k3, k1+, k3+
+        value = log_ratio if estimator == "k1+" else torch.expm1(-log_ratio) + log_ratio
+
+    straight_through = estimator.endswith("+")
+    if old_logp is not None:
+        log_weight = _log_ratio(logp, old_logp, clamp, where, ("logp", "old_logp"))
+        weight = log_weight.exp()
+        if straight_through:
+            k2 = weight.detach() * k2
+            value = weight.detach() * value
+        else:
+            value = weight * value
+    if straight_through:
+        # value exactly (x - x == 0), gradient of k2: no rounding from value - k2 + k2
+        value = value.detach() + (k2 - k2.detach())
+    return value
+
+
+def _log_ratio(
+    logp: torch.Tensor, other: torch.Tensor, clamp: float | None, where: str, names: tuple
+) -> torch.Tensor:
+    """``clip(logp - other)`` in a float ≥ 32 bits, with ``other`` detached.
+
+    Equal infinities (both -inf: a token impossible under both) give 0, not NaN; the
+    clamp comes before any ``exp`` so downstream values and gradients stay finite.
+    """
+    check_finite(logp, names[0], where)
+    check_finite(other, names[1], where)
+    dtype = _compute_dtype(logp.dtype, other.dtype)
+    logp, other = logp.to(dtype), other.detach().to(dtype)
+    log_ratio = torch.where(logp == other, 0.0, logp - other)
+    if clamp is not None:
+        log_ratio = log_ratio.clamp(-clamp, clamp)
+    return log_ratio
+
+
+# --------------------------------------------------------------------------------------
+# sequence level
+
+
+def kl_in_reward(
+    logp: torch.Tensor, ref_logp: torch.Tensor, mask: torch.Tensor, *, clamp: float | None = 20.0
+) -> torch.Tensor:
+    r"""The KL penalty as a return: :math:`R_t = \sum_{s \ge t} m_s\, k1_s`, detached.
+
+    Put :math:`-β R_t` into the advantage (or :math:`-β\,k1_t` into the per-token reward
+    and let the return sum it) of a policy-gradient loss
+    :math:`-\sum_t A_t \log π(x_t \mid x_{<t})`. For sequences sampled from π,
+
+    .. math:: E\Big[\sum_t ∇\log π(x_t \mid x_{<t})\, R_t\Big] = ∇\,KL(π‖π_{ref})
+
+    over whole (masked) sequences: the unbiased gradient of the *sequence* reverse KL,
+    including the effect of each token on the prefixes that follow — which no per-token
+    loss (``kl_estimate`` with k2, k1+, k3+) gives: those differentiate the per-position
+    KLs at the sampled prefixes only.
+
+    Parameters
+    ----------
+    logp, ref_logp : Tensor, shape (..., T)
+        Log-probabilities of the sampled tokens under π and π_ref (any grad is ignored).
+    mask : Tensor, shape (..., T)
+        Bool or {0, 1}: the response tokens. Masked positions contribute nothing and get 0.
+    clamp : float or None
+        Bound on |log_ratio| per token, as in :func:`kl_estimate` (-inf stays finite).
+
+    Returns
+    -------
+    Tensor, shape (..., T)
+        Reward-to-go of k1, no grad. Cost O(numel).
+    """
+    where = "kl_in_reward"
+    _check_clamp(clamp, where)
+    _check_same_shape(where, logp=logp, ref_logp=ref_logp, mask=mask)
+    keep = mask != 0
+    k1 = _log_ratio(logp.detach(), ref_logp, clamp, where, ("logp", "ref_logp"))
+    k1 = torch.where(keep, k1, 0.0)
+    returns = k1.flip(-1).cumsum(-1).flip(-1)
+    return torch.where(keep, returns, 0.0)
+
+
+def aggregate(values: torch.Tensor, mask: torch.Tensor, mode: str = "token-mean") -> torch.Tensor:
+    r"""Reduce per-token values ``[..., T]`` to a scalar loss, as trainers do.
+
+    * ``"token-mean"``: :math:`\sum_{b,t} m\,v / \sum_{b,t} m` — every token weighs the same.
+    * ``"seq-mean-token-mean"``: mean over sequences of :math:`\sum_t m\,v / \sum_t m`.
+    * ``"seq-mean-token-sum"``: mean over sequences of :math:`\sum_t m\,v`.
+
+    Sequences (all leading dims flattened) with no token in ``mask`` are left out of the
+    sequence means; an empty mask gives 0 (still connected to the graph). Masked positions
+    may hold inf or NaN: they are selected away, not multiplied by 0, so they reach
+    neither the value nor the gradient.
+
+    Parameters
+    ----------
+    values : Tensor, shape (..., T)
+    mask : Tensor, shape (..., T), bool or {0, 1}
+    mode : {"token-mean", "seq-mean-token-mean", "seq-mean-token-sum"}
+
+    Returns
+    -------
+    Tensor, shape ()
+    """
+    where = "aggregate"
+    if mode not in AGGREGATIONS:
+        raise ConfigError(f"{where}: unknown mode {mode!r}; choose one of {AGGREGATIONS}")
+    _check_same_shape(where, values=values, mask=mask)
+    keep = mask != 0
+    masked = torch.where(keep, values, 0.0)
+    if mode == "token-mean":
+        return masked.sum() / keep.sum().clamp_min(1)
+    n_tokens = keep.sum(-1).reshape(-1)
+    per_seq = masked.sum(-1).reshape(-1)
+    if mode == "seq-mean-token-mean":
+        per_seq = per_seq / n_tokens.clamp_min(1)
+    return per_seq.sum() / (n_tokens > 0).sum().clamp_min(1)
+
+
+# --------------------------------------------------------------------------------------
+# exact KL over the vocabulary
+
+
+def full_kl(
+    logits: torch.Tensor,
+    ref_logits: torch.Tensor,
+    *,
+    direction: str = "reverse",
+    chunk_size: int | None = None,
+) -> torch.Tensor:
+    r"""Exact KL between the policy and the reference over the whole vocabulary.
+
+    With :math:`π = \mathrm{softmax}(z)` (``logits``) and :math:`ρ = \mathrm{softmax}(r)`
+    (``ref_logits``), per position:
+
+    * ``"reverse"``: :math:`KL(π‖ρ) = \sum_x π(x)(\log π(x) - \log ρ(x))`, gradient
+      :math:`∂/∂z = π ⊙ (\log π - \log ρ - KL)`;
+    * ``"forward"``: :math:`KL(ρ‖π) = \sum_x ρ(x)(\log ρ(x) - \log π(x))`, gradient
+      :math:`∂/∂z = π - ρ`.
+
+    Gradients flow to ``logits`` only. Positions are processed in chunks; the backward
+    pass recomputes the softmaxes per chunk from the saved inputs and two log-normalizers
+    per position, so the memory beyond the inputs, the output and the gradient is
+    O(chunk_size·V) — never an extra O(N·V) tensor. Time O(N·V), about two passes forward
+    and one backward.
+
+    Exact zeros: a ``-inf`` logit is a zero probability and :math:`0 \log 0 = 0`. Where
+    the measuring distribution has mass the other lacks (reverse: π > 0 = ρ; forward:
+    ρ > 0 = π) the KL is +inf and so is the value returned — not clamped, not hidden.
+    The gradient of such a reverse-KL position is 0 (its formula would be NaN), so an
+    inf position that the caller masks away (e.g. with :func:`aggregate`) does not
+    poison the others; the forward gradient π − ρ is finite everywhere. Probabilities
+    that underflow the compute dtype count as zeros.
+
+    Parameters
+    ----------
+    logits : Tensor, shape (..., V)
+        Policy logits, with grad; fp32, fp64, bf16 or fp16 (the last two computed in fp32).
+    ref_logits : Tensor, shape (..., V)
+        Reference logits, same shape; never differentiated.
+    direction : {"reverse", "forward"}
+    chunk_size : int, optional
+        Positions per chunk; default ≈ 2**22 / V elements (~16 MiB of fp32 per temporary).
+
+    Returns
+    -------
+    Tensor, shape (...)
+        KL per position, float32 (float64 for float64 inputs).
+
+    Raises
+    ------
+    VocabMetricError
+        Shapes differ (both named); NaN, +inf or a row of only -inf in an input (named).
+    ConfigError
+        Unknown ``direction`` or a non-positive ``chunk_size``.
+    """
+    where = "full_kl"
+    if direction not in DIRECTIONS:
+        raise ConfigError(f"{where}: unknown direction {direction!r}; choose one of {DIRECTIONS}")
+    if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
+        raise ConfigError(f"{where}: chunk_size must be a positive int, got {chunk_size!r}")
+    if logits.shape != ref_logits.shape or logits.dim() == 0:
+        raise VocabMetricError(
+            f"{where}: logits {tuple(logits.shape)} and ref_logits {tuple(ref_logits.shape)} "
+            "must have the same shape [..., V]"
+        )
+    vocab_size = logits.shape[-1]
+    lead = logits.shape[:-1]
+    flat = logits.reshape(-1, vocab_size)
+    ref_flat = ref_logits.detach().reshape(-1, vocab_size)
+    rows = chunk_size or max(1, _CHUNK_ELEMENTS // max(vocab_size, 1))
+    kl = _FullKL.apply(flat, ref_flat, direction == "reverse", rows)
+    if torch.isnan(kl).any():
+        _raise_bad_logits(flat, ref_flat, where)
+    return kl.reshape(lead)
+
+
+class _FullKL(torch.autograd.Function):
+    """Chunked KL whose backward recomputes each chunk's softmax from the inputs."""
+
+    @staticmethod
+    def forward(ctx, logits, ref_logits, reverse, rows):
+        dtype = _compute_dtype(logits.dtype, ref_logits.dtype)
+        n = logits.shape[0]
+        kl = torch.empty(n, dtype=dtype, device=logits.device)
+        lse = torch.empty(n, dtype=dtype, device=logits.device)
+        ref_lse = torch.empty_like(lse)
+        for start in range(0, n, rows):
+            part = slice(start, start + rows)
+            z, r = logits[part].to(dtype), ref_logits[part].to(dtype)
+            torch.logsumexp(z, -1, out=lse[part])
+            torch.logsumexp(r, -1, out=ref_lse[part])
+            logp, logq = z - lse[part, None], r - ref_lse[part, None]
+            a, b = (logp, logq) if reverse else (logq, logp)
+            prob = a.exp()
+            terms = (a - b).mul_(prob).masked_fill_(prob == 0, 0.0)
+            torch.sum(terms, -1, out=kl[part])
+        ctx.save_for_backward(logits, ref_logits, lse, ref_lse, kl)
+        ctx.reverse, ctx.rows = reverse, rows
+        return kl
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_kl):
+        logits, ref_logits, lse, ref_lse, kl = ctx.saved_tensors
+        grad = torch.empty_like(logits)
+        for start in range(0, logits.shape[0], ctx.rows):
+            part = slice(start, start + ctx.rows)
+            logp = logits[part].to(lse.dtype) - lse[part, None]
+            logq = ref_logits[part].to(lse.dtype) - ref_lse[part, None]
+            prob = logp.exp()
+            if ctx.reverse:
+                g = (logp - logq).sub_(kl[part, None]).mul_(prob).masked_fill_(prob == 0, 0.0)
+                g.masked_fill_(~torch.isfinite(kl[part, None]), 0.0)
+            else:
+                g = prob.sub_(logq.exp_())
+            grad[part] = g.mul_(grad_kl[part, None].to(g.dtype))
+        return grad, None, None, None
+
+
+def _raise_bad_logits(logits: torch.Tensor, ref_logits: torch.Tensor, where: str) -> None:
+    """Name the input that made a KL NaN (called only once a NaN was found)."""
+    for tensor, name in ((logits, "logits"), (ref_logits, "ref_logits")):
+        check_finite(tensor, name, where)
+        if torch.isposinf(tensor).any():
+            raise VocabMetricError(f"{where}: {name} contains +inf; logits must be finite or -inf")
+        empty = torch.isneginf(tensor).all(-1)
+        if empty.any():
+            row = int(empty.nonzero()[0, 0])
+            raise VocabMetricError(
+                f"{where}: {name} row {row} (flattened) is all -inf: no distribution to compare"
+            )
+    raise VocabMetricError(f"{where}: the KL came out NaN for finite inputs; please report it")
+
+
+# --------------------------------------------------------------------------------------
+# shared checks
+
+
+def _compute_dtype(*dtypes: torch.dtype) -> torch.dtype:
+    return torch.float64 if torch.float64 in dtypes else torch.float32
+
+
+def _check_clamp(clamp: float | None, where: str) -> None:
+    if clamp is not None and not (clamp > 0 and math.isfinite(clamp)):
+        raise ConfigError(f"{where}: clamp must be a positive finite number or None, got {clamp!r}")
+
+
+def _check_same_shape(where: str, **tensors: torch.Tensor | None) -> None:
+    given = {name: t for name, t in tensors.items() if t is not None}
+    shapes = {tuple(t.shape) for t in given.values()}
+    if len(shapes) > 1:
+        listed = ", ".join(f"{name} {tuple(t.shape)}" for name, t in given.items())
+        raise VocabMetricError(f"{where}: shapes differ: {listed}; pass one value per token")
