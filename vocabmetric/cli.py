@@ -1,0 +1,144 @@
+"""The ``vocabmetric`` command: build, info, neighbors, cost, export, eval, serve."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from .errors import VocabMetricError
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    help="A ground metric over a tokenizer's whole vocabulary: build it, query it, serve it.",
+)
+
+
+def _fail(exc: Exception) -> None:
+    typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
+    raise typer.Exit(code=2)
+
+
+def _open(store: Path):
+    from .store import open_store
+
+    try:
+        return open_store(store)
+    except VocabMetricError as exc:
+        _fail(exc)
+
+
+def _token_arg(token: str):
+    """A command-line token: digits are an id unless the store has a token with that text."""
+    return token
+
+
+@app.command()
+def build(
+    config: Path = typer.Argument(..., help="pipeline config (TOML), e.g. pipelines/demo.toml"),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="build directory (default runs/<config name>)"),
+    force: bool = typer.Option(False, "--force", help="rebuild every stage, ignoring the cache"),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bars or report"),
+) -> None:
+    """Build a metric store: tokenize → word2vec → metrics → OUT/metric.zarr."""
+    from .pipeline import build as run_build
+    from .report import build_report
+
+    logging.basicConfig(level=logging.WARNING if quiet else logging.INFO, format="%(message)s")
+    try:
+        result = run_build(config, out, force=force, progress=None if not quiet else False)
+    except VocabMetricError as exc:
+        _fail(exc)
+    if not quiet:
+        from .pipeline import load_config
+
+        cfg, _ = load_config(config)
+        typer.echo(build_report(result, probes=cfg.report.probes, k=cfg.report.k))
+    else:
+        typer.echo(str(result.store_path))
+
+
+@app.command()
+def info(store: Path = typer.Argument(..., help="a metric.zarr store"), as_json: bool = typer.Option(False, "--json")) -> None:
+    """What a store holds: tokenizer, corpus, embeddings, metrics."""
+    from .report import info_table
+
+    s = _open(store)
+    typer.echo(json.dumps(s.info(), indent=2) if as_json else info_table(s))
+
+
+@app.command()
+def neighbors(
+    store: Path = typer.Argument(..., help="a metric.zarr store"),
+    token: str = typer.Argument(..., help="token text (quote a leading space: ' beautiful') or id"),
+    k: int = typer.Option(10, "-k", help="how many neighbours"),
+    metric: str = typer.Option("knn", "--metric", "-m", help="metric name (see `vocabmetric info`)"),
+    as_json: bool = typer.Option(False, "--json"),
+) -> None:
+    """The k nearest tokens of TOKEN, with their costs."""
+    from .report import neighbor_table
+
+    s = _open(store)
+    try:
+        rows = s.neighbors(_token_arg(token), k=k, metric=metric)
+        query = s.resolve(_token_arg(token))
+    except VocabMetricError as exc:
+        _fail(exc)
+    if as_json:
+        typer.echo(json.dumps([r._asdict() for r in rows], ensure_ascii=False))
+    else:
+        typer.echo(neighbor_table(s, query, rows, metric))
+
+
+@app.command()
+def cost(
+    store: Path = typer.Argument(...),
+    a: str = typer.Argument(..., help="token text or id"),
+    b: str = typer.Argument(..., help="token text or id"),
+    metric: str = typer.Option("l2", "--metric", "-m"),
+) -> None:
+    """The cost between tokens A and B."""
+    s = _open(store)
+    try:
+        typer.echo(f"{s.cost(a, b, metric=metric):.6g}")
+    except VocabMetricError as exc:
+        _fail(exc)
+
+
+@app.command()
+def export(
+    store: Path = typer.Argument(...),
+    metric: str = typer.Option(..., "--metric", "-m", help="a stored metric, or 'tree'"),
+    out: Path = typer.Option(..., "--out", "-o", help="output .npz file"),
+) -> None:
+    """Export one metric's arrays to a .npz (indices, costs, cap, fingerprint; or the tree arrays)."""
+    import numpy as np
+
+    s = _open(store)
+    try:
+        if metric == "tree":
+            t = s.tree()
+            arrays = dict(parent=t.parent, weight=t.weight, leaf_of_token=t.leaf_of_token)
+        else:
+            op = s.operator(metric)
+            arrays = dict(indices=op.indices, costs=op.costs, cap=np.float64(op.cap))
+    except VocabMetricError as exc:
+        _fail(exc)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp.npz")
+    np.savez_compressed(tmp, fingerprint=np.str_(s.fingerprint), **arrays)
+    tmp.replace(out)
+    typer.echo(f"wrote {out}")
+
+
+def main() -> None:  # pragma: no cover
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(app())

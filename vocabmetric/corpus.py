@@ -1,0 +1,303 @@
+"""Read a corpus and tokenize it, on all cores, into the line format word2vec reads.
+
+Formats (by file name):
+
+* ``.txt`` / ``.txt.gz`` — plain text; a document is a block of lines between blank lines.
+* ``.jsonl`` / ``.jsonl.gz`` — one JSON object a line; the text is in ``text_field``.
+* ``.xml.bz2`` — a Wikipedia ``pages-articles`` dump, streamed; markup is stripped with
+  gensim's ``filter_wiki`` in the worker processes.
+
+Output (``tokenize_corpus``): ``corpus.txt`` in gensim's ``LineSentence`` /
+``corpus_file`` format (one document a line, token ids as decimal words, at most
+``MAX_LINE_TOKENS`` a line) and the token frequencies ``counts`` (V,) int64.
+
+Memory stays bounded: documents stream from disk, and at most ``2·workers`` batches are
+in flight, so a corpus larger than RAM streams through.
+"""
+
+from __future__ import annotations
+
+import bz2
+import glob
+import gzip
+import json
+import logging
+import os
+import shutil
+import sys
+import time
+import zlib
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable, Iterator
+
+import numpy as np
+
+from .errors import CorpusError
+from .tokenizers import encoder_for, load_tokenizer
+
+LOG = logging.getLogger(__name__)
+
+#: gensim's corpus_file reader handles at most 10000 words a line; stay below it.
+MAX_LINE_TOKENS = 10000
+#: bpe-openai refuses texts of 1M characters; documents are split below that.
+MAX_DOC_CHARS = 200_000
+
+FORMATS = (".txt", ".txt.gz", ".jsonl", ".jsonl.gz", ".xml.bz2")
+
+
+def source_format(path: Path) -> str:
+    """The format of a corpus file from its name; a clear error for any other name."""
+    name = path.name.lower()
+    for suffix in (".txt.gz", ".jsonl.gz", ".xml.bz2", ".txt", ".jsonl"):
+        if name.endswith(suffix):
+            return suffix
+    raise CorpusError(
+        f"{path}: unknown corpus format; name files *{', *'.join(FORMATS)} "
+        "(plain text, JSON lines, or a Wikipedia pages-articles dump)"
+    )
+
+
+def expand_sources(patterns: Iterable[str], base_dir: Path | None = None) -> list[Path]:
+    """Resolve paths and globs (relative to ``base_dir``); each must match a readable file."""
+    out: list[Path] = []
+    for pattern in patterns:
+        full = Path(pattern).expanduser()
+        if not full.is_absolute() and base_dir is not None:
+            full = base_dir / full
+        matches = sorted(Path(p) for p in glob.glob(str(full), recursive=True)) if glob.has_magic(str(full)) else [full]
+        if not matches or not all(m.exists() for m in matches):
+            raise CorpusError(f"corpus source {pattern!r} matches no file (looked for {full})")
+        for m in matches:
+            if m.is_dir():
+                raise CorpusError(f"corpus source {m} is a directory; give files or a glob such as '{m}/*.txt'")
+            source_format(m)
+            if not os.access(m, os.R_OK):
+                raise CorpusError(f"corpus source {m} is not readable (check its permissions)")
+            out.append(m)
+    return out
+
+
+# -- reading ------------------------------------------------------------------------------
+@dataclass
+class _Doc:
+    text: str
+    wiki: bool = False  # raw MediaWiki markup, stripped in the worker
+
+
+def iter_documents(path: Path, *, text_field: str = "text") -> Iterator[_Doc]:
+    """Stream the documents of one file. Errors name the file and the line (or offset)."""
+    fmt = source_format(path)
+    line_no = 0
+    try:
+        if fmt in (".txt", ".txt.gz"):
+            with _open_text(path, fmt) as fh:
+                block: list[str] = []
+                size = 0
+                for line_no, line in enumerate(fh, 1):
+                    if line.strip():
+                        block.append(line)
+                        size += len(line)
+                        if size < MAX_DOC_CHARS:
+                            continue
+                    if block:
+                        yield _Doc("".join(block))
+                        block, size = [], 0
+                if block:
+                    yield _Doc("".join(block))
+        elif fmt in (".jsonl", ".jsonl.gz"):
+            with _open_text(path, fmt) as fh:
+                for line_no, line in enumerate(fh, 1):
+                    if not line.strip():
+                        continue
+                    yield from (_Doc(t) for t in _split(_json_text(line, path, line_no, text_field)))
+        else:
+            from gensim.corpora.wikicorpus import extract_pages
+
+            with bz2.open(path, "rb") as fh:
+                for line_no, (_title, text, _pageid) in enumerate(extract_pages(fh, filter_namespaces=("0",)), 1):
+                    if text and not text.lstrip().lower().startswith("#redirect"):
+                        yield from (_Doc(t, wiki=True) for t in _split(text))
+    except CorpusError:
+        raise
+    except UnicodeDecodeError as exc:
+        raise CorpusError(f"{path}: line {line_no + 1} is not valid UTF-8 ({exc.reason}); re-encode the file as UTF-8") from exc
+    except (EOFError, OSError, zlib.error, ValueError) as exc:
+        where = f"after line {line_no}" if fmt != ".xml.bz2" else f"after page {line_no}"
+        raise CorpusError(f"{path}: cannot read {where}: {exc} (is the file truncated or corrupt?)") from exc
+    except Exception as exc:  # the XML parser's errors: no common base class
+        raise CorpusError(f"{path}: cannot parse after page {line_no}: {exc}") from exc
+
+
+def _open_text(path: Path, fmt: str):
+    if fmt.endswith(".gz"):
+        return gzip.open(path, "rt", encoding="utf-8", newline="\n")
+    return open(path, encoding="utf-8", newline="\n")
+
+
+def _json_text(line: str, path: Path, line_no: int, text_field: str) -> str:
+    try:
+        obj = json.loads(line)
+    except json.JSONDecodeError as exc:
+        raise CorpusError(f"{path}: line {line_no} is not valid JSON: {exc.msg} at column {exc.colno}") from exc
+    if not isinstance(obj, dict) or text_field not in obj:
+        keys = ", ".join(sorted(obj)) if isinstance(obj, dict) else type(obj).__name__
+        raise CorpusError(
+            f"{path}: line {line_no} has no field {text_field!r} (it has: {keys}); "
+            "set corpus.text_field in the config"
+        )
+    text = obj[text_field]
+    if not isinstance(text, str):
+        raise CorpusError(f"{path}: line {line_no}: field {text_field!r} is {type(text).__name__}, not a string")
+    return text
+
+
+def _split(text: str) -> Iterator[str]:
+    """Cut a long text at line breaks into pieces below MAX_DOC_CHARS."""
+    while len(text) > MAX_DOC_CHARS:
+        cut = text.rfind("\n", 0, MAX_DOC_CHARS)
+        cut = cut if cut > 0 else MAX_DOC_CHARS
+        yield text[:cut]
+        text = text[cut:]
+    if text:
+        yield text
+
+
+# -- tokenizing ---------------------------------------------------------------------------
+_WORKER_ENCODE: dict[str, Callable[[list[str]], list[np.ndarray]]] = {}
+
+
+def _init_worker(spec: str) -> None:
+    """Load the encoder once per worker process (a tiktoken spec skips the vocabulary tables)."""
+    if spec.startswith("tiktoken:"):
+        enc = encoder_for(spec)
+        _WORKER_ENCODE[spec] = lambda texts: [np.asarray(enc.encode(t) if t else (), dtype=np.uint32) for t in texts]
+    else:
+        _WORKER_ENCODE[spec] = load_tokenizer(spec).encode_batch
+
+
+def _encode_shard(spec: str, vocab_size: int, docs: list[_Doc], shard_path: str) -> tuple[int, int, np.ndarray]:
+    """Tokenize a batch of documents and write it as one shard; return (docs, tokens, counts)."""
+    if spec not in _WORKER_ENCODE:
+        _init_worker(spec)
+    texts = [_clean_wiki(d.text) if d.wiki else d.text for d in docs]
+    arrays = _WORKER_ENCODE[spec](texts)
+    counts = np.zeros(vocab_size, dtype=np.int64)
+    n_tokens = 0
+    tmp = shard_path + ".tmp"
+    with open(tmp, "w", encoding="ascii") as out:
+        for ids in arrays:
+            if not len(ids):
+                continue
+            n_tokens += len(ids)
+            counts += np.bincount(ids, minlength=vocab_size)
+            for start in range(0, len(ids), MAX_LINE_TOKENS):
+                out.write(" ".join(map(str, ids[start : start + MAX_LINE_TOKENS].tolist())))
+                out.write("\n")
+    os.replace(tmp, shard_path)
+    return len(docs), n_tokens, counts
+
+
+def _clean_wiki(markup: str) -> str:
+    from gensim.corpora.wikicorpus import filter_wiki
+
+    return filter_wiki(markup)
+
+
+@dataclass
+class CorpusStats:
+    """What tokenization produced."""
+
+    n_documents: int
+    n_tokens: int
+    counts: np.ndarray = field(repr=False)
+    seconds: float
+    sources: list[str]
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.n_tokens / max(self.seconds, 1e-9)
+
+
+def _batches(sources: list[Path], text_field: str, batch_chars: int) -> Iterator[list[_Doc]]:
+    batch: list[_Doc] = []
+    size = 0
+    for path in sources:
+        for doc in iter_documents(path, text_field=text_field):
+            batch.append(doc)
+            size += len(doc.text)
+            if size >= batch_chars:
+                yield batch
+                batch, size = [], 0
+    if batch:
+        yield batch
+
+
+def tokenize_corpus(
+    tokenizer_spec: str,
+    sources: list[Path],
+    out_dir: Path,
+    *,
+    text_field: str = "text",
+    workers: int | None = None,
+    batch_chars: int = 1_000_000,
+    progress: bool | None = None,
+) -> CorpusStats:
+    """Tokenize ``sources`` into ``out_dir/corpus.txt``; return the stats and counts.
+
+    Batches of about ``batch_chars`` characters are tokenized in ``workers`` processes
+    (default: all cores), each written as a shard, then joined in order. Cost: one pass
+    over the corpus; memory O(workers·batch_chars + V).
+    """
+    from tqdm.auto import tqdm
+
+    workers = workers or os.cpu_count() or 1
+    out_dir = Path(out_dir)
+    shard_dir = out_dir / "shards"
+    shard_dir.mkdir(parents=True, exist_ok=True)
+    vocab_size = load_tokenizer(tokenizer_spec).vocab_size
+    counts = np.zeros(vocab_size, dtype=np.int64)
+    n_docs = n_tokens = 0
+    shards: list[Path] = []
+    show = sys.stderr.isatty() if progress is None else progress
+    bar = tqdm(total=None, unit="tok", unit_scale=True, desc="tokenize", disable=not show, mininterval=0.5)
+    start = time.perf_counter()
+
+    def collect(result):
+        nonlocal n_docs, n_tokens
+        d, t, c = result
+        n_docs += d
+        n_tokens += t
+        counts.__iadd__(c)
+        bar.update(t)
+
+    batches = _batches(sources, text_field, batch_chars)
+    if workers == 1:
+        for i, batch in enumerate(batches):
+            shards.append(shard_dir / f"shard-{i:06d}.txt")
+            collect(_encode_shard(tokenizer_spec, vocab_size, batch, str(shards[-1])))
+    else:
+        with ProcessPoolExecutor(workers, initializer=_init_worker, initargs=(tokenizer_spec,)) as pool:
+            pending = set()
+            for i, batch in enumerate(batches):
+                shards.append(shard_dir / f"shard-{i:06d}.txt")
+                pending.add(pool.submit(_encode_shard, tokenizer_spec, vocab_size, batch, str(shards[-1])))
+                if len(pending) >= 2 * workers:  # bounded in flight: the corpus streams
+                    done, pending = wait(pending, return_when=FIRST_COMPLETED)
+                    for f in done:
+                        collect(f.result())
+            for f in pending:
+                collect(f.result())
+    bar.close()
+    if n_tokens == 0:
+        raise CorpusError(f"the corpus ({', '.join(map(str, sources))}) holds no text to tokenize")
+    with open(out_dir / "corpus.txt.tmp", "wb") as out:
+        for shard in shards:
+            with open(shard, "rb") as fh:
+                shutil.copyfileobj(fh, out, 16 << 20)
+    os.replace(out_dir / "corpus.txt.tmp", out_dir / "corpus.txt")
+    shutil.rmtree(shard_dir)
+    seconds = time.perf_counter() - start
+    LOG.info("tokenized %d documents, %d tokens in %.1fs (%.2fM tok/s)", n_docs, n_tokens, seconds, n_tokens / seconds / 1e6)
+    return CorpusStats(n_docs, n_tokens, counts, seconds, [str(s) for s in sources])

@@ -1,0 +1,190 @@
+"""Token embeddings: word2vec over token ids, or a model's own embedding matrix.
+
+Row i of the result is token id i for every id in ``[0, V)``. Ids the corpus never showed
+(or showed fewer than ``min_count`` times) are not silently given random vectors: they are
+marked ``trained = False`` and the *untrained policy* decides what they get:
+
+* ``isolate`` (default): no neighbours; every cost to them is the metric's cap.
+* ``borrow``: the vector of a trained token with the same text after case and
+  leading-space normalization (``" Paris"`` ← ``"paris"``), the most frequent one when
+  several qualify; ``borrowed_from[i]`` records the donor, and the token gets neighbours.
+
+Their rows still hold a deterministic small random vector (so nothing downstream sees a
+zero row), but no metric uses a row that was neither trained nor borrowed.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .errors import ConfigError, VocabMetricError
+
+LOG = logging.getLogger(__name__)
+
+
+def stable_hash(text: str) -> int:
+    """A process-independent hash for gensim's vector initialization (``hash`` is salted)."""
+    return zlib.crc32(text.encode())
+
+
+@dataclass
+class Embeddings:
+    """A (V, d) matrix with its provenance."""
+
+    vectors: np.ndarray  # (V, d) float32
+    trained: np.ndarray  # (V,) bool: learned from the corpus (or imported)
+    borrowed_from: np.ndarray  # (V,) int32: donor id under the `borrow` policy, else -1
+    method: str
+    params: dict = field(default_factory=dict)
+    seconds: float = 0.0
+
+    @property
+    def usable(self) -> np.ndarray:
+        """Rows a metric may use: trained, or borrowed from a trained token."""
+        return self.trained | (self.borrowed_from >= 0)
+
+
+def train_word2vec(
+    corpus_file: Path,
+    counts: np.ndarray,
+    *,
+    dim: int = 128,
+    window: int = 5,
+    sg: int = 1,
+    negative: int = 10,
+    epochs: int = 5,
+    sample: float = 1e-4,
+    min_count: int = 5,
+    workers: int | None = None,
+    seed: int = 0,
+    alpha: float = 0.025,
+) -> Embeddings:
+    """Word2vec (gensim, ``corpus_file`` mode) over token ids.
+
+    The vocabulary comes from ``counts`` (no second pass over the corpus): every id with
+    ``counts[i] >= min_count`` is a word named ``str(i)``. Cost: ``epochs`` passes over the
+    corpus on ``workers`` threads; memory O(V·dim).
+    """
+    import os
+
+    from gensim.models import Word2Vec
+
+    vocab_size = len(counts)
+    words = {str(i): int(c) for i, c in enumerate(counts) if c >= min_count}
+    if len(words) < 2:
+        raise VocabMetricError(
+            f"word2vec: only {len(words)} token ids occur at least min_count={min_count} times "
+            f"in {corpus_file}; use a larger corpus or a smaller min_count"
+        )
+    workers = workers or os.cpu_count() or 1
+    model = Word2Vec(
+        vector_size=dim, window=window, sg=sg, negative=negative, sample=sample, min_count=1,
+        workers=workers, seed=seed, alpha=alpha, hashfxn=stable_hash, epochs=epochs,
+    )
+    model.build_vocab_from_freq(words)
+    start = time.perf_counter()
+    model.train(
+        corpus_file=str(corpus_file), total_words=int(counts.sum()), epochs=epochs,
+        total_examples=model.corpus_count,
+    )
+    seconds = time.perf_counter() - start
+    vectors = _fallback_vectors(vocab_size, dim, seed)
+    trained = np.zeros(vocab_size, dtype=bool)
+    ids = np.fromiter((int(w) for w in model.wv.index_to_key), dtype=np.int64)
+    vectors[ids] = model.wv.vectors
+    trained[ids] = True
+    params = dict(dim=dim, window=window, sg=sg, negative=negative, epochs=epochs, sample=sample,
+                  min_count=min_count, workers=workers, seed=seed, alpha=alpha)
+    LOG.info("word2vec: %d of %d ids trained in %.1fs", trained.sum(), vocab_size, seconds)
+    return Embeddings(vectors, trained, np.full(vocab_size, -1, np.int32), "word2vec", params, seconds)
+
+
+def _fallback_vectors(vocab_size: int, dim: int, seed: int) -> np.ndarray:
+    """Small deterministic random rows (gensim's init scale) for ids that get no training."""
+    rng = np.random.default_rng(seed)
+    return ((rng.random((vocab_size, dim), dtype=np.float32) - 0.5) / dim).astype(np.float32)
+
+
+def import_embeddings(path: Path, vocab_size: int, *, tensor: str | None = None) -> Embeddings:
+    """A model's own input-embedding matrix from ``.safetensors`` or ``.npy``.
+
+    The matrix needs at least ``vocab_size`` rows; models often pad the matrix past the
+    tokenizer (to a multiple of 64), and the extra rows are dropped.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"embeddings file {path} does not exist")
+    if path.suffix == ".npy":
+        matrix = np.load(path, mmap_mode="r")
+    elif path.suffix == ".safetensors":
+        matrix = _load_safetensors(path, tensor)
+    else:
+        raise ConfigError(f"embeddings file {path}: use a .safetensors or .npy file")
+    if matrix.ndim != 2:
+        raise VocabMetricError(f"embeddings in {path} have shape {matrix.shape}; expected (rows, dim)")
+    if matrix.shape[0] < vocab_size:
+        raise VocabMetricError(
+            f"embeddings in {path} have {matrix.shape[0]} rows but the tokenizer has {vocab_size} ids; "
+            "this matrix belongs to another tokenizer"
+        )
+    vectors = np.ascontiguousarray(matrix[:vocab_size], dtype=np.float32)
+    if not np.all(np.isfinite(vectors)):
+        raise VocabMetricError(f"embeddings in {path} contain NaN or inf")
+    norms = np.linalg.norm(vectors, axis=1)
+    trained = norms > 0
+    params = dict(path=str(path), tensor=tensor, rows=int(matrix.shape[0]), dim=int(matrix.shape[1]))
+    return Embeddings(vectors, trained, np.full(vocab_size, -1, np.int32), "import", params)
+
+
+def _load_safetensors(path: Path, tensor: str | None) -> np.ndarray:
+    from safetensors import safe_open
+
+    try:
+        handle = safe_open(str(path), framework="np")
+    except Exception as exc:
+        raise VocabMetricError(f"cannot read {path} as safetensors: {exc}") from exc
+    keys = list(handle.keys())
+    if tensor is None:
+        guesses = [k for k in keys if k.endswith(("embed_tokens.weight", "wte.weight", "word_embeddings.weight"))]
+        if len(guesses) != 1:
+            raise ConfigError(
+                f"{path}: say which tensor holds the input embeddings (embeddings.tensor); it has: "
+                f"{', '.join(keys[:20])}{' …' if len(keys) > 20 else ''}"
+            )
+        tensor = guesses[0]
+    if tensor not in keys:
+        raise ConfigError(f"{path} has no tensor {tensor!r}; it has: {', '.join(keys[:20])}")
+    try:
+        return handle.get_tensor(tensor)
+    except TypeError:  # bfloat16 has no numpy dtype: go through torch
+        from safetensors.torch import load_file
+
+        return load_file(str(path))[tensor].float().numpy()
+
+
+def apply_untrained_policy(emb: Embeddings, token_texts: list[str], counts: np.ndarray, policy: str) -> Embeddings:
+    """Apply ``isolate`` (nothing to do) or ``borrow`` (see the module docstring)."""
+    if policy == "isolate":
+        return emb
+    if policy != "borrow":
+        raise ConfigError(f"embeddings.untrained = {policy!r}; use 'isolate' or 'borrow'")
+    best: dict[str, int] = {}
+    for i in np.flatnonzero(emb.trained):
+        key = token_texts[i].strip().lower()
+        if key and (key not in best or counts[i] > counts[best[key]]):
+            best[key] = int(i)
+    borrowed = emb.borrowed_from.copy()
+    vectors = emb.vectors.copy()
+    for i in np.flatnonzero(~emb.trained):
+        donor = best.get(token_texts[i].strip().lower())
+        if donor is not None:
+            borrowed[i] = donor
+            vectors[i] = emb.vectors[donor]
+    LOG.info("borrow: %d untrained ids took a trained token's vector", (borrowed >= 0).sum())
+    return Embeddings(vectors, emb.trained, borrowed, emb.method, {**emb.params, "untrained": policy}, emb.seconds)

@@ -1,0 +1,303 @@
+"""The build pipeline: a validated TOML config and a cached, resumable stage runner.
+
+Stages, each cached under ``OUT/cache/<stage>-<key>/`` where ``key`` hashes the stage's
+parameters and the keys of the stages it reads::
+
+    tokenize  → corpus.txt (gensim corpus_file format), counts.npy, stats.json
+    embed     → vectors.npy, trained.npy, borrowed_from.npy, meta.json
+    metrics   → one cache entry per metric (and one for the shared kNN graph)
+    store     → OUT/metric.zarr
+
+A stage writes into a temporary directory and renames it into place when done, so a
+killed run never leaves a cache entry that looks finished; rerunning resumes at the first
+unfinished stage, and a run with nothing changed does no work. ``force=True`` rebuilds.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import sys
+import time
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Literal, Optional
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from .errors import ConfigError, VocabMetricError
+
+LOG = logging.getLogger(__name__)
+
+
+# -- config -------------------------------------------------------------------------------
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
+class TokenizerConfig(_Section):
+    spec: str = Field(description="'tiktoken:<encoding>' or 'hf:<path/to/tokenizer.json>'")
+
+
+class CorpusConfig(_Section):
+    sources: list[str] = Field(min_length=1, description="files or globs, relative to the config file")
+    text_field: str = "text"
+    workers: int = Field(0, ge=0, description="tokenizer processes; 0 = all cores")
+    batch_chars: int = Field(1_000_000, gt=0)
+
+
+class EmbeddingsConfig(_Section):
+    method: Literal["word2vec", "import"] = "word2vec"
+    dim: int = Field(128, gt=0)
+    window: int = Field(5, gt=0)
+    sg: Literal[0, 1] = 1
+    negative: int = Field(10, ge=0)
+    epochs: int = Field(5, gt=0)
+    sample: float = Field(1e-4, ge=0)
+    alpha: float = Field(0.025, gt=0)
+    min_count: int = Field(5, ge=1)
+    workers: int = Field(0, ge=0, description="word2vec threads; 0 = all cores")
+    seed: int = 0
+    untrained: Literal["isolate", "borrow"] = "isolate"
+    path: Optional[str] = Field(None, description="method = 'import': a .safetensors or .npy file")
+    tensor: Optional[str] = Field(None, description="method = 'import': the tensor name in a .safetensors file")
+
+
+class ReportConfig(_Section):
+    probes: list[str] = Field(default_factory=list, description="tokens whose neighbours the build report shows")
+    k: int = Field(8, gt=0)
+
+
+class PipelineConfig(_Section):
+    tokenizer: TokenizerConfig
+    corpus: CorpusConfig
+    embeddings: EmbeddingsConfig = Field(default_factory=EmbeddingsConfig)
+    metrics: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    report: ReportConfig = Field(default_factory=ReportConfig)
+
+
+def load_config(path: str | os.PathLike) -> tuple[PipelineConfig, Path]:
+    """Read and validate a pipeline TOML; return the config and the directory paths are relative to.
+
+    Every problem is one :class:`ConfigError` naming the file and the key, raised before any
+    work starts: unknown keys, wrong types, missing corpus files, unknown metrics.
+    """
+    path = Path(path)
+    try:
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path} does not exist") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc}") from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path} is not valid TOML: {exc}") from exc
+    try:
+        config = PipelineConfig.model_validate(raw)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in e['loc'])}: {_explain(e)}" for e in exc.errors(include_url=False)
+        )
+        raise ConfigError(f"{path}: {problems}") from None
+    base = path.resolve().parent
+    _check_config(config, base, path)
+    return config, base
+
+
+def _explain(error: dict) -> str:
+    if error["type"] == "extra_forbidden":
+        return "unknown key (check its spelling against the README's config reference)"
+    if error["type"] == "missing":
+        return "required key is missing"
+    return f"{error['msg']} (got {error.get('input')!r})"
+
+
+def _check_config(config: PipelineConfig, base: Path, path: Path) -> None:
+    from .corpus import expand_sources
+    from .errors import CorpusError
+    from .metrics_stage import validate_metrics
+
+    try:
+        expand_sources(config.corpus.sources, base)
+    except CorpusError as exc:
+        raise ConfigError(f"{path}: corpus.sources: {exc}") from None
+    spec = config.tokenizer.spec
+    if spec.startswith("hf:") and not _resolve(spec[3:], base).is_file():
+        raise ConfigError(f"{path}: tokenizer.spec: file {_resolve(spec[3:], base)} does not exist")
+    if config.embeddings.method == "import":
+        if not config.embeddings.path:
+            raise ConfigError(f"{path}: embeddings.path is required when embeddings.method = 'import'")
+        if not _resolve(config.embeddings.path, base).is_file():
+            raise ConfigError(f"{path}: embeddings.path: file {_resolve(config.embeddings.path, base)} does not exist")
+    try:
+        validate_metrics(config.metrics)
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
+
+
+def _resolve(p: str, base: Path) -> Path:
+    q = Path(p).expanduser()
+    return q if q.is_absolute() else base / q
+
+
+def tokenizer_spec(config: PipelineConfig, base: Path) -> str:
+    spec = config.tokenizer.spec
+    return f"hf:{_resolve(spec[3:], base)}" if spec.startswith("hf:") else spec
+
+
+# -- stage runner -------------------------------------------------------------------------
+def stage_key(name: str, params: Any, *inputs: str) -> str:
+    blob = json.dumps({"stage": name, "params": params, "inputs": inputs}, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+@dataclass
+class StageResult:
+    name: str
+    key: str
+    path: Path
+    cached: bool
+    seconds: float
+
+
+@dataclass
+class Stages:
+    """Runs stages into ``OUT/cache``; records what ran and what came from the cache."""
+
+    out: Path
+    force: bool = False
+    results: list[StageResult] = field(default_factory=list)
+
+    def run(self, name: str, key: str, work: Callable[[Path], None]) -> Path:
+        final = self.out / "cache" / f"{name}-{key}"
+        if final.is_dir() and (final / "DONE").is_file() and not self.force:
+            self.results.append(StageResult(name, key, final, True, 0.0))
+            LOG.info("stage %s: cached (%s)", name, final)
+            return final
+        tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        start = time.perf_counter()
+        work(tmp)
+        (tmp / "DONE").write_text(key)
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        seconds = time.perf_counter() - start
+        self.results.append(StageResult(name, key, final, False, seconds))
+        return final
+
+
+def _atomic_save(path: Path, array: np.ndarray) -> None:
+    with open(path, "wb") as fh:
+        np.save(fh, array)
+
+
+def _source_ids(sources: list[Path]) -> list[list]:
+    """Identify inputs by path, size and modification time (content hashing a 10 GB corpus is slow)."""
+    return [[str(p.resolve()), p.stat().st_size, int(p.stat().st_mtime)] for p in sources]
+
+
+@dataclass
+class BuildResult:
+    store_path: Path
+    stages: list[StageResult]
+    stats: dict
+
+
+def build(
+    config_path: str | os.PathLike,
+    out: str | os.PathLike | None = None,
+    *,
+    force: bool = False,
+    progress: bool | None = None,
+) -> BuildResult:
+    """Run the pipeline of ``config_path`` into ``out`` (default: ``runs/<config name>``).
+
+    Returns the store path, what each stage did and the corpus/embedding stats.
+    """
+    from .corpus import expand_sources, tokenize_corpus
+    from .embeddings import Embeddings, apply_untrained_policy, import_embeddings, train_word2vec
+    from .metrics_stage import build_metrics
+    from .store import write_store
+    from .tokenizers import load_tokenizer
+
+    config, base = load_config(config_path)
+    out = Path(out) if out else Path("runs") / Path(config_path).stem
+    out.mkdir(parents=True, exist_ok=True)
+    show = sys.stderr.isatty() if progress is None else progress
+    stages = Stages(out, force)
+    spec = tokenizer_spec(config, base)
+    tokenizer = load_tokenizer(spec)
+    sources = expand_sources(config.corpus.sources, base)
+    cc, ec = config.corpus, config.embeddings
+
+    # 1. tokenize
+    tok_key = stage_key("tokenize", [tokenizer.fingerprint, _source_ids(sources), cc.text_field])
+
+    def tokenize(tmp: Path) -> None:
+        stats = tokenize_corpus(spec, sources, tmp, text_field=cc.text_field, workers=cc.workers or None,
+                                batch_chars=cc.batch_chars, progress=show)
+        _atomic_save(tmp / "counts.npy", stats.counts)
+        (tmp / "stats.json").write_text(json.dumps({
+            "sources": [str(s) for s in sources], "n_documents": stats.n_documents, "n_tokens": stats.n_tokens,
+            "seconds": stats.seconds, "tokens_per_second": stats.tokens_per_second,
+        }))
+
+    tok_dir = stages.run("tokenize", tok_key, tokenize)
+    counts = np.load(tok_dir / "counts.npy")
+    corpus_stats = json.loads((tok_dir / "stats.json").read_text())
+
+    # 2. embed
+    emb_params = ec.model_dump()
+    emb_key = stage_key("embed", emb_params, tok_key)
+
+    def embed(tmp: Path) -> None:
+        if ec.method == "import":
+            emb = import_embeddings(_resolve(ec.path, base), tokenizer.vocab_size, tensor=ec.tensor)
+        else:
+            emb = train_word2vec(tok_dir / "corpus.txt", counts, dim=ec.dim, window=ec.window, sg=ec.sg,
+                                 negative=ec.negative, epochs=ec.epochs, sample=ec.sample, min_count=ec.min_count,
+                                 workers=ec.workers or None, seed=ec.seed, alpha=ec.alpha)
+        emb = apply_untrained_policy(emb, [tokenizer.token_text(i) for i in range(tokenizer.vocab_size)], counts, ec.untrained)
+        _atomic_save(tmp / "vectors.npy", emb.vectors)
+        _atomic_save(tmp / "trained.npy", emb.trained)
+        _atomic_save(tmp / "borrowed_from.npy", emb.borrowed_from)
+        (tmp / "meta.json").write_text(json.dumps({"method": emb.method, "params": emb.params, "seconds": emb.seconds}))
+
+    emb_dir = stages.run("embed", emb_key, embed)
+    meta = json.loads((emb_dir / "meta.json").read_text())
+    emb = Embeddings(np.load(emb_dir / "vectors.npy"), np.load(emb_dir / "trained.npy"),
+                     np.load(emb_dir / "borrowed_from.npy"), meta["method"], meta["params"], meta["seconds"])
+
+    # 3. metrics
+    metrics, tree, extra = build_metrics(config.metrics, emb, stages, emb_key, progress=show)
+
+    # 4. store
+    store_key = stage_key("store", [r.key for r in stages.results])
+    store_path = out / "metric.zarr"
+    store_stage = _store_is_current(store_path, store_key) and not force
+    start = time.perf_counter()
+    if not store_stage:
+        write_store(store_path, tokenizer=tokenizer, token_bytes=tokenizer.token_bytes_array(), counts=counts,
+                    embeddings=emb, corpus={**corpus_stats, "build_key": store_key}, metrics=metrics, tree=tree,
+                    extra_arrays=extra)
+    stages.results.append(StageResult("store", store_key, store_path, store_stage, time.perf_counter() - start))
+    stats = {"vocab_size": tokenizer.vocab_size, "n_tokens": corpus_stats["n_tokens"],
+             "n_documents": corpus_stats["n_documents"], "n_trained": int(emb.trained.sum()),
+             "n_borrowed": int((emb.borrowed_from >= 0).sum()),
+             "tokens_per_second": corpus_stats["tokens_per_second"]}
+    return BuildResult(store_path, stages.results, stats)
+
+
+def _store_is_current(path: Path, key: str) -> bool:
+    try:
+        from .store import open_store
+
+        return open_store(path).attrs.get("corpus", {}).get("build_key") == key
+    except VocabMetricError:
+        return False

