@@ -136,6 +136,36 @@ def export(
     typer.echo(f"wrote {out}")
 
 
+@app.command(name="eval")
+def eval_(
+    store: Path = typer.Argument(..., help="a metric.zarr store"),
+    as_json: bool = typer.Option(False, "--json"),
+) -> None:
+    """Spearman correlation of each metric's cost with human similarity (WordSim353, SimLex-999)."""
+    from .eval import evaluate, format_eval
+
+    s = _open(store)
+    try:
+        rows = evaluate(s)
+    except VocabMetricError as exc:
+        _fail(exc)
+    typer.echo(json.dumps([r._asdict() for r in rows], indent=2) if as_json else format_eval(rows))
+
+
+@app.command()
+def serve(
+    store: Path = typer.Argument(..., help="a metric.zarr store"),
+    host: str = typer.Option("127.0.0.1", "--host", help="address to bind (loopback by default)"),
+    port: int = typer.Option(8000, "--port", "-p"),
+    workers: int = typer.Option(1, "--workers", help="uvicorn worker processes"),
+) -> None:
+    """Serve neighbour costs over HTTP (GET /neighbors, /cost, /info; OpenAPI at /docs)."""
+    from .service import serve as run_server
+
+    _open(store)  # a clear error before the server starts
+    run_server(store, host=host, port=port, workers=workers)
+
+
 def main() -> None:  # pragma: no cover
     app()
 
