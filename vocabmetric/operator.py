@@ -191,8 +191,11 @@ class CostOperator:
     def symmetrized(self) -> "CostOperator":
         """The union of both directions: cost(i, j) = cost(j, i) = the smaller stored cost.
 
-        Rows are sorted by cost and padded with -1 to the largest degree, which is at most
-        2k. O(V·k·log(V·k)) time, O(V·k) memory.
+        Rows are sorted by cost and padded with -1 to the largest degree of the union: k
+        out-neighbours plus every token that lists this one, so a "hub" (a token among
+        many tokens' k nearest, common in high dimension) widens every row. The result
+        takes ``V·max_degree·8`` bytes; ``max_degree`` is between k and V-1.
+        O(V·k·log(V·k)) time.
         """
         rows, cols, cs = self._coo()
         rows, cols = np.concatenate([rows, cols]), np.concatenate([cols, rows])
