@@ -65,20 +65,24 @@ def kl_estimate(
     ========  ===========================  =============================================
 
     Values: k1 and k3 are unbiased for KL(π‖π_ref) (k3 ≥ 0, lower variance when π ≈
-    π_ref); k2 is biased (E[k2] ≠ KL) but has low variance; k1 is noisy. The gradient
-    column holds exactly in expectation over x ∼ π when only ``logp(x)`` is
-    differentiated (the sampling weights are constants), which is what a trainer does
-    when it adds ``kl_estimate(...)`` to its loss.
+    π_ref; its unbiasedness needs supp π_ref ⊆ supp π, and both are exact only where the
+    clamp does not bind); k2 is biased (E[k2] ≠ KL) but has low variance; k1 is noisy.
+    The gradient column holds exactly in expectation over x ∼ π when only ``logp(x)``
+    is differentiated (the sampling weights are constants), which is what a trainer
+    does when it adds ``kl_estimate(...)`` to its loss.
 
     **Off-policy** (``old_logp`` given, tokens sampled from π_old, as in PPO/GRPO
     mini-batches after the first): the value is multiplied by the importance weight
     :math:`w = π/π_{old} = \exp(\mathrm{clip}(\log π - \log π_{old}, -c, c))`, the
-    DeepSeek-V3.2 form. The weight carries the gradient, so :math:`E_{x∼π_{old}}[w\,k]`
-    is unbiased for :math:`E_{x∼π}[k]` in value *and* gradient: for ``k1`` and ``k3``
-    the gradient becomes ∇ KL(π‖π_ref) (this holds also when π_old = π, i.e.
-    ``old_logp=logp.detach()``); for ``k2`` and ``abs`` it is ∇ E_π[k], no KL's.
-    ``k1+`` / ``k3+`` keep their rule: value :math:`w\,k`, gradient that of
-    :math:`\mathrm{sg}(w)\,k_2`, which is ∇ KL(π‖π_ref).
+    DeepSeek-V3.2 form :math:`w\,k`. Detached: ``ref_logp`` and ``old_logp`` always.
+    *Not* detached: ``logp`` inside both r and w — the weight carries the gradient, so
+    :math:`E_{x∼π_{old}}[w\,k]` is unbiased for :math:`E_{x∼π}[k]` in value *and*
+    gradient: for ``k1`` and ``k3`` the gradient becomes ∇ KL(π‖π_ref) (this holds also
+    when π_old = π, i.e. ``old_logp=logp.detach()``, where w = 1 in value but not in
+    gradient); for ``k2`` and ``abs`` it is ∇ E_π[k], no KL's. (A detached weight,
+    sg(w)·k3, would give ∇ KL(π_ref‖π) again.) ``k1+`` / ``k3+`` keep their rule: value
+    :math:`w\,k`, gradient that of :math:`\mathrm{sg}(w)\,k_2` (weight detached
+    there), which is ∇ KL(π‖π_ref).
 
     Parameters
     ----------
@@ -92,7 +96,8 @@ def kl_estimate(
         values are at most :math:`e^c` and neither value nor gradient is ever inf or NaN,
         for any finite or ±inf input. Where the clamp binds, the gradient through the
         ratio is zero (``torch.clamp``), as with the trainers' clamps. ``None`` disables
-        it (then k3 overflows when π ≪ π_ref).
+        it and computes the exact formulas: k3 is then inf when π ≪ π_ref, and infinite
+        inputs (log π = -inf) give inf or NaN — use ``None`` for analysis, not training.
     old_logp : Tensor, shape (...), optional
         :math:`\log π_{old}(x)` of the policy that sampled the tokens; never differentiated.
 
@@ -152,12 +157,16 @@ def _log_ratio(
 
     Equal infinities (both -inf: a token impossible under both) give 0, not NaN; the
     clamp comes before any ``exp`` so downstream values and gradients stay finite.
+    Equal *finite* values keep their gradient (d log_ratio / d logp = 1): π = π_ref at
+    initialization and ``old_logp = logp.detach()`` on the first PPO mini-batch are the
+    common case, and the importance weight's gradient must survive there.
     """
     check_finite(logp, names[0], where)
     check_finite(other, names[1], where)
     dtype = _compute_dtype(logp.dtype, other.dtype)
     logp, other = logp.to(dtype), other.detach().to(dtype)
-    log_ratio = torch.where(logp == other, 0.0, logp - other)
+    same_infinity = (logp == other) & torch.isinf(other)
+    log_ratio = torch.where(same_infinity, 0.0, logp - other)
     if clamp is not None:
         log_ratio = log_ratio.clamp(-clamp, clamp)
     return log_ratio
