@@ -1,0 +1,252 @@
+"""Latency and throughput of the ground-cost service under concurrent load, beside the
+in-process Python API on the same queries.
+
+    .venv/bin/python benchmarks/service_latency.py                 # synthetic store, V = 100 000
+    .venv/bin/python benchmarks/service_latency.py --store runs/demo/metric.zarr
+    .venv/bin/python benchmarks/service_latency.py --vocab-size 20000 --requests 1000   # quick
+
+Setup. By default a synthetic store is written once (``runs/bench-service/metric.zarr``,
+reused on later runs): V token ids with embeddings drawn around 2 000 random cluster
+centres (d = 32), a ``knn`` metric (``KnnMetric``, HNSW, k = 64) and the exact ``l2``.
+The service runs as a real ``vocabmetric serve`` process (one uvicorn worker) on loopback;
+the load comes from a separate process (``--load-worker``): ``--concurrency`` asyncio
+clients over one ``httpx.AsyncClient`` share ``--requests`` requests per endpoint:
+
+* ``GET /neighbors?id=…&k=10&metric=knn`` (random ids),
+* ``POST /cost`` with 64 random pairs under ``knn``.
+
+Measured. Client side: p50/p99 latency of each request (send → body read) and requests/s
+over the whole load. Server side: p50/p99 of the ``Server-Timing: app;dur=…`` header, the
+time from the request reaching the app to its response headers (threadpool wait
+included, HTTP parsing and the socket not). Baseline: the same queries through the
+in-process :class:`MetricStore` (``store.neighbors`` / vectorized ``pair_costs``), timed
+one by one; the ratio client p50 / in-process p50 is the cost of HTTP + JSON + queueing.
+
+Caveat: a 2-core machine shared with other jobs, and the load generator competes with the
+server for those cores; absolute numbers are noisy, the ratios less so.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(REPO), str(REPO / "benchmarks")]
+
+NAME = "service_latency"
+N_PAIRS = 64  # pairs per POST /cost request
+
+
+# -- the synthetic store -----------------------------------------------------------------
+class _SyntheticTokenizer:
+    def __init__(self, vocab_size: int, seed: int):
+        self.spec = f"synthetic:{vocab_size}:{seed}"
+        self.fingerprint = f"synthetic-{vocab_size}-{seed}"
+
+
+def synthetic_store(path: Path, vocab_size: int = 100_000, dim: int = 32, n_clusters: int = 2000, k: int = 64, seed: int = 0) -> Path:
+    """Write (once) a store of ``vocab_size`` clustered random embeddings with a knn metric."""
+    from vocabmetric.embeddings import Embeddings
+    from vocabmetric.metrics import KnnMetric
+    from vocabmetric.store import TruncatedMetric, write_store
+
+    marker = path / "zarr.json"
+    if marker.is_file() and json.loads(marker.read_text()).get("attributes", {}).get("tokenizer", {}).get("vocab_size") == vocab_size:
+        return path
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(size=(n_clusters, dim)).astype(np.float32)
+    vectors = centres[rng.integers(0, n_clusters, vocab_size)] + 0.35 * rng.normal(size=(vocab_size, dim)).astype(np.float32)
+    trained = np.ones(vocab_size, dtype=bool)
+    emb = Embeddings(vectors, trained, np.full(vocab_size, -1, np.int32), "synthetic", {"n_clusters": n_clusters, "seed": seed})
+    t0 = time.perf_counter()
+    knn = KnnMetric(k=k, index="hnsw", progress=False).fit(vectors, trained)
+    print(f"knn (hnsw) over V={vocab_size}: {time.perf_counter() - t0:.1f} s", file=sys.stderr)
+    # distinct, valid UTF-8 texts, most with a leading space like BPE tokens
+    token_bytes = [(f" t{i}" if i % 3 else f"t{i}").encode() for i in range(vocab_size)]
+    write_store(
+        path,
+        tokenizer=_SyntheticTokenizer(vocab_size, seed),
+        token_bytes=token_bytes,
+        counts=np.ones(vocab_size, np.int64),
+        embeddings=emb,
+        corpus={"sources": [], "n_documents": 0, "n_tokens": 0},
+        metrics={"knn": TruncatedMetric(knn.indices_, knn.costs_, knn.cap_, {**knn.params_, "name": "knn"})},
+    )
+    return path
+
+
+# -- the server ----------------------------------------------------------------------------
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(store: Path, port: int, timeout: float = 120.0) -> subprocess.Popen:
+    import httpx
+
+    exe = Path(sys.executable).with_name("vocabmetric")
+    proc = subprocess.Popen([str(exe), "serve", str(store), "--port", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"the server exited ({proc.returncode}): {proc.stderr.read()[-2000:]}")
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=1).status_code == 200:
+                return proc
+        except httpx.TransportError:
+            time.sleep(0.2)
+    proc.kill()
+    raise RuntimeError(f"the server did not answer /healthz within {timeout} s")
+
+
+# -- the load (runs in its own process) -------------------------------------------------------
+async def _load(base_url: str, requests: list[dict], concurrency: int) -> dict:
+    import httpx
+
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    client_ms = np.zeros(len(requests))
+    server_ms = np.zeros(len(requests))
+    errors = 0
+    queue = iter(range(len(requests)))
+
+    async with httpx.AsyncClient(base_url=base_url, limits=limits, timeout=60) as client:
+        async def worker() -> None:
+            nonlocal errors
+            for n in queue:
+                r = requests[n]
+                t0 = time.perf_counter()
+                resp = await client.request(r["method"], r["path"], params=r.get("params"), json=r.get("json"))
+                resp.read()
+                client_ms[n] = (time.perf_counter() - t0) * 1e3
+                errors += resp.status_code != 200
+                server_ms[n] = float(resp.headers.get("server-timing", "app;dur=nan").split("dur=")[1])
+
+        t0 = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        wall = time.perf_counter() - t0
+    return {"client_ms": client_ms.tolist(), "server_ms": server_ms.tolist(), "wall_s": wall, "errors": errors}
+
+
+def load_worker() -> None:
+    spec = json.load(sys.stdin)
+    json.dump(asyncio.run(_load(spec["base_url"], spec["requests"], spec["concurrency"])), sys.stdout)
+
+
+def run_load(base_url: str, requests: list[dict], concurrency: int) -> dict:
+    spec = json.dumps({"base_url": base_url, "requests": requests, "concurrency": concurrency})
+    out = subprocess.run([sys.executable, __file__, "--load-worker"], input=spec, capture_output=True, text=True, check=True)
+    return json.loads(out.stdout)
+
+
+# -- the in-process baseline --------------------------------------------------------------------
+def in_process_ms(fn, args: list) -> np.ndarray:
+    out = np.empty(len(args))
+    for n, a in enumerate(args):
+        t0 = time.perf_counter()
+        fn(*a)
+        out[n] = (time.perf_counter() - t0) * 1e3
+    return out
+
+
+def pct(x, q: float) -> float:
+    return float(np.percentile(np.asarray(x, dtype=float), q))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--store", type=Path, help="an existing store (default: the synthetic one)")
+    parser.add_argument("--vocab-size", type=int, default=100_000)
+    parser.add_argument("--concurrency", type=int, default=200)
+    parser.add_argument("--requests", type=int, default=3000, help="requests per endpoint")
+    parser.add_argument("--metric", default="knn")
+    parser.add_argument("--out", type=Path, default=None, help="results folder (default benchmarks/results)")
+    parser.add_argument("--load-worker", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.load_worker:
+        return load_worker()
+
+    from _machine import machine_info, write_results
+
+    from vocabmetric.service import pair_costs
+    from vocabmetric.store import open_store
+
+    store_path = args.store or synthetic_store(REPO / "runs" / "bench-service" / "metric.zarr", args.vocab_size)
+    store = open_store(store_path)
+    V, metric = store.vocab_size, args.metric
+    rng = np.random.default_rng(1)
+    ids = rng.integers(0, V, args.requests)
+    pairs = rng.integers(0, V, (args.requests, N_PAIRS, 2))
+    neighbor_requests = [{"method": "GET", "path": "/neighbors", "params": {"id": int(i), "k": 10, "metric": metric}} for i in ids]
+    cost_requests = [{"method": "POST", "path": "/cost", "json": {"pairs": p.tolist(), "metric": metric}} for p in pairs]
+
+    # baseline first, on a store warmed the same way the service warms its own
+    store.neighbors(0, k=10, metric=metric)
+    base_nb = in_process_ms(lambda i: store.neighbors(int(i), k=10, metric=metric), [(i,) for i in ids])
+    base_cost = in_process_ms(lambda p: pair_costs(store, p[:, 0], p[:, 1], metric), [(p,) for p in pairs])
+
+    port = free_port()
+    t0 = time.perf_counter()
+    server = start_server(Path(store_path), port)
+    startup = time.perf_counter() - t0
+    try:
+        base_url = f"http://127.0.0.1:{port}"
+        run_load(base_url, neighbor_requests[: min(200, args.requests)], min(args.concurrency, 50))  # connections, caches
+        loads = {"GET /neighbors": run_load(base_url, neighbor_requests, args.concurrency),
+                 "POST /cost": run_load(base_url, cost_requests, args.concurrency)}
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+    rows = []
+    for (endpoint, load), base in zip(loads.items(), (base_nb, base_cost)):
+        rows.append({
+            "endpoint": endpoint, "requests": args.requests, "concurrency": args.concurrency, "errors": load["errors"],
+            "client_p50_ms": pct(load["client_ms"], 50), "client_p99_ms": pct(load["client_ms"], 99),
+            "requests_per_s": args.requests / load["wall_s"],
+            "server_p50_ms": pct(load["server_ms"], 50), "server_p99_ms": pct(load["server_ms"], 99),
+            "in_process_p50_ms": pct(base, 50), "in_process_p99_ms": pct(base, 99),
+            "client_over_in_process_p50": pct(load["client_ms"], 50) / pct(base, 50),
+            "server_over_in_process_p50": pct(load["server_ms"], 50) / pct(base, 50),
+        })
+    target = next(r for r in rows if r["endpoint"] == "GET /neighbors")["server_p99_ms"] <= 10.0
+    payload = {
+        "store": str(store_path) if args.store else f"synthetic V={V}, d=32, knn k=64 (hnsw)",
+        "vocab_size": V, "metric": metric, "pairs_per_cost_request": N_PAIRS, "server_startup_s": startup,
+        "target": "GET /neighbors server-side p99 <= 10 ms at 200 concurrent clients", "target_met": target,
+        "rows": rows, "machine": machine_info(),
+    }
+    m = payload["machine"]
+    lines = [
+        f"# Service latency: V = {V:,}, metric {metric}, {args.concurrency} concurrent clients, {args.requests} requests per endpoint",
+        "",
+        f"Machine: {m['cpu']}, {m['cores']} cores (shared with other jobs: noisy; the load generator runs on the same cores). "
+        f"One uvicorn worker (asyncio + h11), loopback. POST /cost carries {N_PAIRS} pairs per request.",
+        "",
+        "| endpoint | client p50 ms | client p99 ms | req/s | server p50 ms | server p99 ms | in-process p50 ms | in-process p99 ms | client p50 / in-process | errors |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['endpoint']} | {r['client_p50_ms']:.2f} | {r['client_p99_ms']:.2f} | {r['requests_per_s']:.0f} | "
+            f"{r['server_p50_ms']:.2f} | {r['server_p99_ms']:.2f} | {r['in_process_p50_ms']:.3f} | {r['in_process_p99_ms']:.3f} | "
+            f"{r['client_over_in_process_p50']:.0f}× | {r['errors']} |"
+        )
+    lines += ["", f"Target (neighbours p99 ≤ 10 ms server-side at 200 concurrent clients): {'met' if target else 'NOT met'}.", ""]
+    table = "\n".join(lines)
+    write_results(NAME, payload, table, args.out)
+    print(table)
+
+
+if __name__ == "__main__":
+    main()
