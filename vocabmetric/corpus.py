@@ -87,53 +87,82 @@ class _Doc:
 
 
 def iter_documents(path: Path, *, text_field: str = "text") -> Iterator[_Doc]:
-    """Stream the documents of one file. Errors name the file and the line (or offset)."""
+    """Stream the documents of one file. Errors name the file and the line (or page).
+
+    Lines are decoded one by one, so an invalid UTF-8 byte is reported at its own line.
+    """
     fmt = source_format(path)
     line_no = 0
     try:
         if fmt in (".txt", ".txt.gz"):
-            with _open_text(path, fmt) as fh:
-                block: list[str] = []
-                size = 0
-                for line_no, line in enumerate(fh, 1):
-                    if line.strip():
-                        block.append(line)
-                        size += len(line)
-                        if size < MAX_DOC_CHARS:
-                            continue
-                    if block:
-                        yield _Doc("".join(block))
-                        block, size = [], 0
-                if block:
-                    yield _Doc("".join(block))
-        elif fmt in (".jsonl", ".jsonl.gz"):
-            with _open_text(path, fmt) as fh:
-                for line_no, line in enumerate(fh, 1):
-                    if not line.strip():
+            block: list[str] = []
+            size = 0
+            for line_no, line in _numbered_lines(path, fmt):
+                if line.strip():
+                    block.append(line)
+                    size += len(line)
+                    if size < MAX_DOC_CHARS:
                         continue
-                    yield from (_Doc(t) for t in _split(_json_text(line, path, line_no, text_field)))
+                if block:
+                    yield from (_Doc(t) for t in _split("".join(block)))
+                    block, size = [], 0
+            if block:
+                yield from (_Doc(t) for t in _split("".join(block)))
+        elif fmt in (".jsonl", ".jsonl.gz"):
+            for line_no, line in _numbered_lines(path, fmt):
+                if not line.strip():
+                    continue
+                yield from (_Doc(t) for t in _split(_json_text(line, path, line_no, text_field)))
         else:
-            from gensim.corpora.wikicorpus import extract_pages
-
             with bz2.open(path, "rb") as fh:
-                for line_no, (_title, text, _pageid) in enumerate(extract_pages(fh, filter_namespaces=("0",)), 1):
-                    if text and not text.lstrip().lower().startswith("#redirect"):
-                        yield from (_Doc(t, wiki=True) for t in _split(text))
+                for line_no, text in enumerate(_wiki_articles(fh), 1):
+                    yield from (_Doc(t, wiki=True) for t in _split(text))
     except CorpusError:
         raise
-    except UnicodeDecodeError as exc:
-        raise CorpusError(f"{path}: line {line_no + 1} is not valid UTF-8 ({exc.reason}); re-encode the file as UTF-8") from exc
     except (EOFError, OSError, zlib.error, ValueError) as exc:
         where = f"after line {line_no}" if fmt != ".xml.bz2" else f"after page {line_no}"
         raise CorpusError(f"{path}: cannot read {where}: {exc} (is the file truncated or corrupt?)") from exc
-    except Exception as exc:  # the XML parser's errors: no common base class
-        raise CorpusError(f"{path}: cannot parse after page {line_no}: {exc}") from exc
+    except Exception as exc:  # the XML parser's errors
+        raise CorpusError(f"{path}: cannot parse after page {line_no}: {exc} (is the dump truncated or corrupt?)") from exc
 
 
-def _open_text(path: Path, fmt: str):
-    if fmt.endswith(".gz"):
-        return gzip.open(path, "rt", encoding="utf-8", newline="\n")
-    return open(path, encoding="utf-8", newline="\n")
+def _numbered_lines(path: Path, fmt: str) -> Iterator[tuple[int, str]]:
+    """``(line number, text)`` of each line (split at ``\\n`` only), decoded as strict UTF-8."""
+    opener = gzip.open if fmt.endswith(".gz") else open
+    with opener(path, "rb") as fh:
+        for line_no, raw in enumerate(fh, 1):
+            try:
+                yield line_no, raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise CorpusError(
+                    f"{path}: line {line_no} is not valid UTF-8 ({exc.reason} at byte {exc.start} of the line); "
+                    "re-encode the file as UTF-8"
+                ) from None
+
+
+def _wiki_articles(fh) -> Iterator[str]:
+    """The raw markup of each article (namespace 0, not a redirect) of a MediaWiki XML dump.
+
+    The same pages as gensim's ``extract_pages(fh, filter_namespaces=("0",))``, without
+    importing gensim in the reading process. Each ``<page>`` is cleared once read, so memory
+    stays at one page.
+    """
+    from xml.etree.ElementTree import iterparse
+
+    page_tag = ns_tag = text_tag = None
+    for _event, elem in iterparse(fh, events=("end",)):
+        if page_tag is None:  # the namespace of the dump's schema version, from the first element
+            ns = elem.tag[1 : elem.tag.index("}")] if elem.tag.startswith("{") else ""
+            if not ns.startswith("http://www.mediawiki.org/xml/export-"):
+                raise ValueError(f"{ns or elem.tag!r} is not a MediaWiki export namespace")
+            page_tag, ns_tag, text_tag = f"{{{ns}}}page", f"{{{ns}}}ns", f"./{{{ns}}}revision/{{{ns}}}text"
+        if elem.tag != page_tag:
+            continue
+        namespace, text = elem.find(ns_tag), elem.find(text_tag)
+        if namespace is not None and namespace.text == "0" and text is not None and text.text:
+            if not text.text.lstrip()[:9].lower().startswith("#redirect"):
+                yield text.text
+        elem.clear()
 
 
 def _json_text(line: str, path: Path, line_no: int, text_field: str) -> str:
@@ -183,20 +212,17 @@ def _encode_shard(spec: str, vocab_size: int, docs: list[_Doc], shard_path: str)
         _init_worker(spec)
     texts = [_clean_wiki(d.text) if d.wiki else d.text for d in docs]
     arrays = _WORKER_ENCODE[spec](texts)
-    counts = np.zeros(vocab_size, dtype=np.int64)
-    n_tokens = 0
     tmp = shard_path + ".tmp"
     with open(tmp, "w", encoding="ascii") as out:
         for ids in arrays:
-            if not len(ids):
-                continue
-            n_tokens += len(ids)
-            counts += np.bincount(ids, minlength=vocab_size)
             for start in range(0, len(ids), MAX_LINE_TOKENS):
                 out.write(" ".join(map(str, ids[start : start + MAX_LINE_TOKENS].tolist())))
                 out.write("\n")
     os.replace(tmp, shard_path)
-    return len(docs), n_tokens, counts
+    # one bincount per shard, not per document: O(V) per document would dominate short documents
+    all_ids = np.concatenate(arrays) if arrays else np.zeros(0, np.uint32)
+    counts = np.bincount(all_ids, minlength=vocab_size).astype(np.int64)
+    return len(docs), len(all_ids), counts
 
 
 def _clean_wiki(markup: str) -> str:
@@ -232,6 +258,32 @@ def _batches(sources: list[Path], text_field: str, batch_chars: int) -> Iterator
                 batch, size = [], 0
     if batch:
         yield batch
+
+
+def _tokenize_batches(spec: str, vocab_size: int, batches: Iterator[list[_Doc]], shard_dir: Path,
+                      shards: list[Path], workers: int, collect: Callable) -> None:
+    """Tokenize each batch into its shard (in order of the batches), in ``workers`` processes."""
+    if workers == 1:
+        for i, batch in enumerate(batches):
+            shards.append(shard_dir / f"shard-{i:06d}.txt")
+            collect(_encode_shard(spec, vocab_size, batch, str(shards[-1])))
+        return
+    with ProcessPoolExecutor(workers, initializer=_init_worker, initargs=(spec,)) as pool:
+        pending: set = set()
+        try:
+            for i, batch in enumerate(batches):
+                shards.append(shard_dir / f"shard-{i:06d}.txt")
+                pending.add(pool.submit(_encode_shard, spec, vocab_size, batch, str(shards[-1])))
+                if len(pending) >= 2 * workers:  # bounded in flight: the corpus streams
+                    done, pending = wait(pending, return_when=FIRST_COMPLETED)
+                    for f in done:
+                        collect(f.result())
+            for f in pending:
+                collect(f.result())
+        except BaseException:
+            for f in pending:
+                f.cancel()
+            raise
 
 
 def tokenize_corpus(
@@ -272,32 +324,24 @@ def tokenize_corpus(
         counts.__iadd__(c)
         bar.update(t)
 
-    batches = _batches(sources, text_field, batch_chars)
-    if workers == 1:
-        for i, batch in enumerate(batches):
-            shards.append(shard_dir / f"shard-{i:06d}.txt")
-            collect(_encode_shard(tokenizer_spec, vocab_size, batch, str(shards[-1])))
-    else:
-        with ProcessPoolExecutor(workers, initializer=_init_worker, initargs=(tokenizer_spec,)) as pool:
-            pending = set()
-            for i, batch in enumerate(batches):
-                shards.append(shard_dir / f"shard-{i:06d}.txt")
-                pending.add(pool.submit(_encode_shard, tokenizer_spec, vocab_size, batch, str(shards[-1])))
-                if len(pending) >= 2 * workers:  # bounded in flight: the corpus streams
-                    done, pending = wait(pending, return_when=FIRST_COMPLETED)
-                    for f in done:
-                        collect(f.result())
-            for f in pending:
-                collect(f.result())
-    bar.close()
-    if n_tokens == 0:
-        raise CorpusError(f"the corpus ({', '.join(map(str, sources))}) holds no text to tokenize")
-    with open(out_dir / "corpus.txt.tmp", "wb") as out:
-        for shard in shards:
-            with open(shard, "rb") as fh:
-                shutil.copyfileobj(fh, out, 16 << 20)
-    os.replace(out_dir / "corpus.txt.tmp", out_dir / "corpus.txt")
-    shutil.rmtree(shard_dir)
+    try:
+        _tokenize_batches(tokenizer_spec, vocab_size, _batches(sources, text_field, batch_chars), shard_dir,
+                          shards, workers, collect)
+        bar.close()
+        if n_tokens == 0:
+            raise CorpusError(f"the corpus ({', '.join(map(str, sources))}) holds no text to tokenize")
+        with open(out_dir / "corpus.txt.tmp", "wb") as out:
+            for shard in shards:
+                with open(shard, "rb") as fh:
+                    shutil.copyfileobj(fh, out, 16 << 20)
+        os.replace(out_dir / "corpus.txt.tmp", out_dir / "corpus.txt")
+    except BaseException:
+        # nothing half-written may look finished: no shard, no corpus.txt
+        bar.close()
+        (out_dir / "corpus.txt.tmp").unlink(missing_ok=True)
+        raise
+    finally:
+        shutil.rmtree(shard_dir, ignore_errors=True)
     seconds = time.perf_counter() - start
     LOG.info("tokenized %d documents, %d tokens in %.1fs (%.2fM tok/s)", n_docs, n_tokens, seconds, n_tokens / seconds / 1e6)
     return CorpusStats(n_docs, n_tokens, counts, seconds, [str(s) for s in sources])
