@@ -1,0 +1,370 @@
+"""The ground-cost service over real HTTP on loopback.
+
+A real ``vocabmetric serve`` process serves the ``small_store`` fixture's store on a free
+port; every endpoint is compared with the Python API on the same store, every bad-input
+path must be a 4xx with a JSON error body naming the bad value, and a burst of concurrent
+requests must all come back right.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+
+from vocabmetric.errors import ConfigError, StoreError, TokenizerError, TokenNotFound, VocabMetricError
+from vocabmetric.service import MAX_BATCH, MAX_K, MAX_PAIRS, Client
+from vocabmetric.store import Neighbor
+
+VOCABMETRIC = Path(sys.executable).with_name("vocabmetric")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def base_url(small_store, tmp_path_factory):
+    """A running ``vocabmetric serve`` on the small store; stopped after the module."""
+    port = _free_port()
+    log = tmp_path_factory.mktemp("serve") / "serve.log"
+    with open(log, "w") as fh:
+        proc = subprocess.Popen([str(VOCABMETRIC), "serve", str(small_store.path), "--port", str(port)], stdout=fh, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 30
+    try:
+        while True:
+            if proc.poll() is not None:
+                pytest.fail(f"vocabmetric serve exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
+            try:
+                if httpx.get(f"{url}/healthz", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            if time.monotonic() > deadline:
+                pytest.fail(f"vocabmetric serve did not answer /healthz within 30 s:\n{log.read_text()[-3000:]}")
+            time.sleep(0.1)
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode is not None
+
+
+@pytest.fixture(scope="module")
+def http(base_url):
+    with httpx.Client(base_url=base_url, timeout=30) as client:
+        yield client
+
+
+@pytest.fixture(scope="module")
+def client(base_url):
+    with Client(base_url) as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def probes(small_store):
+    """Trained ids whose text names exactly one id (so text and id queries agree)."""
+    s = small_store
+    out = []
+    for i in np.flatnonzero(s.usable):
+        text = s.token_text(i)
+        try:
+            if s.resolve(text) == i and text.startswith(" ") and len(text) > 3:
+                out.append(int(i))
+        except VocabMetricError:
+            continue
+        if len(out) == 6:
+            break
+    assert len(out) == 6
+    return out
+
+
+def _as_neighbors(body: dict) -> list[Neighbor]:
+    return [Neighbor(n["id"], n["text"], n["cost"]) for n in body["neighbors"]]
+
+
+def _error(response: httpx.Response) -> tuple[str, str]:
+    body = response.json()
+    assert set(body) == {"error"} and set(body["error"]) == {"type", "message"}, body
+    return body["error"]["type"], body["error"]["message"]
+
+
+# -- service endpoints --------------------------------------------------------------------
+def test_healthz_and_info_describe_the_store(http, small_store):
+    health = http.get("/healthz").json()
+    assert health == {"status": "ok", "vocab_size": small_store.vocab_size, "fingerprint": small_store.fingerprint}
+    info = http.get("/info").json()
+    api = small_store.info()
+    assert info["vocab_size"] == small_store.vocab_size
+    assert info["tokenizer"] == api["tokenizer"]
+    assert set(info["metrics"]) == set(small_store.metrics) == {"l2", "knn", "geodesic", "umap", "tree"}
+    for m in small_store.metrics:
+        assert info["metrics"][m]["cap"] == pytest.approx(api["metrics"][m]["cap"])
+    assert info["limits"]["max_k"] == MAX_K
+    assert str(small_store.path) not in json.dumps(info)  # the server's filesystem layout stays private
+
+
+def test_every_response_carries_a_server_timing(http):
+    timing = http.get("/neighbors", params={"id": 5, "metric": "knn"}).headers["server-timing"]
+    assert timing.startswith("app;dur=") and float(timing.split("=")[1]) > 0
+
+
+def test_openapi_schema_lists_every_endpoint(http):
+    schema = http.get("/openapi.json").json()
+    assert {"/healthz", "/info", "/neighbors", "/cost"} <= set(schema["paths"])
+    assert {"get", "post"} <= set(schema["paths"]["/neighbors"]) and {"get", "post"} <= set(schema["paths"]["/cost"])
+    assert "NeighborsResponse" in schema["components"]["schemas"]
+    docs = http.get("/docs")
+    assert docs.status_code == 200 and "swagger" in docs.text.lower()
+
+
+@pytest.mark.parametrize("metric", ["knn", "geodesic", "umap", "l2", "tree"])
+def test_get_neighbors_by_id_and_by_text_equal_the_api(http, small_store, probes, metric):
+    for i in probes[:3]:
+        expected = small_store.neighbors(i, k=7, metric=metric)
+        assert expected, f"token {i} has no {metric} neighbours"
+        by_id = http.get("/neighbors", params={"id": i, "k": 7, "metric": metric}).json()
+        by_text = http.get("/neighbors", params={"token": small_store.token_text(i), "k": 7, "metric": metric}).json()
+        assert by_id["query"] == {"id": i, "text": small_store.token_text(i)} and by_id["metric"] == metric
+        assert _as_neighbors(by_id) == expected
+        assert by_text == by_id
+
+
+def test_all_digit_token_is_a_text_when_a_token_has_that_text(http, small_store):
+    digits = [i for i in range(small_store.vocab_size) if small_store.token_text(i).isdigit() and small_store.token_text(i) != str(i)]
+    assert digits, "the BPE vocabulary has single-digit tokens"
+    i = digits[0]
+    text = small_store.token_text(i)
+    by_text = http.get("/neighbors", params={"token": text, "metric": "l2", "k": 3}).json()
+    by_id = http.get("/neighbors", params={"id": int(text), "metric": "l2", "k": 3}).json()
+    assert by_text["query"]["id"] == i  # the token whose text it is ...
+    assert by_id["query"]["id"] == int(text) != i  # ... while id= is always the id
+
+
+def test_post_neighbors_equals_one_query_per_id(http, small_store, probes):
+    body = http.post("/neighbors", json={"ids": probes, "k": 5, "metric": "geodesic"}).json()
+    assert [r["query"]["id"] for r in body["results"]] == probes
+    for i, r in zip(probes, body["results"]):
+        assert _as_neighbors(r) == small_store.neighbors(i, k=5, metric="geodesic")
+
+
+@pytest.mark.parametrize("metric", ["l2", "knn", "geodesic", "umap", "tree"])
+def test_get_cost_equals_the_api(http, small_store, probes, metric):
+    a, b = probes[0], probes[1]
+    near = small_store.neighbors(a, k=1, metric=metric)[0].id  # a stored pair, not only the cap
+    for x, y in ((a, b), (a, near)):
+        body = http.get("/cost", params={"a": small_store.token_text(x), "b": str(y), "metric": metric}).json()
+        assert body["a"]["id"] == x and body["b"]["id"] == y and body["metric"] == metric
+        assert body["cost"] == pytest.approx(small_store.cost(x, y, metric), rel=1e-6, abs=1e-7)
+
+
+@pytest.mark.parametrize("metric", ["l2", "knn", "tree"])
+def test_post_cost_is_the_api_pair_by_pair(http, small_store, probes, metric):
+    rng = np.random.default_rng(0)
+    pairs = [[int(a), int(b)] for a, b in rng.integers(0, small_store.vocab_size, (200, 2))]
+    pairs += [[p, small_store.neighbors(p, k=1, metric=metric)[0].id] for p in probes]  # stored costs
+    pairs += [[probes[0], probes[0]], [small_store.token_text(probes[1]), probes[2]]]  # diagonal, a text
+    costs = http.post("/cost", json={"pairs": pairs, "metric": metric}).json()["costs"]
+    expected = [small_store.cost(a, b, metric) for a, b in pairs]
+    np.testing.assert_allclose(costs, expected, rtol=1e-6, atol=1e-7)
+    assert costs[-2] == 0.0
+
+
+# -- bad input: a 4xx with a JSON error naming the value -------------------------------------
+BAD_GETS = [
+    # (path, params, status, type, words the message must contain)
+    ("/neighbors", {"id": 1, "metric": "cosine"}, 400, "unknown_metric", ["'cosine'", "knn", "geodesic"]),
+    ("/neighbors", {"id": 10**6}, 400, "bad_token", ["1000000", "out of range"]),
+    ("/neighbors", {"id": -3}, 400, "bad_token", ["-3"]),
+    ("/neighbors", {"token": " zzqqxx"}, 404, "token_not_found", ["' zzqqxx'"]),
+    ("/neighbors", {"token": "../../etc/passwd"}, 404, "token_not_found", ["../../etc/passwd"]),
+    ("/neighbors", {"token": " the", "id": 3}, 400, "bad_token", ["both", "' the'"]),
+    ("/neighbors", {}, 400, "bad_token", ["neither"]),
+    ("/neighbors", {"id": 1, "k": MAX_K + 1}, 422, "limit_exceeded", [f"k={MAX_K + 1}"]),
+    ("/neighbors", {"id": 1, "k": 0}, 422, "limit_exceeded", ["k=0"]),
+    ("/neighbors", {"id": "seven"}, 422, "invalid_request", ["id", "'seven'"]),
+    ("/cost", {"a": 1, "b": 2, "metric": "../store"}, 400, "unknown_metric", ["'../store'"]),
+    ("/cost", {"a": 1, "b": 99999}, 400, "bad_token", ["99999"]),
+    ("/cost", {"a": 1}, 422, "invalid_request", ["b"]),
+    ("/no-such-endpoint", {}, 404, "not_found", ["/no-such-endpoint"]),
+]
+
+
+@pytest.mark.parametrize("path,params,status,type_,words", BAD_GETS)
+def test_bad_get_is_a_4xx_json_error_naming_the_value(http, path, params, status, type_, words):
+    response = http.get(path, params=params)
+    assert response.status_code == status
+    got_type, message = _error(response)
+    assert got_type == type_
+    for word in words:
+        assert word in message, (word, message)
+
+
+@pytest.fixture(scope="module")
+def duplicate_text_url(tmp_path_factory):
+    """A real uvicorn server (in a thread) on a tiny store where ids 7 and 9 share a text."""
+    import threading
+
+    import uvicorn
+
+    from vocabmetric.embeddings import Embeddings
+    from vocabmetric.metrics import KnnMetric
+    from vocabmetric.service import create_app
+    from vocabmetric.store import TruncatedMetric, write_store
+
+    class Tok:
+        spec, fingerprint = "tiny:dup", "tiny-dup"
+
+    vocab_size = 40
+    vectors = np.random.default_rng(0).normal(size=(vocab_size, 8)).astype(np.float32)
+    trained = np.ones(vocab_size, bool)
+    knn = KnnMetric(k=4, progress=False).fit(vectors, trained)
+    texts = [f" w{i}" for i in range(vocab_size)]
+    texts[7] = texts[9] = " twin"
+    path = write_store(
+        tmp_path_factory.mktemp("dup") / "metric.zarr", tokenizer=Tok(), token_bytes=[t.encode() for t in texts],
+        counts=np.ones(vocab_size, np.int64), embeddings=Embeddings(vectors, trained, np.full(vocab_size, -1, np.int32), "random"),
+        corpus={}, metrics={"knn": TruncatedMetric(knn.indices_, knn.costs_, knn.cap_, knn.params_)},
+    )
+    port = _free_port()
+    server = uvicorn.Server(uvicorn.Config(create_app(path), host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 20
+    while not server.started:
+        assert time.monotonic() < deadline and thread.is_alive(), "the in-thread server did not start"
+        time.sleep(0.05)
+    yield f"http://127.0.0.1:{port}"
+    server.should_exit = True
+    thread.join(timeout=10)
+
+
+def test_ambiguous_text_is_a_404_listing_the_candidate_ids(duplicate_text_url):
+    response = httpx.get(f"{duplicate_text_url}/neighbors", params={"token": " twin"})
+    assert response.status_code == 404
+    type_, message = _error(response)
+    assert type_ == "token_not_found" and "' twin'" in message and "[7, 9]" in message
+    assert httpx.get(f"{duplicate_text_url}/neighbors", params={"id": 7, "k": 4}).json()["query"] == {"id": 7, "text": " twin"}
+    with Client(duplicate_text_url) as c, pytest.raises(TokenNotFound, match="several ids"):
+        c.cost(" twin", 3)
+
+
+BAD_POSTS = [
+    ("/neighbors", {"ids": list(range(MAX_BATCH + 1))}, 413, "batch_too_large", [str(MAX_BATCH + 1), str(MAX_BATCH)]),
+    ("/neighbors", {"ids": [1, 10**7]}, 400, "bad_token", ["ids[1]", "10000000"]),
+    ("/neighbors", {"ids": [1], "metric": "wasserstein"}, 400, "unknown_metric", ["'wasserstein'"]),
+    ("/neighbors", {"ids": [1], "k": 10**6}, 422, "limit_exceeded", ["k=1000000"]),
+    ("/neighbors", {"ids": ["3"]}, 422, "invalid_request", ["ids.0", "'3'"]),
+    ("/neighbors", {"ids": [1], "path": "/etc"}, 422, "invalid_request", ["path"]),
+    ("/cost", {"pairs": [[1, 2], [3, 5000]]}, 400, "bad_token", ["pairs[1][1]", "5000"]),
+    ("/cost", {"pairs": [[1, " zzqqxx"]]}, 404, "token_not_found", ["' zzqqxx'"]),
+    ("/cost", {"pairs": [[1, 2, 3]]}, 422, "invalid_request", ["pairs.0"]),
+    ("/cost", {"pairs": [[1, 2.5]]}, 422, "invalid_request", ["2.5"]),
+    ("/cost", {"pairs": [[1, 2]], "metric": "emd"}, 400, "unknown_metric", ["'emd'"]),
+    ("/cost", {"pairs": [[0, 1]] * (MAX_PAIRS + 1)}, 413, "batch_too_large", [str(MAX_PAIRS + 1)]),
+]
+
+
+@pytest.mark.parametrize("path,body,status,type_,words", BAD_POSTS, ids=[f"{p}-{t}-{n}" for n, (p, _, _, t, _) in enumerate(BAD_POSTS)])
+def test_bad_post_is_a_4xx_json_error_naming_the_value(http, path, body, status, type_, words):
+    response = http.post(path, json=body)
+    assert response.status_code == status
+    got_type, message = _error(response)
+    assert got_type == type_
+    for word in words:
+        assert word in message, (word, message)
+
+
+@pytest.mark.parametrize("path", ["/neighbors", "/cost"])
+def test_malformed_json_is_a_400(http, path):
+    response = http.post(path, content=b'{"ids": [1, 2', headers={"content-type": "application/json"})
+    assert response.status_code == 400
+    assert _error(response)[0] == "malformed_json"
+
+
+def test_wrong_method_is_a_405_json_error(http):
+    response = http.delete("/cost")
+    assert response.status_code == 405 and _error(response)[0] == "method_not_allowed"
+
+
+# -- concurrency --------------------------------------------------------------------------------
+def test_a_burst_of_concurrent_requests_all_answer_right(base_url, small_store, probes):
+    rng = np.random.default_rng(1)
+    metrics = ["knn", "geodesic", "umap", "l2", "tree"]
+    jobs = []
+    for n in range(200):
+        metric = metrics[n % len(metrics)]
+        if n % 4 == 3:
+            pairs = rng.integers(0, small_store.vocab_size, (16, 2)).tolist()
+            jobs.append(("cost", metric, pairs))
+        else:
+            jobs.append(("neighbors", metric, int(rng.integers(0, small_store.vocab_size))))
+    expected = [
+        [small_store.cost(a, b, m) for a, b in arg] if kind == "cost" else small_store.neighbors(arg, k=5, metric=m)
+        for kind, m, arg in jobs
+    ]
+    limits = httpx.Limits(max_connections=64)
+    with httpx.Client(base_url=base_url, timeout=60, limits=limits) as http:
+        def call(job):
+            kind, metric, arg = job
+            if kind == "cost":
+                r = http.post("/cost", json={"pairs": arg, "metric": metric})
+                return r.status_code, r.json()["costs"]
+            r = http.get("/neighbors", params={"id": arg, "k": 5, "metric": metric})
+            return r.status_code, _as_neighbors(r.json())
+
+        with ThreadPoolExecutor(max_workers=48) as pool:
+            answers = list(pool.map(call, jobs))
+    assert [status for status, _ in answers] == [200] * len(jobs)
+    for (kind, _, _), (_, got), want in zip(jobs, answers, expected):
+        if kind == "cost":
+            np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7)
+        else:
+            assert got == want
+
+
+# -- the Python client ----------------------------------------------------------------------------
+def test_client_answers_like_the_store(client, small_store, probes):
+    i, j = probes[0], probes[1]
+    text = small_store.token_text(i)
+    assert client.neighbors(text, k=4, metric="knn") == small_store.neighbors(i, k=4, metric="knn")
+    assert client.neighbors(i, k=4, metric="tree") == small_store.neighbors(i, k=4, metric="tree")
+    assert client.neighbors_batch(probes[:3], k=3, metric="umap") == [small_store.neighbors(p, k=3, metric="umap") for p in probes[:3]]
+    assert client.cost(text, j, metric="geodesic") == pytest.approx(small_store.cost(i, j, "geodesic"), rel=1e-6)
+    pairs = [(i, j), (j, i), (text, i)]
+    np.testing.assert_allclose(client.costs(pairs, metric="l2"), [small_store.cost(a, b, "l2") for a, b in pairs], rtol=1e-6, atol=1e-7)
+    assert client.info()["fingerprint"] == small_store.fingerprint
+
+
+def test_client_raises_the_error_classes_with_the_server_message(client, small_store):
+    with pytest.raises(TokenNotFound, match="zzqqxx") as info:
+        client.neighbors(" zzqqxx")
+    assert info.value.status == 404
+    with pytest.raises(TokenizerError, match=str(small_store.vocab_size + 5)):
+        client.neighbors(small_store.vocab_size + 5)
+    with pytest.raises(StoreError, match="'cosine'"):
+        client.cost(1, 2, metric="cosine")
+    with pytest.raises(ConfigError, match=f"k={MAX_K * 2}"):
+        client.neighbors_batch([1, 2], k=MAX_K * 2)
+
+
+def test_client_without_a_server_says_how_to_start_one():
+    with Client(f"http://127.0.0.1:{_free_port()}", timeout=2) as c:
+        with pytest.raises(VocabMetricError, match="vocabmetric serve"):
+            c.info()
