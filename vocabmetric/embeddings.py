@@ -89,10 +89,11 @@ def train_word2vec(
     )
     model.build_vocab_from_freq(words)
     start = time.perf_counter()
-    model.train(
-        corpus_file=str(corpus_file), total_words=int(counts.sum()), epochs=epochs,
-        total_examples=model.corpus_count,
-    )
+    # Word-based learning-rate decay over the raw token count. Passing total_examples
+    # (model.corpus_count is 0 after build_vocab_from_freq) makes gensim's corpus_file
+    # trainer divide by zero and train at min_alpha throughout: every vector collapses
+    # onto one direction.
+    model.train(corpus_file=str(corpus_file), total_words=int(counts.sum()), epochs=epochs)
     seconds = time.perf_counter() - start
     vectors = _fallback_vectors(vocab_size, dim, seed)
     trained = np.zeros(vocab_size, dtype=bool)
