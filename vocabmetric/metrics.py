@@ -160,13 +160,16 @@ def l2_distance(embeddings: Any, i: Any, j: Any) -> np.ndarray | float:
     return float(d) if scalar else d
 
 
-def _pair_l2(unit: np.ndarray, rows: np.ndarray, cols: np.ndarray, batch: int = 1 << 16) -> np.ndarray:
-    """Exact float64 l2 between unit rows ``rows[t]`` and ``cols[t]`` (flat int arrays)."""
+def _pair_l2(vectors: np.ndarray, rows: np.ndarray, cols: np.ndarray, batch: int = 1 << 16) -> np.ndarray:
+    """Exact float64 l2 between normalized rows ``rows[t]`` and ``cols[t]`` (flat int arrays).
+
+    Normalizes in float64 from the raw ``vectors``, so two rows with the same direction
+    (x and 3·x) are at distance ~1e-16, not at the float32 rounding of x/‖x‖.
+    """
     out = np.empty(len(rows), dtype=np.float64)
     for s in range(0, len(rows), batch):
-        a = unit[rows[s : s + batch]].astype(np.float64)
-        b = unit[cols[s : s + batch]].astype(np.float64)
-        # renormalize in float64 so the float32 rounding of `unit` does not leak in
+        a = vectors[rows[s : s + batch]].astype(np.float64)
+        b = vectors[cols[s : s + batch]].astype(np.float64)
         a /= np.linalg.norm(a, axis=1, keepdims=True)
         b /= np.linalg.norm(b, axis=1, keepdims=True)
         out[s : s + batch] = np.linalg.norm(a - b, axis=1)
@@ -282,9 +285,9 @@ class KnnMetric(_TruncatedMetric):
         ids = np.where(found >= 0, trained_ids[np.maximum(found, 0)], -1)
         indices[trained_ids] = ids
         ok = ids.ravel() >= 0
-        costs[trained_ids] = _scatter(ok, _pair_l2(unit, rows_t[ok], ids.ravel()[ok]), ids.shape)
+        costs[trained_ids] = _scatter(ok, _pair_l2(emb, rows_t[ok], ids.ravel()[ok]), ids.shape)
         a, b = random_pairs(trained_ids, CAP_PAIRS, self.seed)
-        return self._finish(indices, costs, _pair_l2(unit, a, b), self.cap, index=self.index)
+        return self._finish(indices, costs, _pair_l2(emb, a, b), self.cap, index=self.index)
 
     def _search(self, unit: np.ndarray, k: int) -> np.ndarray:
         """k+1 nearest by inner product among ``unit`` rows, self dropped by id: (n, k)."""
@@ -451,8 +454,13 @@ _KERNEL = None
 
 
 def _dijkstra_kernel():
-    """Compile (once, cached on disk) the numba bounded-Dijkstra kernel."""
-    global _KERNEL
+    """Compile (once, cached on disk) the numba bounded-Dijkstra kernel.
+
+    The heap helpers are bound as module globals, not closure variables: numba's disk
+    cache misses on every run for a function that closes over other dispatchers (a
+    10 s recompile per process).
+    """
+    global _KERNEL, _heap_push, _heap_pop
     if _KERNEL is not None:
         return _KERNEL
     from numba import njit, prange
@@ -504,10 +512,10 @@ def _dijkstra_kernel():
                 dist[src] = 0.0
                 touched[0] = src
                 n_touched, size, found = 1, 0, 0
-                size = push(hk, hv, size, 0.0, src)
+                size = _heap_push(hk, hv, size, 0.0, src)
                 while size > 0 and found < k:
                     d, u = hk[0], hv[0]
-                    size = pop(hk, hv, size)
+                    size = _heap_pop(hk, hv, size)
                     if done[u]:
                         continue
                     done[u] = True
@@ -522,12 +530,13 @@ def _dijkstra_kernel():
                                 touched[n_touched] = v
                                 n_touched += 1
                             dist[v] = nd
-                            size = push(hk, hv, size, nd, v)
+                            size = _heap_push(hk, hv, size, nd, v)
                 for m in range(n_touched):
                     dist[touched[m]] = np.inf
                     done[touched[m]] = False
         return out_idx, out_len
 
+    _heap_push, _heap_pop = push, pop
     _KERNEL = kernel
     return kernel
 
@@ -597,7 +606,7 @@ class UmapMetric(_TruncatedMetric):
         found = drop_self(hits, np.arange(n_t))
         a, b = random_pairs(trained_ids, CAP_PAIRS, self.seed or 0)
         low = np.linalg.norm(self.embedding_[a].astype(np.float64) - self.embedding_[b], axis=1)
-        high = _pair_l2(normalized(emb), a, b)
+        high = _pair_l2(emb, a, b)
         self.scale_ = float(np.quantile(high, CAP_QUANTILE) / max(np.quantile(low, CAP_QUANTILE), 1e-12))
         rows = np.repeat(np.arange(n_t), k)
         lengths = np.linalg.norm(layout[rows].astype(np.float64) - layout[found.ravel()], axis=1) * self.scale_
