@@ -178,6 +178,7 @@ class Stages:
             self.results.append(StageResult(name, key, final, True, 0.0))
             LOG.info("stage %s: cached (%s)", name, final)
             return final
+        _remove_stale_tmp(final)
         tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
@@ -190,6 +191,28 @@ class Stages:
         seconds = time.perf_counter() - start
         self.results.append(StageResult(name, key, final, False, seconds))
         return final
+
+
+def _remove_stale_tmp(final: Path) -> None:
+    """Remove what killed runs left of this stage (``.<name>.tmp-<pid>`` of a process that is gone).
+
+    A directory of a process that is still running (a concurrent build) is left alone.
+    """
+    for stale in final.parent.glob(f".{final.name}.tmp-*"):
+        pid = stale.name.rpartition("-")[2]
+        if pid.isdigit() and not _process_alive(int(pid)):
+            LOG.info("removing %s, left by an interrupted run", stale)
+            shutil.rmtree(stale, ignore_errors=True)
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
 
 
 def _atomic_save(path: Path, array: np.ndarray) -> None:
