@@ -618,5 +618,11 @@ class UmapMetric(_TruncatedMetric):
                             n_neighbors=n_nb, seed=self.seed, scale=self.scale_)
 
 
-# the tree builders live in their own module; re-exported so the pipeline imports one place
-from .hierarchy import TreeBuilder as TreeBuilder, WardTreeBuilder as WardTreeBuilder  # noqa: E402
+# the tree builders live in their own module (which imports this one); re-exported lazily
+# so the pipeline imports one place and either module may be imported first
+def __getattr__(name: str) -> Any:
+    if name in ("TreeBuilder", "WardTreeBuilder"):
+        from . import hierarchy
+
+        return getattr(hierarchy, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
