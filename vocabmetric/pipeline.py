@@ -150,8 +150,14 @@ def tokenizer_spec(config: PipelineConfig, base: Path) -> str:
 
 
 # -- stage runner -------------------------------------------------------------------------
+#: Bump when a stage's code changes what it produces, so old cache entries are not reused.
+CACHE_REVISION = 2
+
+
 def stage_key(name: str, params: Any, *inputs: str) -> str:
-    blob = json.dumps({"stage": name, "params": params, "inputs": inputs}, sort_keys=True, default=str)
+    """A short hash of a stage's name, parameters, input keys and the cache revision."""
+    blob = json.dumps({"stage": name, "params": params, "inputs": inputs, "revision": CACHE_REVISION},
+                      sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -264,7 +270,7 @@ def build(
 
     def tokenize(tmp: Path) -> None:
         stats = tokenize_corpus(spec, sources, tmp, text_field=cc.text_field, workers=cc.workers or None,
-                                batch_chars=cc.batch_chars, progress=show)
+                                batch_chars=cc.batch_chars, progress=show, vocab_size=tokenizer.vocab_size)
         _atomic_save(tmp / "counts.npy", stats.counts)
         (tmp / "stats.json").write_text(json.dumps({
             "sources": [str(s) for s in sources], "n_documents": stats.n_documents, "n_tokens": stats.n_tokens,
