@@ -8,9 +8,10 @@ in-process Python API on the same queries.
 Setup. By default a synthetic store is written once (``runs/bench-service/metric.zarr``,
 reused on later runs): V token ids with embeddings drawn around 2 000 random cluster
 centres (d = 32), a ``knn`` metric (``KnnMetric``, HNSW, k = 64) and the exact ``l2``.
-The service runs as a real ``vocabmetric serve`` process (one uvicorn worker) on loopback;
+The service runs as a real uvicorn process (one worker, the app of ``vocabmetric serve``, access
+log off) on loopback;
 the load comes from a separate process (``--load-worker``): ``--concurrency`` asyncio
-clients over one ``httpx.AsyncClient`` share ``--requests`` requests per endpoint:
+clients, each on its own keep-alive connection, share ``--requests`` requests per endpoint:
 
 * ``GET /neighbors?id=…&k=10&metric=knn`` (random ids),
 * ``POST /cost`` with 64 random pairs under ``knn``.
@@ -95,8 +96,14 @@ def free_port() -> int:
 def start_server(store: Path, port: int, timeout: float = 120.0) -> subprocess.Popen:
     import httpx
 
-    exe = Path(sys.executable).with_name("vocabmetric")
-    proc = subprocess.Popen([str(exe), "serve", str(store), "--port", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    # uvicorn on the service's app factory, as `vocabmetric serve` runs it, minus the access
+    # log (one synchronous log line per request would be part of what is timed)
+    from vocabmetric.service import STORE_ENV
+
+    env = {**os.environ, STORE_ENV: str(Path(store).resolve())}
+    cmd = [sys.executable, "-m", "uvicorn", "vocabmetric.service:_app_from_env", "--factory",
+           "--host", "127.0.0.1", "--port", str(port), "--no-access-log", "--log-level", "warning"]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
@@ -111,31 +118,50 @@ def start_server(store: Path, port: int, timeout: float = 120.0) -> subprocess.P
 
 
 # -- the load (runs in its own process) -------------------------------------------------------
-async def _load(base_url: str, requests: list[dict], concurrency: int) -> dict:
-    import httpx
+def _http_request(r: dict, host: str) -> bytes:
+    """The bytes of one HTTP/1.1 keep-alive request."""
+    from urllib.parse import urlencode
 
-    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    path = r["path"] + ("?" + urlencode(r["params"]) if r.get("params") else "")
+    body = json.dumps(r["json"]).encode() if "json" in r else b""
+    head = f"{r['method']} {path} HTTP/1.1\r\nHost: {host}\r\n"
+    if body:
+        head += f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n"
+    return (head + "\r\n").encode() + body
+
+
+async def _load(base_url: str, requests: list[dict], concurrency: int) -> dict:
+    """``concurrency`` keep-alive connections share ``requests``; a minimal HTTP/1.1 client on
+    asyncio streams (httpx would spend more CPU per request than the server does, on the
+    same 2 cores). Every request is prepared before the clock starts."""
+    host, port = base_url.split("://")[1].split(":")
+    wire = [_http_request(r, host) for r in requests]
     client_ms = np.zeros(len(requests))
     server_ms = np.zeros(len(requests))
-    errors = 0
+    status = np.zeros(len(requests), dtype=int)
     queue = iter(range(len(requests)))
 
-    async with httpx.AsyncClient(base_url=base_url, limits=limits, timeout=60) as client:
-        async def worker() -> None:
-            nonlocal errors
+    async def worker() -> None:
+        reader, writer = await asyncio.open_connection(host, int(port))
+        try:
             for n in queue:
-                r = requests[n]
                 t0 = time.perf_counter()
-                resp = await client.request(r["method"], r["path"], params=r.get("params"), json=r.get("json"))
-                resp.read()
+                writer.write(wire[n])
+                head = await reader.readuntil(b"\r\n\r\n")
+                lines = head.decode("latin-1").split("\r\n")
+                headers = dict(line.split(": ", 1) for line in lines[1:] if ": " in line)
+                headers = {k.lower(): v for k, v in headers.items()}
+                await reader.readexactly(int(headers["content-length"]))
                 client_ms[n] = (time.perf_counter() - t0) * 1e3
-                errors += resp.status_code != 200
-                server_ms[n] = float(resp.headers.get("server-timing", "app;dur=nan").split("dur=")[1])
+                status[n] = int(lines[0].split()[1])
+                server_ms[n] = float(headers.get("server-timing", "app;dur=nan").split("dur=")[1])
+        finally:
+            writer.close()
 
-        t0 = time.perf_counter()
-        await asyncio.gather(*(worker() for _ in range(concurrency)))
-        wall = time.perf_counter() - t0
-    return {"client_ms": client_ms.tolist(), "server_ms": server_ms.tolist(), "wall_s": wall, "errors": errors}
+    t0 = time.perf_counter()
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    wall = time.perf_counter() - t0
+    return {"client_ms": client_ms.tolist(), "server_ms": server_ms.tolist(), "wall_s": wall, "errors": int((status != 200).sum())}
 
 
 def load_worker() -> None:

@@ -38,16 +38,21 @@ not_found          404     an unknown path (405: a known path, another method)
 
 Nothing the client sends is used as a path: the store path is fixed when the app is made.
 
-Concurrency: endpoints are plain ``def`` and run in the server's threadpool. The store's
-arrays are loaded at startup (``_warm``), so requests only read immutable numpy arrays;
-the store's own lock guards its caches should anything load later.
+Concurrency: work of size O(k) — a stored metric's neighbours, one cost, a batch of up to
+``INLINE_PAIRS`` pairs — runs in the event loop, where a thread hop would cost more than the
+work; O(V) work (``l2``/``tree`` neighbours, large batches, ``/info``) runs in the server's
+threadpool so that it never stalls the loop. The store's arrays are loaded at startup
+(``_warm``), so requests only read immutable numpy arrays; the store's own lock guards its
+caches should anything load later.
 
 Cost per request: a stored metric's neighbours O(k log k); ``l2``/``tree`` neighbours are
 exact over every usable token, O(V·d) / O(V·depth); a batch of n pairs O(n·k) (stored),
 O(n·d) (``l2``), O(n·depth) (``tree``), all vectorized.
 
-Every response carries ``Server-Timing: app;dur=<ms>``: the time from the request
-reaching the app to its response headers (threadpool wait included).
+Every response carries ``Server-Timing: app;dur=<ms>``: the time from the app taking up the
+request to its response headers (body validation, the query, serialization, and any
+threadpool wait). Time a request spends in the server's backlog before the app takes it up
+is not in it; under load that shows in the client-side latency.
 """
 
 from __future__ import annotations
@@ -70,6 +75,8 @@ MAX_K = 1024
 MAX_BATCH = 1024
 MAX_PAIRS = 100_000
 MAX_BODY_BYTES = 8 << 20
+INLINE_IDS = 16  # a POST /neighbors batch of a stored metric up to this size runs in the event loop
+INLINE_PAIRS = 4096  # a POST /cost batch up to this size runs in the event loop
 STORE_ENV = "VOCABMETRIC_STORE"  # the store of the app factory used with several workers
 
 
@@ -183,13 +190,13 @@ def _check_ids(ids: np.ndarray, vocab_size: int, what: str) -> None:
         )
 
 
-def pair_costs(store: MetricStore, i: np.ndarray, j: np.ndarray, metric: str) -> np.ndarray:
+def pair_costs(store: MetricStore, i: np.ndarray, j: np.ndarray, metric: str, *, cap: float | None = None) -> np.ndarray:
     """Cost of each pair ``(i[n], j[n])`` under ``metric``, float32, vectorized.
 
     Agrees with ``store.cost(i[n], j[n], metric)``. Stored metrics: O(n·k) through the
     :class:`CostOperator`; ``tree``: O(n·depth); ``l2``: O(n·d) from the normalized
     embeddings, ``sqrt(max(2 − 2·⟨e_i, e_j⟩, 0))``, ``cap`` for an unusable token, 0 on the
-    diagonal.
+    diagonal. ``cap``: the metric's cap, when the caller has it at hand (saves a metadata read).
     """
     if metric == TREE:
         return np.asarray(store.tree().distance(i, j), dtype=np.float32)
@@ -198,7 +205,8 @@ def pair_costs(store: MetricStore, i: np.ndarray, j: np.ndarray, metric: str) ->
         dot = np.einsum("nd,nd->n", emb[i].astype(np.float64), emb[j].astype(np.float64))
         d = np.sqrt(np.maximum(2 - 2 * dot, 0))
         usable = store.usable
-        d = np.where(usable[i] & usable[j], d, float(store.metric_attrs(metric)["cap"]))
+        cap = float(store.metric_attrs(metric)["cap"]) if cap is None else cap
+        d = np.where(usable[i] & usable[j], d, cap)
         return np.where(i == j, 0.0, d).astype(np.float32)
     return np.asarray(store.operator(metric).cost(i, j), dtype=np.float32)
 
@@ -231,11 +239,14 @@ def create_app(
     from fastapi import FastAPI, Query, Request
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import JSONResponse
+    from starlette.concurrency import run_in_threadpool
     from starlette.exceptions import HTTPException as StarletteHTTPException
 
     store = open_store(store_path)
     _warm(store)
     V = store.vocab_size
+    caps = {metric: float(store.metric_attrs(metric).get("cap", np.nan)) for metric in store.metrics}
+    stored = {metric for metric in store.metrics if metric not in EXACT_METRICS and metric != TREE}
     limits = {"max_k": max_k, "max_batch": max_batch, "max_pairs": max_pairs, "max_body_bytes": max_body_bytes}
 
     app = FastAPI(
@@ -278,18 +289,20 @@ def create_app(
         LOG.exception("unhandled error on %s %s", request.method, request.url.path)
         return error(500, "internal_error", f"{type(exc).__name__}: {exc}")
 
-    def token_model(i: int):
-        return TokenModel(id=i, text=store.token_text(i))
+    def token_model(i: int) -> dict:
+        return {"id": i, "text": store.token_text(i)}
 
-    def neighbors_of(i: int, k: int, metric: str):
+    def neighbors_of(i: int, k: int, metric: str) -> dict:
         rows = store.neighbors(i, k=k, metric=metric)
-        return NeighborsResponse(
-            query=token_model(i), metric=metric, k=k,
-            neighbors=[NeighborModel(id=n.id, text=n.text, cost=n.cost) for n in rows],
-        )
+        return {"query": token_model(i), "metric": metric, "k": k,
+                "neighbors": [{"id": n.id, "text": n.text, "cost": n.cost} for n in rows]}
+
+    async def run(fn, *args, inline: bool):
+        """O(k)-sized work runs in the event loop (no thread hop); O(V) work in the threadpool."""
+        return fn(*args) if inline else await run_in_threadpool(fn, *args)
 
     @app.get("/healthz", response_model=HealthResponse, tags=["service"])
-    def healthz():
+    async def healthz():
         return {"status": "ok", "vocab_size": V, "fingerprint": store.fingerprint}
 
     @app.get("/info", response_model=InfoResponse, tags=["service"])
@@ -299,7 +312,7 @@ def create_app(
         return {**out, "store": store.path.name, "vocab_size": V, "fingerprint": store.fingerprint, "limits": limits}
 
     @app.get("/neighbors", response_model=NeighborsResponse, tags=["queries"])
-    def neighbors_get(
+    async def neighbors_get(
         token: str | None = Query(None, description="token text, leading space included; all digits: an id unless a token has that text"),
         token_id: int | None = Query(None, alias="id", description="token id (exclusive with token)"),
         k: int = Query(10, description=f"how many neighbours, 1..{max_k}"),
@@ -312,10 +325,10 @@ def create_app(
         _check_metric(store, metric)
         _check_k(k, max_k)
         i = store.resolve(token if token is not None else int(token_id))
-        return neighbors_of(i, k, metric)
+        return await run(neighbors_of, i, k, metric, inline=metric in stored)
 
     @app.post("/neighbors", response_model=NeighborsBatchResponse, tags=["queries"])
-    def neighbors_post(body: NeighborsBatchRequest):
+    async def neighbors_post(body: NeighborsBatchRequest):
         """The k cheapest tokens from each of a batch of ids."""
         if len(body.ids) > max_batch:
             raise _RequestError(413, "batch_too_large", f"a batch of {len(body.ids)} ids exceeds the limit of {max_batch}; split it")
@@ -323,10 +336,14 @@ def create_app(
         _check_k(body.k, max_k)
         ids = np.asarray(body.ids, dtype=np.int64)
         _check_ids(ids, V, "ids")
-        return {"metric": body.metric, "k": body.k, "results": [neighbors_of(int(i), body.k, body.metric) for i in ids]}
+
+        def answer() -> dict:
+            return {"metric": body.metric, "k": body.k, "results": [neighbors_of(int(i), body.k, body.metric) for i in ids]}
+
+        return await run(answer, inline=body.metric in stored and len(ids) <= INLINE_IDS)
 
     @app.get("/cost", response_model=CostResponse, tags=["queries"])
-    def cost_get(
+    async def cost_get(
         a: str = Query(..., description="token text or id (all digits: an id unless a token has that text)"),
         b: str = Query(..., description="token text or id"),
         metric: str = Query("l2", description="a metric of the store (GET /info)"),
@@ -334,18 +351,21 @@ def create_app(
         """The cost between two tokens."""
         _check_metric(store, metric)
         i, j = store.resolve(a), store.resolve(b)
-        c = pair_costs(store, np.array([i]), np.array([j]), metric)[0]
+        c = pair_costs(store, np.array([i]), np.array([j]), metric, cap=caps[metric])[0]
         return {"a": token_model(i), "b": token_model(j), "metric": metric, "cost": float(c)}
 
     @app.post("/cost", response_model=CostBatchResponse, tags=["queries"])
-    def cost_post(body: CostBatchRequest):
+    async def cost_post(body: CostBatchRequest):
         """The cost of each of a batch of pairs, vectorized."""
         if len(body.pairs) > max_pairs:
             raise _RequestError(413, "batch_too_large", f"a batch of {len(body.pairs)} pairs exceeds the limit of {max_pairs}; split it")
         _check_metric(store, body.metric)
-        ids = _pair_ids(store, body.pairs)
-        costs = pair_costs(store, ids[:, 0], ids[:, 1], body.metric)
-        return {"metric": body.metric, "costs": costs.tolist()}
+
+        def answer() -> dict:
+            ids = _pair_ids(store, body.pairs)
+            return {"metric": body.metric, "costs": pair_costs(store, ids[:, 0], ids[:, 1], body.metric, cap=caps[body.metric]).tolist()}
+
+        return await run(answer, inline=len(body.pairs) <= INLINE_PAIRS)
 
     return app
 
