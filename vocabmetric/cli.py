@@ -50,6 +50,8 @@ def build(
     from .report import build_report
 
     logging.basicConfig(level=logging.WARNING if quiet else logging.INFO, format="%(message)s")
+    for chatty in ("gensim", "numba", "umap", "faiss"):  # their per-batch INFO lines drown the report
+        logging.getLogger(chatty).setLevel(logging.WARNING)
     try:
         result = run_build(config, out, force=force, progress=None if not quiet else False)
     except VocabMetricError as exc:
