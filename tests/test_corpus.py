@@ -265,3 +265,21 @@ def test_empty_corpus_is_an_error(tmp_path, hf_spec):
     with pytest.raises(CorpusError, match="empty.txt.*no text"):
         tokenize_corpus(hf_spec, [src], tmp_path / "out", workers=1, progress=False)
     _assert_nothing_finished_left(tmp_path / "out")
+
+
+EDGE_MARKUP = [
+    "{{a}}b{{c{{d}}e}}f{{unclosed", "x{{{y}}}z", "{{", "}}{{a}}}", "a{b}{{c}", "",
+    "{|\n| cell || cell2\n|-\n! head !! h2\n| style=\"x\" | v\n|}\nafter", "plain [[link|text]], [http://x.org site]",
+    "<!-- c -->a<ref name=x>r</ref>b<math>x^2</math>[[Category:X]] [[File:a.png|thumb|cap]]\n[[de:Alpha]]",
+]
+
+
+def test_wiki_markup_filter_equals_gensims():
+    from gensim.corpora.wikicorpus import filter_wiki
+
+    from vocabmetric.corpus import _clean_wiki
+
+    docs = iter_documents(DATA / "enwiki-sample-pages-articles.xml.bz2")
+    pages = [next(docs).text for _ in range(25)]
+    for markup in pages + EDGE_MARKUP:
+        assert _clean_wiki(markup) == filter_wiki(markup)
