@@ -345,6 +345,10 @@ class MetricStore:
             raise TokenNotFound(f"no token has the text {token!r} in {self.tokenizer_spec}{self._candidates(token)}")
         raise TokenizerError(f"a token is an id (int) or a text (str), got {type(token).__name__}")
 
+    def ids_of_text(self, text: str) -> list[int]:
+        """Every id whose token text (UTF-8, invalid bytes backslash-escaped) is ``text``."""
+        return list(self._by_text.get(text, []))
+
     def _candidates(self, text: str) -> str:
         key = text.strip().lower()
         near = [t for t in (text.strip(), " " + text.strip(), key, " " + key, key.capitalize(), " " + key.capitalize()) if t in self._by_text]
@@ -399,17 +403,31 @@ class MetricStore:
 
     def costs_from(self, i: int, js: np.ndarray, metric: str) -> np.ndarray:
         """Costs from token ``i`` to each of ``js`` (int array), float32."""
-        self._check_metric(metric)
         js = np.asarray(js, dtype=np.int64)
+        return self.pair_costs(np.full(len(js), int(i)), js, metric)
+
+    def pair_costs(self, i: Any, j: Any, metric: str) -> np.ndarray:
+        """Costs of the pairs ``(i[t], j[t])`` (broadcast int id arrays), float32.
+
+        O(d) per pair for ``l2`` (exact, from the normalized embeddings; an unusable token
+        costs the cap 2), O(k) for a stored metric, O(depth) for ``tree``.
+        """
+        self._check_metric(metric)
+        i, j = np.broadcast_arrays(np.asarray(i, dtype=np.int64), np.asarray(j, dtype=np.int64))
+        for t in (i, j):
+            if t.size and (t.min() < 0 or t.max() >= self.vocab_size):
+                bad = int(t.min() if t.min() < 0 else t.max())
+                raise TokenizerError(f"token id {bad} is out of range [0, {self.vocab_size}) for {self.tokenizer_spec}")
         if metric == TREE:
-            return self.tree().distance(np.full(len(js), i), js).astype(np.float32)
+            return self.tree().distance(i, j).astype(np.float32)
         if metric in EXACT_METRICS:
             emb = self.embeddings(normalized=True)
-            d = np.sqrt(np.maximum(2 - 2 * (emb[js].astype(np.float64) @ emb[i].astype(np.float64)), 0))
+            ip = np.einsum("...d,...d->...", emb[i].astype(np.float64), emb[j].astype(np.float64))
+            d = np.sqrt(np.maximum(2 - 2 * ip, 0))
             usable = self.usable
-            d = np.where(usable[js] & usable[i], d, self._cap(metric))
-            return np.where(js == i, 0.0, d).astype(np.float32)
-        return self.operator(metric).cost(np.full(len(js), i), js)
+            d = np.where(usable[i] & usable[j], d, self._cap(metric))
+            return np.where(i == j, 0.0, d).astype(np.float32)
+        return self.operator(metric).cost(i, j)
 
     def neighbors(self, token: Token, k: int = 10, metric: str = "knn") -> list[Neighbor]:
         """The ``k`` cheapest tokens from ``token`` under ``metric`` (the token itself excluded).

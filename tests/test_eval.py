@@ -1,0 +1,153 @@
+"""Metric quality eval: a planted store whose answer is known, and the real small store."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+from scipy.stats import spearmanr
+
+from vocabmetric import open_store
+from vocabmetric.embeddings import Embeddings
+from vocabmetric.errors import StoreError, VocabMetricError
+from vocabmetric.eval import EvalRow, dataset_path, evaluate, format_eval, read_pairs
+from vocabmetric.store import TruncatedMetric, write_store
+
+
+def test_datasets_are_the_published_sizes():
+    ws, sl = read_pairs(dataset_path("wordsim353")), read_pairs(dataset_path("simlex999"))
+    assert len(ws) == 353 and len(sl) == 999
+    assert all(0 <= p.similarity <= 10 for p in ws + sl)
+    assert ("tiger", "cat") in {(p.word1, p.word2) for p in ws}
+
+
+@pytest.fixture(scope="module")
+def planted(tmp_path_factory):
+    """A store whose words are those of WordSim353's first 40 pairs, in chosen forms, with a
+    metric ``planted`` costing (10 − human score)/10 on exactly the WordSim pairs (so its ρ
+    must be 1) and ``reversed`` costing score/10 (ρ = −1)."""
+    pairs = read_pairs(dataset_path("wordsim353"))
+    words = list(dict.fromkeys(w for p in pairs[:40] for w in (p.word1, p.word2)))
+    no_space, capital, untrained_word = words[1], words[2], words[3]
+    texts, form = [], {}
+    for w in words:
+        if w == no_space:
+            form[w] = w  # only "word" exists
+        elif w == capital:
+            form[w] = " " + w.capitalize()  # only " Word" exists
+        else:
+            form[w] = " " + w
+        texts.append(form[w])
+    texts.append(words[0])  # words[0] also exists without a space, untrained: " word" must win
+    texts += [f"<filler{i}>" for i in range(20)]
+    V = len(texts)
+    id_of = {t: i for i, t in enumerate(texts)}
+    trained = np.ones(V, bool)
+    trained[id_of[form[untrained_word]]] = False
+    trained[id_of[words[0]]] = False
+    vectors = np.random.default_rng(0).normal(size=(V, 8)).astype(np.float32)
+
+    known = {w: id_of[form[w]] for w in words if w != untrained_word}
+    planted_rows, reversed_rows = {}, {}
+    covered = []
+    for p in pairs:
+        if p.word1 in known and p.word2 in known and p.word1 != p.word2:
+            a, b = known[p.word1], known[p.word2]
+            planted_rows.setdefault(a, {})[b] = (10 - p.similarity) / 10
+            reversed_rows.setdefault(a, {})[b] = p.similarity / 10
+        if p.word1 in known and p.word2 in known:
+            covered.append(p)
+
+    def arrays(rows):
+        k = max(len(r) for r in rows.values())
+        idx, cost = np.full((V, k), -1, np.int32), np.ones((V, k), np.float32)
+        for a, row in rows.items():
+            idx[a, : len(row)], cost[a, : len(row)] = list(row), list(row.values())
+        return TruncatedMetric(idx, cost, 1.0, {"kind": "test"})
+
+    path = tmp_path_factory.mktemp("planted") / "metric.zarr"
+    write_store(path, tokenizer=SimpleNamespace(spec="test:planted", fingerprint="cd" * 32),
+                token_bytes=[t.encode() for t in texts], counts=np.ones(V, np.int64),
+                embeddings=Embeddings(vectors, trained, np.full(V, -1, np.int32), "test"),
+                corpus={"sources": []}, metrics={"planted": arrays(planted_rows), "reversed": arrays(reversed_rows)})
+    return open_store(path), covered, known, form
+
+
+def test_planted_store_gives_the_known_answer(planted):
+    store, covered, known, _ = planted
+    rows = {(r.metric, r.dataset): r for r in evaluate(store, ["planted", "reversed", "l2"], ["wordsim353"])}
+    p, r, l2 = rows["planted", "wordsim353"], rows["reversed", "wordsim353"], rows["l2", "wordsim353"]
+    assert p.n_total == 353 and p.n_pairs == len(covered) > 30
+    assert p.coverage == pytest.approx(len(covered) / 353)
+    # ±1 up to WordSim's own quirks: ("money", "cash") is rated twice (9.15 and 9.08) but a
+    # pair has one cost (the last one planted), and a word with itself costs 0 whatever its score
+    human = [c.similarity for c in covered]
+    for row, score_to_cost, sign in ((p, lambda s: (10 - s) / 10, 1), (r, lambda s: s / 10, -1)):
+        cost = {}
+        for c in covered:
+            cost[known[c.word1], known[c.word2]] = 0.0 if c.word1 == c.word2 else np.float32(score_to_cost(c.similarity))
+        want = spearmanr([-cost[known[c.word1], known[c.word2]] for c in covered], human).statistic
+        assert row.spearman == pytest.approx(want, abs=1e-12)
+        assert sign * want > 0.85
+    assert p.spearman > 0.9999
+    assert p.n_stored == p.n_pairs  # every covered pair was planted (or is a word with itself)
+    # l2 on random vectors: whatever it is, it is the Spearman of -l2 over the same pairs
+    a = np.array([known[c.word1] for c in covered])
+    b = np.array([known[c.word2] for c in covered])
+    unit = store.embeddings(normalized=True).astype(np.float64)
+    d = np.where(a == b, 0, np.linalg.norm(unit[a] - unit[b], axis=1))
+    assert l2.spearman == pytest.approx(spearmanr(-d, [c.similarity for c in covered]).statistic, abs=1e-6)
+    assert l2.n_pairs == p.n_pairs
+
+
+def test_word_forms_and_untrained_words(planted):
+    from vocabmetric.eval import token_of_word
+
+    store, _, known, form = planted
+    words = list(form)
+    assert token_of_word(store, words[0]) == store.resolve(" " + words[0])  # " word" before "word"
+    assert token_of_word(store, words[1]) == store.resolve(words[1])  # "word" when no " word"
+    assert token_of_word(store, words[2]) == store.resolve(" " + words[2].capitalize())
+    assert token_of_word(store, words[3]) is None  # untrained: not covered
+    assert token_of_word(store, "zebra") is None
+
+
+def test_planted_uncovered_pairs_cost_the_cap(planted):
+    """SimLex pairs among the planted words are covered, but their costs were not planted:
+    they cost the cap and do not count as stored."""
+    store, _, known, _ = planted
+    (row,) = evaluate(store, ["planted"], ["simlex999"])
+    simlex = read_pairs(dataset_path("simlex999"))
+    assert row.n_total == 999
+    covered = [p for p in simlex if p.word1 in known and p.word2 in known]
+    assert row.n_pairs == len(covered)
+    assert row.n_stored <= row.n_pairs
+
+
+def test_errors(planted, tmp_path):
+    store = planted[0]
+    with pytest.raises(StoreError, match="has no metric 'geodesic'"):
+        evaluate(store, ["geodesic"])
+    with pytest.raises(VocabMetricError, match="unknown dataset 'men3000'"):
+        evaluate(store, ["l2"], ["men3000"])
+    bad = tmp_path / "bad.tsv"
+    bad.write_text("# header\ncat\tdog\tvery\n")
+    with pytest.raises(VocabMetricError, match=r"bad.tsv:2: expected 'word1<TAB>word2<TAB>score'"):
+        read_pairs(bad)
+
+
+def test_small_store_eval_and_table(small_store):
+    rows = evaluate(small_store)
+    assert {(r.metric, r.dataset) for r in rows} == {(m, d) for m in small_store.metrics for d in ("wordsim353", "simlex999")}
+    for r in rows:
+        assert isinstance(r, EvalRow)
+        assert 0 <= r.n_stored <= r.n_pairs <= r.n_total and r.coverage == pytest.approx(r.n_pairs / r.n_total)
+        assert np.isnan(r.spearman) or -1 <= r.spearman <= 1
+    # a 1000-token BPE covers only a few words; l2 and tree are exact, so all their pairs are stored
+    by = {(r.metric, r.dataset): r for r in rows}
+    assert by["l2", "wordsim353"].n_pairs == by["knn", "wordsim353"].n_pairs > 0
+    assert by["l2", "simlex999"].n_stored == by["l2", "simlex999"].n_pairs
+    text = format_eval(rows)
+    assert "wordsim353" in text and "cost the cap" in text
+    assert len(text.splitlines()) == 2 + len(rows) + 5
