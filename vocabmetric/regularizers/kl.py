@@ -274,11 +274,13 @@ def full_kl(
     * ``"forward"``: :math:`KL(ρ‖π) = \sum_x ρ(x)(\log ρ(x) - \log π(x))`, gradient
       :math:`∂/∂z = π - ρ`.
 
-    Gradients flow to ``logits`` only. Positions are processed in chunks; the backward
-    pass recomputes the softmaxes per chunk from the saved inputs and two log-normalizers
-    per position, so the memory beyond the inputs, the output and the gradient is
-    O(chunk_size·V) — never an extra O(N·V) tensor. Time O(N·V), about two passes forward
-    and one backward.
+    Gradients flow to ``logits`` only. Positions are processed in chunks; only the KL
+    per position is saved, and the backward pass recomputes both log-softmaxes per chunk
+    from the inputs, so the memory beyond the inputs, the output and the gradient is a
+    few chunk-sized float32 temporaries, O(chunk_size·V) — never an extra O(N·V) tensor
+    (the plain two-``log_softmax`` expression holds about five). Time O(N·V): two fused
+    ``log_softmax`` kernels and four elementwise passes per chunk, forward and backward
+    alike (``benchmarks/full_kl.py`` measures both against the plain expression).
 
     Exact zeros: a ``-inf`` logit is a zero probability and :math:`0 \log 0 = 0`. Where
     the measuring distribution has mass the other lacks (reverse: π > 0 = ρ; forward:
@@ -332,46 +334,62 @@ def full_kl(
 
 
 class _FullKL(torch.autograd.Function):
-    """Chunked KL whose backward recomputes each chunk's softmax from the inputs."""
+    """Chunked KL whose backward recomputes each chunk's log-softmaxes from the inputs.
+
+    Only the KL per position is saved besides the inputs. Each chunk costs two fused
+    ``log_softmax`` kernels and a few elementwise passes, forward and backward alike; the
+    zero-probability mask is applied only to chunks that hold a zero (rare: -inf logits
+    or underflow), found by a read-only ``amin``.
+    """
 
     @staticmethod
     def forward(ctx, logits, ref_logits, reverse, rows):
         dtype = _compute_dtype(logits.dtype, ref_logits.dtype)
-        n = logits.shape[0]
-        kl = torch.empty(n, dtype=dtype, device=logits.device)
-        lse = torch.empty(n, dtype=dtype, device=logits.device)
-        ref_lse = torch.empty_like(lse)
-        for start in range(0, n, rows):
+        kl = torch.empty(logits.shape[0], dtype=dtype, device=logits.device)
+        for start in range(0, logits.shape[0], rows):
             part = slice(start, start + rows)
-            z, r = logits[part].to(dtype), ref_logits[part].to(dtype)
-            torch.logsumexp(z, -1, out=lse[part])
-            torch.logsumexp(r, -1, out=ref_lse[part])
-            logp, logq = z - lse[part, None], r - ref_lse[part, None]
+            logp = torch.log_softmax(logits[part], -1, dtype=dtype)
+            logq = torch.log_softmax(ref_logits[part], -1, dtype=dtype)
             a, b = (logp, logq) if reverse else (logq, logp)
             prob = a.exp()
-            terms = (a - b).mul_(prob).masked_fill_(prob == 0, 0.0)
+            terms = a.sub_(b).mul_(prob)  # 0·(-inf) = NaN where prob = 0: masked next
+            if _has_zero(prob):
+                terms.masked_fill_(prob == 0, 0.0)
             torch.sum(terms, -1, out=kl[part])
-        ctx.save_for_backward(logits, ref_logits, lse, ref_lse, kl)
+        ctx.save_for_backward(logits, ref_logits, kl)
         ctx.reverse, ctx.rows = reverse, rows
         return kl
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_kl):
-        logits, ref_logits, lse, ref_lse, kl = ctx.saved_tensors
+        logits, ref_logits, kl = ctx.saved_tensors
         grad = torch.empty_like(logits)
         for start in range(0, logits.shape[0], ctx.rows):
             part = slice(start, start + ctx.rows)
-            logp = logits[part].to(lse.dtype) - lse[part, None]
-            logq = ref_logits[part].to(lse.dtype) - ref_lse[part, None]
-            prob = logp.exp()
-            if ctx.reverse:
-                g = (logp - logq).sub_(kl[part, None]).mul_(prob).masked_fill_(prob == 0, 0.0)
-                g.masked_fill_(~torch.isfinite(kl[part, None]), 0.0)
+            logp = torch.log_softmax(logits[part], -1, dtype=kl.dtype)
+            if ctx.reverse:  # π ⊙ (log π − log ρ − KL)
+                prob = logp.exp()
+                logq = torch.log_softmax(ref_logits[part], -1, dtype=kl.dtype)
+                g = logp.sub_(logq).sub_(kl[part, None]).mul_(prob)
+                if _has_zero(prob):
+                    g.masked_fill_(prob == 0, 0.0)
+                infinite = ~torch.isfinite(kl[part])
+                if infinite.any():  # KL = +inf: constant in the logits, gradient 0
+                    g[infinite] = 0.0
+            else:  # π − ρ
+                g = logp.exp_().sub_(torch.softmax(ref_logits[part], -1, dtype=kl.dtype))
+            upstream = grad_kl[part, None].to(g.dtype)
+            if grad.dtype == g.dtype:
+                torch.mul(g, upstream, out=grad[part])
             else:
-                g = prob.sub_(logq.exp_())
-            grad[part] = g.mul_(grad_kl[part, None].to(g.dtype))
+                grad[part] = g.mul_(upstream)
         return grad, None, None, None
+
+
+def _has_zero(prob: torch.Tensor) -> bool:
+    """Whether a chunk of probabilities holds an exact zero (NaN compares False: left alone)."""
+    return bool(prob.amin() == 0)
 
 
 def _raise_bad_logits(logits: torch.Tensor, ref_logits: torch.Tensor, where: str) -> None:
