@@ -121,8 +121,10 @@ def test_healthz_and_info_describe_the_store(http, small_store):
 
 
 def test_every_response_carries_a_server_timing(http):
-    timing = http.get("/neighbors", params={"id": 5, "metric": "knn"}).headers["server-timing"]
-    assert timing.startswith("app;dur=") and float(timing.split("=")[1]) > 0
+    for response in (http.get("/neighbors", params={"id": 5, "metric": "knn"}), http.get("/nowhere"), http.post("/cost", json={})):
+        parts = dict(part.strip().split(";dur=") for part in response.headers["server-timing"].split(","))
+        app_ms, cpu_ms = float(parts["app"]), float(parts["cpu"])
+        assert 0 < app_ms < 10_000 and 0 <= cpu_ms <= app_ms + 0.1  # one thread's CPU time cannot exceed wall time
 
 
 def test_openapi_schema_lists_every_endpoint(http):
