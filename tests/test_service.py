@@ -366,6 +366,28 @@ def test_client_raises_the_error_classes_with_the_server_message(client, small_s
         client.neighbors_batch([1, 2], k=MAX_K * 2)
 
 
+def test_serve_with_two_workers_answers_like_the_store(small_store, tmp_path):
+    port = _free_port()
+    with open(tmp_path / "serve.log", "w") as log:
+        proc = subprocess.Popen([str(VOCABMETRIC), "serve", str(small_store.path), "--port", str(port), "--workers", "2"],
+                                stdout=log, stderr=subprocess.STDOUT)
+    try:
+        with Client(f"http://127.0.0.1:{port}", timeout=5) as c:
+            deadline = time.monotonic() + 40
+            while True:
+                try:
+                    c.health()
+                    break
+                except VocabMetricError:
+                    assert proc.poll() is None and time.monotonic() < deadline, (tmp_path / "serve.log").read_text()[-3000:]
+                    time.sleep(0.2)
+            for i in range(0, small_store.vocab_size, 97):
+                assert c.neighbors(i, k=3, metric="knn") == small_store.neighbors(i, k=3, metric="knn")
+    finally:
+        proc.terminate()
+        proc.wait(timeout=20)
+
+
 def test_client_without_a_server_says_how_to_start_one():
     with Client(f"http://127.0.0.1:{_free_port()}", timeout=2) as c:
         with pytest.raises(VocabMetricError, match="vocabmetric serve"):

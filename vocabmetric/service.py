@@ -524,9 +524,8 @@ class Client:
 
     def neighbors(self, token: int | str, k: int = 10, metric: str = "knn") -> list[Neighbor]:
         """The ``k`` cheapest tokens from ``token`` (an id or a text)."""
-        params: dict[str, Any] = {"k": k, "metric": metric}
-        params["id" if isinstance(token, (int, np.integer)) else "token"] = int(token) if isinstance(token, (int, np.integer)) else token
-        return _neighbors(self._call("GET", "/neighbors", params=params))
+        query = {"id": int(token)} if isinstance(token, (int, np.integer)) else {"token": token}
+        return _neighbors(self._call("GET", "/neighbors", params={**query, "k": k, "metric": metric}))
 
     def neighbors_batch(self, ids: Sequence[int], k: int = 10, metric: str = "knn") -> list[list[Neighbor]]:
         """The ``k`` cheapest tokens from each id, in one request."""
