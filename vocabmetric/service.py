@@ -51,8 +51,10 @@ O(n·d) (``l2``), O(n·depth) (``tree``), all vectorized.
 
 Every response carries ``Server-Timing: app;dur=<ms>, cpu;dur=<ms>``: the wall time from
 the app taking up the request to its response headers (body validation, the query,
-serialization, and any threadpool wait), and the event-loop thread's CPU time meanwhile. Time a request spends in the server's backlog before the app takes it up
-is not in it; under load that shows in the client-side latency.
+serialization, and any threadpool wait), and the event-loop thread's CPU time meanwhile.
+Time a request spends in the server's backlog before the app takes it up is not in it;
+under load that shows in the client-side latency. Server processes ``gc.freeze()`` the
+warmed store, so full garbage collections do not walk its ~V text-table containers.
 """
 
 from __future__ import annotations
