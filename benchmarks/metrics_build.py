@@ -1,0 +1,284 @@
+"""Build time and peak memory of every ground metric, with baselines side by side.
+
+Data: random-but-clustered embeddings, a two-level Gaussian mixture (V tokens, d=128, V/200
+overlapping clusters of Zipf-like sizes, 5 % of tokens untrained; see
+``clustered_embeddings``), generated from a seed in each worker.
+
+Each metric is built in its own subprocess (so ``ru_maxrss``, the RSS high-water mark, is
+that metric's peak; the data itself is reported as ``data_mb``), with ``--threads`` cores
+for faiss (OpenMP) and numba. The pipeline's settings: knn k=64 (flat and hnsw),
+geodesic k_graph=10 / k=128, umap 8-D / k=64, tree k-means branching 16, Ward on the
+10-NN graph. The kNN graph is built once (by the flat knn worker) and read by geodesic,
+umap and ward, as in the pipeline; its time is the knn time.
+
+Baselines in the same run:
+
+* ``floor``: faiss exact all-kNN (``IndexFlatIP`` search of every vector, k+1 hits), with
+  none of our work (float64 recompute, self drop by id, cap) — the knn floor.
+* per-source shortest paths on the same symmetrized 10-NN graph, single-threaded:
+  ``scipy.sparse.csgraph.dijkstra`` full, and with ``limit`` = the source's 128-th path
+  length (so it settles about as many nodes as ours), against our bounded numba kernel.
+* the two tree builders: time and Spearman ρ of tree distance vs l2 on 20000 random pairs.
+
+Usage::
+
+    python benchmarks/metrics_build.py                      # V = 100277 and 200019
+    python benchmarks/metrics_build.py --sizes 20000        # a quick check
+    python benchmarks/metrics_build.py --sizes 20000 --only knn_flat geodesic tree_kmeans
+
+Results merge into ``benchmarks/results/metrics_build.{json,md}`` keyed by V. CPU timings
+on a shared machine are noisy: prefer the ratios.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+sys.path.insert(0, str(HERE))
+
+WORKERS = ["floor", "knn_flat", "knn_hnsw", "geodesic", "umap", "tree_kmeans", "tree_ward"]
+TARGET = ("knn_flat", "geodesic", "tree_kmeans")  # the issue's budget: ≤ 15 min, ≤ 8 GB at V=200019
+K, K_GRAPH, K_GEO, UMAP_NEIGHBORS = 64, 10, 128, 15
+
+
+def clustered_embeddings(vocab_size: int, dim: int, seed: int = 0):
+    """A two-level Gaussian mixture: (V, d) float32 and the trained mask (5 % untrained).
+
+    V/4000 "topics" ~ N(0, I); V/200 clusters at topic + 0.4·N(0, I) with Zipf-like
+    sizes; tokens at cluster + s·N(0, I), s ~ U(1, 2) per cluster. The overlap is chosen so
+    the 10-NN graph is one component (at V = 20000), as it is for real word vectors;
+    well-separated blobs would make every shortest-path search end at its blob's edge.
+    """
+    rng = np.random.default_rng(seed)
+    n_topics, n_clusters = max(vocab_size // 4000, 4), max(vocab_size // 200, 8)
+    topics = rng.normal(size=(n_topics, dim)).astype(np.float32)
+    centers = topics[rng.integers(0, n_topics, n_clusters)] + 0.4 * rng.normal(size=(n_clusters, dim)).astype(np.float32)
+    sizes = 1.0 / np.arange(1, n_clusters + 1) ** 0.8
+    label = rng.choice(n_clusters, vocab_size, p=sizes / sizes.sum())
+    spread = rng.uniform(1.0, 2.0, n_clusters).astype(np.float32)
+    x = centers[label] + spread[label, None] * rng.normal(size=(vocab_size, dim)).astype(np.float32)
+    trained = rng.random(vocab_size) >= 0.05
+    return np.ascontiguousarray(x, dtype=np.float32), trained
+
+
+def peak_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: kB
+
+
+# -- workers (each in its own process) ----------------------------------------------------
+def worker(name: str, vocab_size: int, dim: int, threads: int, work: Path) -> dict:
+    import faiss
+
+    faiss.omp_set_num_threads(threads)
+    x, trained = clustered_embeddings(vocab_size, dim)
+    out = {"data_mb": peak_mb()}
+    graph = None
+    if name in ("geodesic", "umap", "tree_ward"):
+        graph = (np.load(work / "knn_indices.npy"), np.load(work / "knn_costs.npy"))
+    t0 = time.perf_counter()
+    if name == "floor":
+        from vocabmetric.metrics import normalized
+
+        unit = normalized(x[trained])
+        index = faiss.IndexFlatIP(dim)
+        index.add(unit)
+        for s in range(0, len(unit), 4096):
+            index.search(unit[s : s + 4096], K + 1)
+    elif name in ("knn_flat", "knn_hnsw"):
+        from vocabmetric.metrics import KnnMetric
+
+        m = KnnMetric(k=K, index=name[4:], progress=False).fit(x, trained)
+        out["seconds"] = time.perf_counter() - t0
+        if name == "knn_flat":
+            np.save(work / "knn_indices.npy", m.indices_[:, :UMAP_NEIGHBORS])
+            np.save(work / "knn_costs.npy", m.costs_[:, :UMAP_NEIGHBORS])
+            np.save(work / "knn_sample.npy", m.indices_[:: max(vocab_size // 2000, 1)])
+        else:
+            exact = np.load(work / "knn_sample.npy")
+            approx = m.indices_[:: max(vocab_size // 2000, 1)]
+            ok = exact[:, 0] >= 0
+            out["recall_at_64"] = float(np.mean([len(set(a) & set(b)) / K for a, b in zip(exact[ok], approx[ok])]))
+    elif name == "geodesic":
+        from vocabmetric.metrics import GeodesicMetric
+
+        m = GeodesicMetric(k_graph=K_GRAPH, k=K_GEO, n_jobs=threads, progress=False).fit(
+            x, trained, knn=(graph[0][:, :K_GRAPH], graph[1][:, :K_GRAPH]))
+        out["seconds"] = time.perf_counter() - t0
+        out["ms_per_source_all_threads"] = 1000 * out["seconds"] / trained.sum()
+        out.update(dijkstra_baselines(graph, trained, vocab_size, m))
+    elif name == "umap":
+        from vocabmetric.metrics import UmapMetric
+
+        UmapMetric(n_components=8, k=K, n_neighbors=UMAP_NEIGHBORS, progress=False).fit(x, trained, knn=graph)
+    elif name in ("tree_kmeans", "tree_ward"):
+        from scipy.stats import spearmanr
+
+        from vocabmetric.hierarchy import TreeBuilder, WardTreeBuilder
+        from vocabmetric.metrics import l2_distance, random_pairs
+
+        if name == "tree_kmeans":
+            b = TreeBuilder(branching=16, progress=False).fit(x, trained)
+        else:
+            b = WardTreeBuilder(n_neighbors=K_GRAPH, progress=False).fit(x, trained, knn=(graph[0][:, :K_GRAPH], graph[1][:, :K_GRAPH]))
+        out["seconds"] = time.perf_counter() - t0
+        tree = b.to_tree()
+        a, c = random_pairs(np.flatnonzero(trained), 20000, 1)
+        out["spearman_vs_l2"] = float(spearmanr(tree.distance(a, c), l2_distance(x, a, c)).statistic)
+        # the same on near pairs: each token with its 10 nearest (what a regularizer mostly moves)
+        near = np.load(work / "knn_indices.npy")[:, :K_GRAPH]
+        rows = np.flatnonzero(trained)[:: max(vocab_size // 2000, 1)]
+        ii, jj = np.repeat(rows, K_GRAPH), near[rows].ravel()
+        out["spearman_vs_l2_near"] = float(spearmanr(tree.distance(ii, jj), l2_distance(x, ii, jj)).statistic)
+        out["depth"], out["n_nodes"] = int(tree.depth.max()), int(tree.n_nodes)
+    out.setdefault("seconds", time.perf_counter() - t0)
+    out["peak_mb"] = peak_mb()
+    return out
+
+
+def dijkstra_baselines(graph, trained, vocab_size, fitted, n_sources: int = 200) -> dict:
+    """Per-source ms, one thread: scipy full, scipy with limit, our bounded kernel."""
+    from scipy.sparse import csr_matrix
+    from scipy.sparse.csgraph import dijkstra
+
+    from vocabmetric.metrics import bounded_dijkstra, knn_graph
+
+    indptr, nbr, weight = knn_graph(graph[0][:, :K_GRAPH].astype(np.int64), graph[1][:, :K_GRAPH].astype(np.float64), vocab_size)
+    csr = csr_matrix((weight + 1e-300, nbr, indptr), shape=(vocab_size, vocab_size))
+    rng = np.random.default_rng(0)
+    sources = rng.choice(np.flatnonzero(trained), n_sources, replace=False)
+    bounded_dijkstra(indptr, nbr, weight, sources[:2], K_GEO, vocab_size, n_jobs=1)  # compile / load
+    t = time.perf_counter()
+    bounded_dijkstra(indptr, nbr, weight, sources, K_GEO, vocab_size, n_jobs=1, batch_size=n_sources)
+    ours = (time.perf_counter() - t) / n_sources
+    radius = fitted.costs_[sources, K_GEO - 1].astype(np.float64)
+    t = time.perf_counter()
+    for s, r in zip(sources[:50], radius[:50]):
+        dijkstra(csr, directed=False, indices=[s], limit=r * (1 + 1e-9))
+    limited = (time.perf_counter() - t) / 50
+    t = time.perf_counter()  # scipy's fixed cost per call (graph validation), settling only the source
+    for s in sources[:50]:
+        dijkstra(csr, directed=False, indices=[s], limit=0.0)
+    overhead = (time.perf_counter() - t) / 50
+    t = time.perf_counter()
+    dijkstra(csr, directed=False, indices=sources[:10])
+    full = (time.perf_counter() - t) / 10
+    return {"dijkstra_ms_per_source": {"ours_1_thread": 1000 * ours, "scipy_limit": 1000 * limited,
+                                       "scipy_full": 1000 * full, "scipy_per_call_overhead": 1000 * overhead},
+            "graph_edges": int(len(nbr) // 2), "graph_max_degree": int(np.diff(indptr).max())}
+
+
+# -- driver ---------------------------------------------------------------------------------
+def run_worker(name, vocab_size, dim, threads, work, timeout) -> dict:
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "NUMBA_NUM_THREADS": str(threads),
+           "OPENBLAS_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+    cmd = [sys.executable, __file__, "--worker", name, "--sizes", str(vocab_size), "--dim", str(dim),
+           "--threads", str(threads), "--work", str(work)]
+    t = time.perf_counter()
+    try:
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return {"error": f"timed out after {timeout} s"}
+    if proc.returncode != 0:
+        return {"error": proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else f"exit {proc.returncode}"}
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    result["wall_with_startup_s"] = time.perf_counter() - t
+    return result
+
+
+def table(runs: dict, threads: int) -> str:
+    lines = [f"# metrics_build: build time and peak memory per metric (d=128, {threads} threads)", "",
+             "CPU timings on a shared 2-core machine are noisy (other engineers' jobs ran beside these): "
+             "prefer the ratios. `peak` is the worker's RSS high-water mark, `data` the part taken by the "
+             "embeddings before the build.", ""]
+    for v, run in sorted(runs.items(), key=lambda kv: int(kv[0])):
+        res = run["results"]
+        lines += [f"## V = {int(v):,}", "", "| metric | build s | peak MB | data MB | notes |", "|---|---:|---:|---:|---|"]
+        floor = res.get("floor", {}).get("seconds")
+        for name in WORKERS:
+            r = res.get(name)
+            if r is None:
+                continue
+            if "error" in r:
+                lines.append(f"| {name} | — | — | — | {r['error']} |")
+                continue
+            note = ""
+            if name == "knn_flat" and floor:
+                note = f"{r['seconds'] / floor:.2f}× the faiss floor"
+            if name == "knn_hnsw":
+                note = f"recall@64 {r['recall_at_64']:.3f}" + (f", {r['seconds'] / floor:.2f}× the floor" if floor else "")
+            if name == "geodesic":
+                d = r["dijkstra_ms_per_source"]
+                note = (f"per source, 1 thread: ours {d['ours_1_thread']:.3f} ms, scipy limit {d['scipy_limit']:.2f} ms "
+                        f"({d['scipy_limit'] / d['ours_1_thread']:.0f}×), scipy full {d['scipy_full']:.1f} ms "
+                        f"({d['scipy_full'] / d['ours_1_thread']:.0f}×)"
+                        + (f"; scipy's per-call overhead {d['scipy_per_call_overhead']:.2f} ms" if "scipy_per_call_overhead" in d else "")
+                        + f"; graph max degree {r['graph_max_degree']}")
+            if name.startswith("tree"):
+                note = (f"ρ(tree, l2) random pairs {r['spearman_vs_l2']:.3f}, 10-NN pairs {r['spearman_vs_l2_near']:.3f}; "
+                        f"depth {r['depth']}, {r['n_nodes']:,} nodes")
+            if name == "floor":
+                note = "faiss IndexFlatIP all-kNN, k=65 (baseline)"
+            lines.append(f"| {name} | {r['seconds']:.1f} | {r['peak_mb']:.0f} | {r['data_mb']:.0f} | {note} |")
+        ok = [res.get(n, {}) for n in TARGET]
+        if all("seconds" in r for r in ok):
+            total, peak = sum(r["seconds"] for r in ok), max(r["peak_mb"] for r in ok)
+            lines += ["", f"knn + geodesic + tree (k-means): **{total / 60:.1f} min**, peak **{peak / 1024:.2f} GB** "
+                      f"(target at V = 200,019: ≤ 15 min and ≤ 8 GB)."]
+        lines.append("")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--sizes", type=int, nargs="+", default=[100277, 200019])
+    ap.add_argument("--dim", type=int, default=128)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--only", nargs="+", choices=WORKERS, default=WORKERS)
+    ap.add_argument("--timeout", type=int, default=3600, help="seconds per metric")
+    ap.add_argument("--worker", choices=WORKERS, help=argparse.SUPPRESS)
+    ap.add_argument("--work", type=Path, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.worker:
+        print(json.dumps(worker(args.worker, args.sizes[0], args.dim, args.threads, args.work)))
+        return
+
+    from _machine import RESULTS, machine_info, write_results
+
+    previous = RESULTS / "metrics_build.json"
+    runs = {}
+    if previous.exists():
+        old = json.loads(previous.read_text())
+        if old.get("dim") == args.dim and old.get("threads") == args.threads:
+            runs = old.get("runs", {})
+    needs_graph = {"knn_hnsw", "geodesic", "umap", "tree_kmeans", "tree_ward"}
+    for v in args.sizes:
+        only = list(args.only)
+        if needs_graph & set(only) and "knn_flat" not in only:
+            only.insert(0, "knn_flat")  # they read its kNN graph
+        results = {}
+        with tempfile.TemporaryDirectory(prefix="metrics_build-") as work:
+            for name in [w for w in WORKERS if w in only]:
+                print(f"V={v} {name} ...", file=sys.stderr, flush=True)
+                results[name] = run_worker(name, v, args.dim, args.threads, Path(work), args.timeout)
+                print(f"  {json.dumps(results[name])}", file=sys.stderr, flush=True)
+        runs[str(v)] = {"results": results, "machine": machine_info(),
+                        "load_average_after": os.getloadavg()}
+        payload = {"benchmark": "metrics_build", "dim": args.dim, "threads": args.threads, "runs": runs}
+        write_results("metrics_build", payload, table(runs, args.threads))
+    print(table(runs, args.threads))
+
+
+if __name__ == "__main__":
+    main()
