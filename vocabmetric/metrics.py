@@ -438,6 +438,10 @@ def bounded_dijkstra(indptr, nbr, weight, sources, k, vocab_size, *, n_jobs=None
     numba.set_num_threads(max(1, min(threads, numba.config.NUMBA_NUM_THREADS)))
     indices = np.full((vocab_size, k), -1, dtype=np.int64)
     lengths = np.zeros((vocab_size, k), dtype=np.float64)
+    # Scratch size per thread, a proven bound: a search settles at most k+1 nodes (the source,
+    # then k others; it stops at the k-th), each settled node pushes and touches at most
+    # max_degree others, and the source is pushed and touched once: heap entries and touched
+    # nodes are each <= (k+1)·max_degree + 1. (test_dijkstra_scratch_bound_holds_on_a_star)
     heap_size = (k + 1) * int(np.diff(indptr).max(initial=1)) + 1
     try:
         starts = range(0, len(sources), batch_size)
