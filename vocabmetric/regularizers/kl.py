@@ -339,7 +339,8 @@ class _FullKL(torch.autograd.Function):
     Only the KL per position is saved besides the inputs. Each chunk costs two fused
     ``log_softmax`` kernels and a few elementwise passes, forward and backward alike; the
     zero-probability mask is applied only to chunks that hold a zero (rare: -inf logits
-    or underflow), found by a read-only ``amin``.
+    or underflow), found by a read-only ``amin`` — on CPU; on an accelerator the mask is
+    always applied, as a host sync per chunk would cost more than the mask.
     """
 
     @staticmethod
@@ -353,7 +354,7 @@ class _FullKL(torch.autograd.Function):
             a, b = (logp, logq) if reverse else (logq, logp)
             prob = a.exp()
             terms = a.sub_(b).mul_(prob)  # 0·(-inf) = NaN where prob = 0: masked next
-            if _has_zero(prob):
+            if _may_have_zero(prob):
                 terms.masked_fill_(prob == 0, 0.0)
             torch.sum(terms, -1, out=kl[part])
         ctx.save_for_backward(logits, ref_logits, kl)
@@ -372,11 +373,11 @@ class _FullKL(torch.autograd.Function):
                 prob = logp.exp()
                 logq = torch.log_softmax(ref_logits[part], -1, dtype=kl.dtype)
                 g = logp.sub_(logq).sub_(kl[part, None]).mul_(prob)
-                if _has_zero(prob):
+                if _may_have_zero(prob):
                     g.masked_fill_(prob == 0, 0.0)
-                infinite = ~torch.isfinite(kl[part])
-                if infinite.any():  # KL = +inf: constant in the logits, gradient 0
-                    g[infinite] = 0.0
+                infinite = ~torch.isfinite(kl[part, None])
+                if g.device.type != "cpu" or infinite.any():  # KL = +inf: constant, gradient 0
+                    g.masked_fill_(infinite, 0.0)
             else:  # π − ρ
                 g = logp.exp_().sub_(torch.softmax(ref_logits[part], -1, dtype=kl.dtype))
             upstream = grad_kl[part, None].to(g.dtype)
@@ -387,9 +388,12 @@ class _FullKL(torch.autograd.Function):
         return grad, None, None, None
 
 
-def _has_zero(prob: torch.Tensor) -> bool:
-    """Whether a chunk of probabilities holds an exact zero (NaN compares False: left alone)."""
-    return bool(prob.amin() == 0)
+def _may_have_zero(prob: torch.Tensor) -> bool:
+    """Whether a chunk of probabilities may hold an exact zero (NaN compares False).
+
+    Exact on CPU; True on accelerators, where asking would synchronize with the host.
+    """
+    return prob.device.type != "cpu" or bool(prob.amin() == 0)
 
 
 def _raise_bad_logits(logits: torch.Tensor, ref_logits: torch.Tensor, where: str) -> None:
