@@ -4,3 +4,6 @@ Every regularizer takes policy logits ``[..., V]`` (with grad) and a reference, 
 returns per-position values ``[...]``; the caller chooses the mask and the reduction.
 """
 from .kl import aggregate as aggregate, full_kl as full_kl, kl_estimate as kl_estimate, kl_in_reward as kl_in_reward
+from .sinkhorn import SinkhornDivergence as SinkhornDivergence
+from .sliced import SlicedWasserstein as SlicedWasserstein
+from .tree import TreeWasserstein as TreeWasserstein

@@ -1,0 +1,341 @@
+"""Sliced Wasserstein distance between next-token distributions over token embeddings.
+
+Each token i has a vector ``x_i`` (unit length for a store's embeddings). For ``L`` random
+unit directions ``θ_l`` the tokens' projections ``x_i·θ_l`` lie on a line, where W1 has a
+closed form; the sliced distance is their mean:
+
+.. math::
+
+    SW_1(p, q) = \\frac1L \\sum_l \\sum_j \\mathrm{gap}_{l,j}\\,
+                 \\Big| \\sum_{k ≤ j} (p − q)_{σ_l(k)} \\Big|,
+
+``σ_l`` the tokens sorted by projection and ``gap_{l,j}`` the distance between the j-th and
+(j+1)-th of them. The sort happens once, at construction; a call is one pass per direction
+over the vocabulary in that order — O(N·V·L), exact for every direction, no V×V object.
+
+Gradient (subgradient, ``sign(0) = 0``, so exactly 0 at ``p = q``): token ``σ_l(k)`` enters
+every prefix from k on, so
+
+.. math::
+
+    ∂SW/∂p_{σ_l(k)} = \\frac1L \\sum_l \\sum_{j ≥ k} \\mathrm{gap}_{l,j}\\, \\mathrm{sign}(C_{l,j})
+    ,\\qquad ∂SW/∂z = p ⊙ (g − ⟨p, g⟩),
+
+a reversed prefix sum along the same order; it is accumulated in the same pass as the
+value (a constant shift of g does not change ``∂/∂z``, so the pass needs only the running
+sum so far). The forward pass saves ``∂SW/∂z``; backward scales it.
+
+**Untrained tokens** (``usable`` False: no learned vector) are not given a made-up
+direction. All of them sit at one point ``far`` beyond the largest trained projection on
+every direction (default: the spread of the trained projections on that direction, so an
+untrained token is at least as far from every trained token as the two farthest trained
+tokens are from each other). Moving mass between two untrained tokens is free — the
+embeddings cannot tell them apart; a KL term still can. They cost nothing in the pass:
+the sorted order lists only the ``T`` usable tokens, and the last gap is ``far``.
+
+Backends: ``"numba"`` (CPU; one fused pass per direction and position, compiled on first
+use and cached) and ``"torch"`` (any device; gather, cumsum, scatter per direction).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..errors import VocabMetricError
+from ..operator import check_fingerprint
+from ._inputs import Reference, check_width
+from .tree import (
+    BACKENDS,
+    ClosedFormFunction,
+    flatten_reference,
+    raise_bad_inputs,
+    reference_chunk,
+    run_rows,
+    slice_reference,
+    softmax_into,
+)
+
+_CHUNK_ELEMENTS = 1 << 22
+
+_NUMBA_KERNEL = None
+
+
+def _numba_kernel():
+    """Compile (once, cached on disk) the per-position pass; None without numba."""
+    global _NUMBA_KERNEL
+    if _NUMBA_KERNEL is None:
+        try:
+            import numba
+        except ImportError:  # numba comes with umap-learn; without it the torch backend runs
+            _NUMBA_KERNEL = False
+            return None
+
+        @numba.njit(cache=True, nogil=True)
+        def sliced_rows(p, q, value, dz, order, gaps, untrained, want_grad):
+            n, vocab_size = p.shape
+            n_dir, n_sorted = order.shape
+            diff = np.empty(vocab_size, dtype=p.dtype)
+            grad = np.empty(vocab_size, dtype=p.dtype)
+            for r in range(n):
+                for i in range(vocab_size):
+                    diff[i] = p[r, i] - q[r, i]
+                    grad[i] = 0.0
+                total = 0.0
+                shift = 0.0  # g of the untrained point: it lies after every gap
+                for ell in range(n_dir):
+                    cdf = 0.0  # Σ_{k ≤ j} (p − q)_σ(k)
+                    acc = 0.0  # Σ_{k < j} gap_k·sign(C_k): g(σ(j)) up to a constant
+                    if want_grad:
+                        for j in range(n_sorted):
+                            k = order[ell, j]
+                            grad[k] -= acc
+                            cdf += diff[k]
+                            gap = gaps[ell, j]
+                            total += gap * abs(cdf)
+                            acc += gap * (np.float64(cdf > 0) - np.float64(cdf < 0))
+                        shift -= acc
+                    else:
+                        for j in range(n_sorted):
+                            cdf += diff[order[ell, j]]
+                            total += gaps[ell, j] * abs(cdf)
+                value[r] = total / n_dir
+                if not want_grad:
+                    continue
+                for u in untrained:
+                    grad[u] += shift
+                mean = 0.0
+                for i in range(vocab_size):
+                    mean += p[r, i] * grad[i]
+                for i in range(vocab_size):
+                    dz[r, i] = p[r, i] * (grad[i] - mean) / n_dir
+
+        _NUMBA_KERNEL = sliced_rows
+    return _NUMBA_KERNEL or None
+
+
+class SlicedWasserstein(nn.Module):
+    """Sliced W1 over token embeddings, per position, with ``n_projections`` fixed directions.
+
+    Parameters
+    ----------
+    embeddings : array-like, shape (V, d)
+        One vector per token id (rows of unusable tokens are ignored).
+    n_projections : int
+        Number of random directions L (uniform on the sphere, drawn with ``seed``).
+    seed : int
+        Seed of the directions: the same seed gives the same regularizer.
+    usable : array-like of bool, shape (V,), optional
+        Tokens with a learned vector (default: all). The others sit at the far point.
+    far : float, optional
+        Distance of the untrained point beyond the largest trained projection; default the
+        spread of the trained projections on each direction.
+    directions : array-like, shape (L, d), optional
+        Explicit directions (normalized to unit length); overrides ``n_projections``/``seed``.
+    fingerprint : str, optional
+        Tokenizer fingerprint, checked against ``forward(..., fingerprint=)``.
+    backend : {"auto", "numba", "torch"}
+    chunk_size : int, optional
+        Positions per chunk; default ≈ 2**22 / V.
+
+    Attributes
+    ----------
+    directions_ : (L, d) float64, unit rows.
+    order_ : (L, T) int32, usable token ids sorted by projection, per direction.
+    gaps_ : (L, T) float64, distance to the next sorted token; the last is ``far_``
+        (0 when every token is usable).
+    far_ : (L,) float64.
+
+    Shapes
+    ------
+    ``forward(logits [..., V], ref, *, fingerprint=None)`` → ``[...]`` (float32, or float64
+    for float64 logits); ``ref`` is reference logits ``[..., V]`` or a top-k pair
+    ``(ids [..., m], logprobs [..., m])``.
+
+    Cost: construction O(L·V·(d + log V)); a call O(N·V·L) time for value and gradient
+    together; memory O(L·V) for the orders, O(chunk·V) scratch, and the saved ``∂SW/∂z``
+    (one tensor the size of the logits) until backward.
+
+    Examples
+    --------
+    >>> reg = SlicedWasserstein.from_store(store, n_projections=16)         # doctest: +SKIP
+    >>> loss = (reg(policy_logits, ref_logits) * mask).sum() / mask.sum()   # doctest: +SKIP
+    """
+
+    def __init__(
+        self,
+        embeddings: Any,
+        *,
+        n_projections: int = 64,
+        seed: int = 0,
+        usable: Any = None,
+        far: float | None = None,
+        directions: Any = None,
+        fingerprint: str | None = None,
+        backend: str = "auto",
+        chunk_size: int | None = None,
+    ):
+        super().__init__()
+        where = "SlicedWasserstein"
+        emb = np.asarray(embeddings.detach().cpu() if isinstance(embeddings, torch.Tensor) else embeddings, dtype=np.float64)
+        if emb.ndim != 2 or emb.shape[0] < 1:
+            raise VocabMetricError(f"{where}: embeddings must be a (V, d) array, got shape {emb.shape}")
+        vocab_size, dim = emb.shape
+        mask = np.ones(vocab_size, dtype=bool) if usable is None else np.asarray(usable, dtype=bool)
+        if mask.shape != (vocab_size,):
+            raise VocabMetricError(f"{where}: usable has shape {mask.shape}, expected ({vocab_size},) like the embeddings")
+        if not mask.any():
+            raise VocabMetricError(f"{where}: no usable token (usable is all False); train embeddings first")
+        bad = np.flatnonzero(mask & ~np.isfinite(emb).all(1))
+        if bad.size:
+            raise VocabMetricError(f"{where}: embedding of usable token {bad[0]} is not finite; mark it unusable or fix it")
+        if backend not in BACKENDS:
+            raise VocabMetricError(f"{where}: unknown backend {backend!r}; choose one of {BACKENDS}")
+        if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
+            raise VocabMetricError(f"{where}: chunk_size must be a positive int, got {chunk_size!r}")
+        if far is not None and not (np.isfinite(far) and far > 0):
+            raise VocabMetricError(f"{where}: far must be finite and > 0, got {far}")
+        if directions is None:
+            if not isinstance(n_projections, (int, np.integer)) or n_projections < 1:
+                raise VocabMetricError(f"{where}: n_projections must be a positive int, got {n_projections!r}")
+            directions = np.random.default_rng(seed).standard_normal((int(n_projections), dim))
+        theta = np.asarray(directions, dtype=np.float64)
+        if theta.ndim != 2 or theta.shape[1] != dim or not np.all(np.linalg.norm(theta, axis=1) > 0):
+            raise VocabMetricError(f"{where}: directions must be non-zero rows of shape (L, {dim}), got {theta.shape}")
+        self.directions_ = theta / np.linalg.norm(theta, axis=1, keepdims=True)
+        trained = np.flatnonzero(mask)
+        proj = emb[trained] @ self.directions_.T  # (T, L)
+        sort = np.argsort(proj, axis=0, kind="stable").T  # (L, T)
+        sorted_proj = np.take_along_axis(proj.T, sort, axis=1)
+        spread = sorted_proj[:, -1] - sorted_proj[:, 0]
+        self.far_ = np.full(len(theta), float(far)) if far is not None else np.where(spread > 0, spread, 1.0)
+        self.order_ = trained[sort].astype(np.int32)
+        self.gaps_ = np.zeros_like(sorted_proj)
+        self.gaps_[:, :-1] = np.diff(sorted_proj, axis=1)
+        self.untrained_ = np.flatnonzero(~mask).astype(np.int64)
+        if self.untrained_.size:
+            self.gaps_[:, -1] = self.far_
+        self._proj_max = sorted_proj[:, -1]
+        self._emb = emb
+        self.fingerprint, self.backend, self.chunk_size = fingerprint, backend, chunk_size
+        self._vocab_size = vocab_size
+        self._tables: dict = {}
+
+    @classmethod
+    def from_store(cls, store: Any, *, n_projections: int = 64, seed: int = 0, **kw) -> "SlicedWasserstein":
+        """Build from a :class:`~vocabmetric.store.MetricStore`: its unit-length embeddings,
+        its ``usable`` mask and its fingerprint."""
+        return cls(store.embeddings(normalized=True), n_projections=n_projections, seed=seed,
+                   usable=store.usable, fingerprint=store.fingerprint, **kw)
+
+    @property
+    def vocab_size(self) -> int:
+        return self._vocab_size
+
+    @property
+    def n_projections(self) -> int:
+        return len(self.directions_)
+
+    def extra_repr(self) -> str:
+        return (f"vocab_size={self.vocab_size}, n_projections={self.n_projections}, "
+                f"untrained={len(self.untrained_)}, backend={self.backend!r}")
+
+    def positions(self, direction: int) -> np.ndarray:
+        """The coordinate of every token on direction ``direction`` (V,), float64: the
+        projection for usable tokens, ``max + far`` for the others."""
+        out = self._emb @ self.directions_[direction]
+        out[self.untrained_] = self._proj_max[direction] + self.far_[direction]
+        return out
+
+    def _backend_for(self, device: torch.device) -> str:
+        where = "SlicedWasserstein"
+        if self.backend == "numba" and device.type != "cpu":
+            raise VocabMetricError(f"{where}: the numba backend runs on CPU tensors, got {device}; use backend='torch'")
+        if self.backend == "auto":
+            return "numba" if device.type == "cpu" and _numba_kernel() is not None else "torch"
+        if self.backend == "numba" and _numba_kernel() is None:
+            raise VocabMetricError(f"{where}: backend='numba' needs numba (installed with umap-learn)")
+        return self.backend
+
+    def _torch_tables(self, device, dtype):
+        key = (str(device), dtype)
+        if key not in self._tables:
+            self._tables[key] = (
+                torch.as_tensor(self.order_, dtype=torch.int64, device=device),
+                torch.as_tensor(self.gaps_, dtype=dtype, device=device),
+                torch.as_tensor(self.untrained_, dtype=torch.int64, device=device),
+            )
+        return self._tables[key]
+
+    def forward(self, logits: torch.Tensor, ref: Reference, *, fingerprint: str | None = None) -> torch.Tensor:
+        """Per-position sliced W1 ``[...]`` between ``softmax(logits)`` and the reference."""
+        where = "SlicedWasserstein"
+        if logits.dim() == 0:
+            raise VocabMetricError(f"{where}: logits must be [..., V], got a scalar")
+        check_width(self.vocab_size, logits, where)
+        check_fingerprint(self.fingerprint, fingerprint, where)
+        vocab_size = logits.shape[-1]
+        lead = logits.shape[:-1]
+        dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
+        backend = self._backend_for(logits.device)
+        flat_ref = flatten_reference(ref, logits, where)
+        rows = self.chunk_size or max(1, _CHUNK_ELEMENTS // max(vocab_size, 1))
+        want_grad = torch.is_grad_enabled() and logits.requires_grad
+        if backend == "numba":
+            gaps = self.gaps_.astype(np.float32 if dtype == torch.float32 else np.float64)
+        else:
+            tables = self._torch_tables(logits.device, dtype)
+
+        def run(flat: torch.Tensor):
+            n = flat.shape[0]
+            value = torch.empty(n, dtype=dtype, device=flat.device)
+            dz = torch.empty((n, vocab_size), dtype=dtype, device=flat.device) if want_grad else None
+            buffers = torch.empty((2, min(rows, n), vocab_size), dtype=dtype, device=flat.device)
+            for lo in range(0, n, rows):
+                part = slice(lo, lo + rows)
+                m = flat[part].shape[0]
+                p = softmax_into(flat[part], buffers[0, :m])
+                q = reference_chunk(slice_reference(flat_ref, part), flat[part], buffers[1, :m], where).contiguous()
+                dz_part = dz[part] if want_grad else None
+                if backend == "numba":
+                    dz_rows = dz_part.numpy() if want_grad else np.empty((m, 0), dtype=p.numpy().dtype)
+                    run_rows(_numba_kernel(), (p.numpy(), q.numpy(), value[part].numpy(), dz_rows),
+                             (self.order_, gaps, self.untrained_, want_grad))
+                else:
+                    _chunk_torch(tables, p, q, value[part], dz_part)
+            return value, dz
+
+        flat = logits.reshape(-1, vocab_size)
+        if want_grad:
+            value = ClosedFormFunction.apply(flat, run)
+        else:
+            value, _ = run(flat.detach())
+        if torch.isnan(value).any():  # NaN inputs are found here, not by an extra pass over them
+            raise_bad_inputs(flat, flat_ref, where)
+        return value.reshape(lead)
+
+
+def _chunk_torch(tables, p, q, value_out, dz_out) -> None:
+    """The same sums with torch ops, one direction at a time (any device)."""
+    order, gaps, untrained = tables
+    n_dir = order.shape[0]
+    diff = p - q
+    total = torch.zeros(p.shape[0], dtype=p.dtype, device=p.device)
+    grad = torch.zeros_like(p) if dz_out is not None else None
+    for ell in range(n_dir):
+        index = order[ell].expand(p.shape[0], -1)
+        cdf = diff.gather(1, index).cumsum_(1)
+        total += cdf.abs() @ gaps[ell]
+        if grad is None:
+            continue
+        acc = torch.sign(cdf).mul_(gaps[ell]).cumsum_(1)  # Σ_{k ≤ j} gap_k·sign(C_k)
+        grad.scatter_add_(1, index[:, 1:], -acc[:, :-1])
+        if untrained.numel():
+            grad[:, untrained] -= acc[:, -1:]
+    value_out.copy_(total / n_dir)
+    if dz_out is not None:
+        mean = (p * grad).sum(-1, keepdim=True)
+        torch.mul(grad.sub_(mean), p, out=dz_out).div_(n_dir)

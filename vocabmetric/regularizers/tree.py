@@ -1,0 +1,401 @@
+"""Tree-Wasserstein distance between next-token distributions: exact W1 in closed form.
+
+For a tree metric (``d(i, j)`` = length of the tree path between the nodes of tokens i and
+j, see :class:`~vocabmetric.operator.TreeMetric`) optimal transport has a closed form
+(Evans & Matsen 2012; Le et al. 2019):
+
+.. math::
+
+    W_1(p, q) = \\sum_{v ≠ root} w_v \\, |P(Γ(v)) − Q(Γ(v))|,
+
+``w_v`` the length of the edge from v up to its parent and ``Γ(v)`` the tokens in the
+subtree of v. No solver, no V×V object: the subtree masses ``D_v = P(Γ(v)) − Q(Γ(v))`` are
+one bottom-up sweep over the nodes (children before parents), O(V + n_nodes) per position.
+
+Gradient (a subgradient: ``sign(0) = 0``, so it is exactly 0 at ``p = q``):
+
+.. math::
+
+    ∂W/∂p_i = \\sum_{v ∋ i} w_v \\, \\mathrm{sign}(D_v) =: g_i,\\qquad
+    ∂W/∂z = p ⊙ (g − ⟨p, g⟩)
+
+— a top-down prefix sum of ``w_v·sign(D_v)`` along the root-to-leaf paths, one more sweep.
+Both sweeps run inside the forward pass, position chunk by chunk while the chunk is in
+cache, and the backward pass only scales the saved ``∂W/∂z``.
+
+Layout: nodes that hold exactly one token and have no children ("private leaves", every
+token under :class:`~vocabmetric.hierarchy.TreeBuilder`) are not materialized; their mass
+is ``p_i − q_i`` itself. The other ("inner") nodes are ordered deepest first, so one pass in
+that order adds every node into its parent after all its children were added to it.
+
+Two backends compute the same thing: ``"numba"`` (CPU; one fused loop per position,
+compiled on first use and cached, float64 accumulation) and ``"torch"`` (any device;
+``index_add_`` per tree level).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.autograd.function import once_differentiable
+
+from ..errors import VocabMetricError
+from ..operator import TreeMetric
+from ._inputs import Reference, check_finite, reference_probs
+
+BACKENDS = ("auto", "numba", "torch")
+
+# Elements per chunk of positions (as full_kl): p and q of a chunk are 16 MiB each in fp32.
+# Fewer, larger chunks matter on a shared CPU: torch's OpenMP workers spin after every op
+# and steal the cores from the kernel threads, once per chunk.
+_CHUNK_ELEMENTS = 1 << 22
+
+
+class TreeLayout:
+    """The tree rearranged for the two sweeps (numpy; built once per tree).
+
+    Attributes
+    ----------
+    token_weight : (V,) float64
+        ``w`` of the token's node when it is a private leaf, else 0.
+    token_target : (V,) int64
+        Inner index that receives the token's mass: its node's parent (private leaf) or its
+        node.
+    inner_parent : (n_inner,) int64
+        Inner index of each inner node's parent (``-1`` for the root, which comes last).
+    inner_weight : (n_inner,) float64
+        Edge length of each inner node (0 for the root).
+    levels : list of (start, stop)
+        Inner nodes of one depth, deepest first; the root's level is the last.
+    """
+
+    def __init__(self, tree: TreeMetric):
+        n_nodes, vocab_size = tree.n_nodes, tree.vocab_size
+        leaf = tree.leaf_of_token
+        tokens_at = np.bincount(leaf, minlength=n_nodes)
+        children = np.bincount(tree.parent[tree.parent >= 0], minlength=n_nodes)
+        private = (tokens_at == 1) & (children == 0)
+        private[tree.root] = False
+        inner_nodes = np.flatnonzero(~private)
+        # deepest first; the root (depth 0) is the only node of the last level
+        inner_nodes = inner_nodes[np.argsort(-tree.depth[inner_nodes], kind="stable")]
+        inner_of = np.full(n_nodes, -1, dtype=np.int64)
+        inner_of[inner_nodes] = np.arange(len(inner_nodes))
+        parent = tree.parent[inner_nodes]
+        self.inner_parent = np.where(parent >= 0, inner_of[np.maximum(parent, 0)], -1)
+        self.inner_weight = np.where(parent >= 0, tree.weight[inner_nodes], 0.0)
+        is_private = private[leaf]
+        self.token_weight = np.where(is_private, tree.weight[leaf], 0.0)
+        self.token_target = np.where(is_private, inner_of[tree.parent[leaf]], inner_of[leaf])
+        depth = tree.depth[inner_nodes]
+        cuts = np.flatnonzero(np.diff(depth)) + 1
+        bounds = np.concatenate([[0], cuts, [len(depth)]])
+        self.levels = [(int(a), int(b)) for a, b in zip(bounds[:-1], bounds[1:])]
+        self.vocab_size, self.n_inner = vocab_size, len(inner_nodes)
+
+    def torch_tables(self, device: Any, dtype: torch.dtype) -> dict:
+        as_t = lambda a, dt: torch.as_tensor(a, dtype=dt, device=device)  # noqa: E731
+        return {
+            "token_weight": as_t(self.token_weight, dtype),
+            "token_target": as_t(self.token_target, torch.int64),
+            "inner_parent": as_t(np.maximum(self.inner_parent, 0), torch.int64),
+            "inner_weight": as_t(self.inner_weight, dtype),
+        }
+
+
+# -- numba backend ---------------------------------------------------------------------------
+_NUMBA_KERNEL = None
+
+
+def _numba_kernel():
+    """Compile (once, cached on disk) the fused per-position sweep; None without numba.
+
+    The kernel is serial and releases the GIL; :func:`run_rows` spreads positions over
+    threads. (numba's ``parallel=True`` would start an OpenMP pool whose spinning threads
+    fight torch's own OpenMP pool for the cores between calls.)
+    """
+    global _NUMBA_KERNEL
+    if _NUMBA_KERNEL is None:
+        try:
+            import numba
+        except ImportError:  # numba comes with umap-learn; without it the torch backend runs
+            _NUMBA_KERNEL = False
+            return None
+
+        @numba.njit(cache=True, nogil=True)
+        def tree_rows(p, q, value, dz, token_weight, token_target, inner_parent, inner_weight, want_grad):
+            n, vocab_size = p.shape
+            n_inner = inner_parent.shape[0]
+            mass = np.empty(n_inner, dtype=np.float64)
+            for r in range(n):
+                mass[:] = 0.0
+                total = 0.0
+                for i in range(vocab_size):  # private leaves, and the mass of every token
+                    d = np.float64(p[r, i]) - np.float64(q[r, i])
+                    total += token_weight[i] * abs(d)
+                    mass[token_target[i]] += d
+                for v in range(n_inner - 1):  # bottom-up: children come before parents
+                    mass[inner_parent[v]] += mass[v]
+                    total += inner_weight[v] * abs(mass[v])
+                value[r] = total
+                if not want_grad:
+                    continue
+                mass[n_inner - 1] = 0.0  # root: G = 0
+                for v in range(n_inner - 2, -1, -1):  # top-down: parents before children
+                    m = mass[v]
+                    mass[v] = inner_weight[v] * (np.float64(m > 0) - np.float64(m < 0)) + mass[inner_parent[v]]
+                mean = 0.0
+                for i in range(vocab_size):
+                    d = np.float64(p[r, i]) - np.float64(q[r, i])
+                    g = token_weight[i] * (np.float64(d > 0) - np.float64(d < 0)) + mass[token_target[i]]
+                    dz[r, i] = g
+                    mean += p[r, i] * g
+                for i in range(vocab_size):
+                    dz[r, i] = p[r, i] * (dz[r, i] - mean)
+
+        _NUMBA_KERNEL = tree_rows
+    return _NUMBA_KERNEL or None
+
+
+_POOL = None
+
+
+def run_rows(kernel, rows: tuple, shared: tuple) -> None:
+    """``kernel(*rows[lo:hi], *shared)`` on contiguous blocks of positions, one per torch thread.
+
+    ``rows`` are arrays whose first axis is the position; ``shared`` are passed whole. The
+    kernel must release the GIL (``nogil=True``).
+    """
+    n_rows = rows[0].shape[0]
+    global _POOL
+    workers = max(1, min(torch.get_num_threads(), n_rows))
+    if workers == 1:
+        kernel(*rows, *shared)
+        return
+    if _POOL is None or _POOL._max_workers < workers:
+        from concurrent.futures import ThreadPoolExecutor
+
+        _POOL = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="vocabmetric-ot")
+    bounds = np.linspace(0, n_rows, workers + 1).astype(int)
+
+    def block(lo, hi):
+        kernel(*(a[lo:hi] for a in rows), *shared)
+
+    for future in [_POOL.submit(block, lo, hi) for lo, hi in zip(bounds[:-1], bounds[1:])]:
+        future.result()
+
+
+def _chunk_numba(layout: TreeLayout, p, q, value, dz) -> None:
+    """Write the chunk's values into ``value`` (n,) and, unless None, ``∂W/∂z`` into ``dz``."""
+    dz_rows = dz.numpy() if dz is not None else np.empty((p.shape[0], 0), dtype=p.numpy().dtype)
+    run_rows(_numba_kernel(), (p.numpy(), q.numpy(), value.numpy(), dz_rows),
+             (layout.token_weight, layout.token_target, layout.inner_parent, layout.inner_weight, dz is not None))
+
+
+# -- torch backend ---------------------------------------------------------------------------
+def _chunk_torch(layout: TreeLayout, tables: dict, p, q, value_out, dz_out) -> None:
+    d = p - q
+    value = d.abs() @ tables["token_weight"]
+    mass = torch.zeros(p.shape[0], layout.n_inner, dtype=p.dtype, device=p.device)
+    mass.index_add_(1, tables["token_target"], d)
+    parent, weight = tables["inner_parent"], tables["inner_weight"]
+    for start, stop in layout.levels[:-1]:  # deepest first; the root is the last level
+        mass.index_add_(1, parent[start:stop], mass[:, start:stop].clone())  # no aliasing: parents lie in later levels
+    value_out.copy_(value + mass.abs() @ weight)
+    if dz_out is None:
+        return
+    path = torch.sign(mass).mul_(weight)  # w_v·sign(D_v); 0 at the root
+    for start, stop in reversed(layout.levels[:-1]):  # top-down
+        path[:, start:stop] += path[:, parent[start:stop]]
+    g = torch.sign(d).mul_(tables["token_weight"]).add_(path[:, tables["token_target"]])
+    mean = (p * g).sum(-1, keepdim=True)
+    torch.mul(g.sub_(mean), p, out=dz_out)
+
+
+# -- autograd --------------------------------------------------------------------------------
+class ClosedFormFunction(torch.autograd.Function):
+    """Forward returns the value and saves ``∂W/∂z`` computed with it; backward scales it."""
+
+    @staticmethod
+    def forward(ctx, logits, run):
+        value, dz = run(logits.detach())
+        ctx.save_for_backward(dz)
+        return value
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_value):
+        (dz,) = ctx.saved_tensors
+        return (grad_value[:, None].to(dz.dtype) * dz).to(grad_value.dtype), None
+
+
+class TreeWasserstein(nn.Module):
+    """Exact W1 for a tree metric, per position: ``Σ_{v≠root} w_v |P(Γ(v)) − Q(Γ(v))|``.
+
+    Parameters
+    ----------
+    tree : TreeMetric
+        ``parent``, ``weight``, ``leaf_of_token`` over the vocabulary (V tokens); several
+        tokens may share a node, and tokens may sit on internal nodes.
+    backend : {"auto", "numba", "torch"}
+        ``"auto"``: numba for CPU tensors when numba imports, torch otherwise (GPU).
+    chunk_size : int, optional
+        Positions per chunk; default ≈ 2**22 / V.
+
+    Shapes
+    ------
+    ``forward(logits [..., V], ref, *, fingerprint=None)`` → ``[...]``, float32 (float64 for
+    float64 logits); ``ref`` is reference logits ``[..., V]`` (no grad) or a top-k pair
+    ``(ids [..., m], logprobs [..., m])`` (see
+    :func:`~vocabmetric.regularizers._inputs.reference_probs`).
+
+    Cost: O(V + n_nodes) time per position for the value and as much again for the
+    gradient, both in the forward pass; memory O(chunk·(V + n_nodes)) scratch plus the
+    saved ``∂W/∂z`` (one tensor the size of the logits) until backward.
+
+    Gradient: ``∂W/∂z = p ⊙ (g − ⟨p, g⟩)``, ``g_i = Σ_{v ∋ i} w_v sign(D_v)``; 0 at p = q.
+
+    Examples
+    --------
+    >>> reg = TreeWasserstein.from_store(store)                             # doctest: +SKIP
+    >>> loss = (reg(policy_logits, ref_logits) * mask).sum() / mask.sum()   # doctest: +SKIP
+    """
+
+    def __init__(self, tree: TreeMetric, *, backend: str = "auto", chunk_size: int | None = None):
+        super().__init__()
+        if not isinstance(tree, TreeMetric):
+            raise VocabMetricError(f"TreeWasserstein: tree must be a TreeMetric, got {type(tree).__name__}")
+        if backend not in BACKENDS:
+            raise VocabMetricError(f"TreeWasserstein: unknown backend {backend!r}; choose one of {BACKENDS}")
+        if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
+            raise VocabMetricError(f"TreeWasserstein: chunk_size must be a positive int, got {chunk_size!r}")
+        self.tree, self.backend, self.chunk_size = tree, backend, chunk_size
+        self.layout = TreeLayout(tree)
+        self._tables: dict = {}
+
+    @classmethod
+    def from_store(cls, store: Any, **kw) -> "TreeWasserstein":
+        """Build from a :class:`~vocabmetric.store.MetricStore`'s tree metric (fingerprint set)."""
+        return cls(store.tree(), **kw)
+
+    @property
+    def vocab_size(self) -> int:
+        return self.tree.vocab_size
+
+    def extra_repr(self) -> str:
+        return f"{self.tree!r}, backend={self.backend!r}"
+
+    def _backend_for(self, device: torch.device) -> str:
+        if self.backend == "numba" and device.type != "cpu":
+            raise VocabMetricError(f"TreeWasserstein: the numba backend runs on CPU tensors, got {device}; use backend='torch'")
+        if self.backend == "auto":
+            return "numba" if device.type == "cpu" and _numba_kernel() is not None else "torch"
+        if self.backend == "numba" and _numba_kernel() is None:
+            raise VocabMetricError("TreeWasserstein: backend='numba' needs numba (installed with umap-learn)")
+        return self.backend
+
+    def forward(self, logits: torch.Tensor, ref: Reference, *, fingerprint: str | None = None) -> torch.Tensor:
+        """Per-position W1 ``[...]`` between ``softmax(logits)`` and the reference."""
+        where = "TreeWasserstein"
+        if logits.dim() == 0:
+            raise VocabMetricError(f"{where}: logits must be [..., V], got a scalar")
+        self.tree.check_vocab(logits.shape[-1], fingerprint, what=where)
+        vocab_size = logits.shape[-1]
+        lead = logits.shape[:-1]
+        dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
+        backend = self._backend_for(logits.device)
+        key = (str(logits.device), dtype)
+        if backend == "torch" and key not in self._tables:
+            self._tables[key] = self.layout.torch_tables(logits.device, dtype)
+        flat_ref = flatten_reference(ref, logits, where)
+        rows = self.chunk_size or max(1, _CHUNK_ELEMENTS // max(vocab_size, 1))
+        want_grad = torch.is_grad_enabled() and logits.requires_grad
+
+        def run(flat: torch.Tensor):
+            n = flat.shape[0]
+            value = torch.empty(n, dtype=dtype, device=flat.device)
+            dz = torch.empty((n, vocab_size), dtype=dtype, device=flat.device) if want_grad else None
+            buffers = torch.empty((2, min(rows, n), vocab_size), dtype=dtype, device=flat.device)
+            for lo in range(0, n, rows):
+                part = slice(lo, lo + rows)
+                p = softmax_into(flat[part], buffers[0, : flat[part].shape[0]])
+                q = reference_chunk(slice_reference(flat_ref, part), flat[part], buffers[1, : flat[part].shape[0]], where)
+                dz_part = dz[part] if want_grad else None
+                if backend == "numba":
+                    _chunk_numba(self.layout, p.contiguous(), q.contiguous(), value[part], dz_part)
+                else:
+                    _chunk_torch(self.layout, self._tables[key], p, q, value[part], dz_part)
+            return value, dz
+
+        flat = logits.reshape(-1, vocab_size)
+        if want_grad:
+            value = ClosedFormFunction.apply(flat, run)
+        else:
+            value, _ = run(flat.detach())
+        if torch.isnan(value).any():  # NaN inputs are found here, not by an extra pass over them
+            raise_bad_inputs(flat, flat_ref, where)
+        return value.reshape(lead)
+
+
+def flatten_reference(ref: Reference, logits: torch.Tensor, where: str) -> Reference:
+    """The reference with its leading dims flattened to match ``logits.reshape(-1, V)``."""
+    if isinstance(ref, torch.Tensor):
+        if ref.shape != logits.shape:
+            raise VocabMetricError(
+                f"{where}: reference logits {tuple(ref.shape)} and policy logits "
+                f"{tuple(logits.shape)} must have the same shape"
+            )
+        return ref.detach().reshape(-1, logits.shape[-1])
+    if isinstance(ref, (tuple, list)) and len(ref) == 2:
+        ids, logprobs = (torch.as_tensor(t, device=logits.device) for t in ref)
+        if ids.shape != logprobs.shape or ids.shape[:-1] != logits.shape[:-1]:
+            raise VocabMetricError(
+                f"{where}: top-k reference ids {tuple(ids.shape)} and logprobs {tuple(logprobs.shape)} "
+                f"must both be [..., m] with leading dims {tuple(logits.shape[:-1])}"
+            )
+        m = ids.shape[-1]
+        return ids.reshape(-1, m), logprobs.detach().reshape(-1, m)
+    return ref  # reference_probs names what is wrong with it
+
+
+def softmax_into(logits: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """``softmax(logits)`` along the last axis written into ``out`` (its dtype).
+
+    Reusing one buffer per forward pass keeps the allocator out of the chunk loop: fresh
+    multi-MiB blocks per chunk cost page faults that, on a busy machine, outweigh the maths.
+    """
+    return torch.ops.aten._softmax.out(logits.to(out.dtype), -1, False, out=out)
+
+
+def reference_chunk(ref: Reference, logits: torch.Tensor, out: torch.Tensor, where: str) -> torch.Tensor:
+    """``q`` for a chunk of positions, in ``out``'s dtype: reference logits are soft-maxed into
+    ``out`` (float64 stays float64, and ``ref == logits`` gives ``q == p`` bit for bit); a
+    top-k pair goes through :func:`~vocabmetric.regularizers._inputs.reference_probs`."""
+    if isinstance(ref, torch.Tensor):  # NaN is diagnosed once the value is NaN
+        return softmax_into(ref, out)
+    return reference_probs(ref, logits, where).to(out.dtype)
+
+
+def slice_reference(ref: Reference, part: slice) -> Reference:
+    if isinstance(ref, torch.Tensor):
+        return ref[part]
+    if isinstance(ref, tuple):
+        return ref[0][part], ref[1][part]
+    return ref
+
+
+def raise_bad_inputs(flat: torch.Tensor, ref: Reference, where: str) -> None:
+    """Name what made a value NaN: NaN or +inf logits, or a row of only -inf."""
+    tensors = [(flat, "policy logits")] + ([(ref, "reference logits")] if isinstance(ref, torch.Tensor) else [])
+    for tensor, name in tensors:
+        check_finite(tensor, name, where)
+        if torch.isposinf(tensor).any():
+            raise VocabMetricError(f"{where}: {name} contain +inf; logits must be finite or -inf")
+        empty = torch.isneginf(tensor).all(-1)
+        if empty.any():
+            row = int(empty.nonzero()[0, 0])
+            raise VocabMetricError(f"{where}: {name} row {row} (flattened) is all -inf: no distribution")
+    raise VocabMetricError(f"{where}: the value came out NaN for valid inputs; please report it")
