@@ -36,7 +36,8 @@ def check_width(vocab_size: int, logits: torch.Tensor, where: str) -> None:
 
 
 def reference_probs(ref: Reference, logits: torch.Tensor, where: str) -> torch.Tensor:
-    """The reference distribution ``q [..., V]`` in float32, without grad.
+    """The reference distribution ``q [..., V]`` without grad, in float64 for float64
+    logits and float32 otherwise.
 
     * logits ``[..., V]``: ``softmax(ref)``.
     * ``(ids [..., m], logprobs [..., m])``: ``q[ids] = exp(logprobs)``, and the mass left
@@ -44,6 +45,7 @@ def reference_probs(ref: Reference, logits: torch.Tensor, where: str) -> torch.T
       reference says nothing about them).
     """
     V = logits.shape[-1]
+    dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
     if isinstance(ref, torch.Tensor):
         if ref.shape != logits.shape:
             raise VocabMetricError(
@@ -51,7 +53,7 @@ def reference_probs(ref: Reference, logits: torch.Tensor, where: str) -> torch.T
                 f"{tuple(logits.shape)} must have the same shape"
             )
         check_finite(ref, "reference logits", where)
-        return torch.softmax(ref.detach().float(), dim=-1)
+        return torch.softmax(ref.detach().to(dtype), dim=-1)
     if not (isinstance(ref, (tuple, list)) and len(ref) == 2):
         raise VocabMetricError(
             f"{where}: reference must be logits [..., V] or a pair (ids [..., m], logprobs [..., m]), "
@@ -59,7 +61,7 @@ def reference_probs(ref: Reference, logits: torch.Tensor, where: str) -> torch.T
         )
     ids, logprobs = ref
     ids = torch.as_tensor(ids, device=logits.device).long()
-    logprobs = torch.as_tensor(logprobs, device=logits.device).detach().float()
+    logprobs = torch.as_tensor(logprobs, device=logits.device).detach().to(dtype)
     if ids.shape != logprobs.shape or ids.shape[:-1] != logits.shape[:-1]:
         raise VocabMetricError(
             f"{where}: top-k reference ids {tuple(ids.shape)} and logprobs {tuple(logprobs.shape)} "

@@ -28,19 +28,23 @@ Two ways to lay the problem out:
       log(K w)_i = logaddexp(−cap/ε + LSE_j h_j,
                              LSE_{j∈N(i)} [h_j − c_ij/ε + log1mexp((cap − c_ij)/ε)])
 
-  with ``h_j = log w_j`` (``= log q_j + g_j/ε`` in a Sinkhorn update): one gather over the
-  (V, k) table and a few reductions, O(V·k) per position, never O(V²).
+  with ``h_j = log w_j`` (``= log q_j + g_j/ε`` in a Sinkhorn update) and N(i) the stored
+  neighbours of i plus i itself (c_ii = 0): one gather over the neighbour table and a few
+  reductions, O(V·k) per position, never O(V²). Rows are grouped by degree so that the
+  padding of a symmetrized kNN table (whose hubs have many more than 2k neighbours) is not
+  paid on every row.
 * **Support** (``support=m``). Per position the support is top-m(p) ∪ top-m(q) plus one
   "rest" bin holding the remaining mass at cost ``cap`` from every other point; the
   (2m+1)² cost sub-matrix is gathered from the operator (or computed from embeddings).
   O(m²) per position and iteration: the practical mode for training.
 
-The potentials solve, in the log domain (stable in float32 down to ε = 0.01·cap),
-``f_i = −ε·log Σ_j q_j exp((g_j − C_ij)/ε)`` and ``g_j = −ε·log Σ_i p_i exp((f_i − C_ij)/ε)``;
-the symmetric terms use the averaged update ``f ← ½(f + T_p(f))``. ε is annealed
-geometrically from ``cap`` down to its target (ε-scaling), the symmetric problems are
-solved first and warm-start ``OT_ε(p, q)``, and positions leave the active set as soon as
-their marginal error is below ``tol``.
+Solver. The potentials solve, in the log domain (stable in float32 down to ε = 0.01·cap),
+``f_i = −ε·log Σ_j q_j exp((g_j − C_ij)/ε)`` and ``g_j = −ε·log Σ_i p_i exp((f_i − C_ij)/ε)``.
+ε is annealed geometrically from ``cap`` down to its target with one averaged update of
+all potentials per step (ε-scaling, Feydy 2019 Alg. 3.5); then, at the target ε, the two
+symmetric problems OT(p, p), OT(q, q) (update ``f ← ½(f + T_p(f))``) and the pair OT(p, q)
+(alternating updates) run to a marginal error ``tol``; a position leaves the active set
+as soon as it has converged.
 
 Gradient (envelope theorem, never backpropagation through the iterations):
 ``∂S/∂p = f_pq − f_pp`` (defined up to a constant) and, through the softmax,
@@ -56,6 +60,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 from torch import nn
+from torch.autograd.function import once_differentiable
 
 from ..errors import VocabMetricError
 from ..operator import CostOperator
@@ -63,8 +68,8 @@ from ._inputs import Reference, check_finite, check_width, reference_probs
 
 LOG = logging.getLogger(__name__)
 
-#: Default scratch memory for one chunk of positions (the gathered (chunk, V, k) block).
-CHUNK_BYTES = 256 * 2**20
+#: Default scratch memory for one chunk of positions (the gathered (rows, V, width) block).
+CHUNK_BYTES = 128 * 2**20
 
 _NEG_INF = float("-inf")
 
@@ -75,49 +80,105 @@ def _log1mexp(x: torch.Tensor) -> torch.Tensor:
     return torch.where(x < math.log(2.0), torch.log(-torch.expm1(-x)), torch.log1p(-torch.exp(-x)))
 
 
+def _degree_widths(width: int) -> list[int]:
+    """Bucket widths 1, 2, 4, 8, 12, 16, 24, 32, 48, … up to ``width`` (padding ≤ 1.5×)."""
+    out, w = [1, 2, 4], 8
+    while out[-1] < width:
+        out += [w, w * 3 // 2]
+        w *= 2
+    return sorted({min(x, width) for x in out})
+
+
 class _SparseLogKernel:
     """``h ↦ log Σ_j exp(h_j − C_ij/ε)`` for a symmetric truncated cost, O(V·k) per row.
 
-    Holds the operator as an ELL table with the diagonal as an extra first column (cost 0)
-    and empty slots pointing at the row itself with weight −inf. The per-ε table
+    The operator is held as ELL tables, one per bucket of rows of similar degree, each
+    row listing itself first (cost 0) and its stored neighbours after; a row's padding
+    slots point at the row itself with weight −inf. The per-ε weight table
     ``−c/ε + log1mexp((cap − c)/ε)`` is cached, so an ε schedule is paid once per module.
     """
 
     def __init__(self, op: CostOperator, device: Any, dtype: torch.dtype):
         V = op.vocab_size
         rows = np.arange(V, dtype=np.int64)[:, None]
-        valid = op.indices >= 0
-        index = np.where(valid & (op.indices != rows), op.indices, rows)
-        costs = np.where(index != rows, op.costs, op.cap)  # empty or self-listed slot: cap, weight 0
-        self.index = torch.as_tensor(np.concatenate([rows, index], 1), device=device).contiguous()
-        self.costs = torch.as_tensor(
-            np.concatenate([np.zeros((V, 1), np.float32), costs], 1), dtype=torch.float64, device=device
-        )
-        self.flat_index = self.index.reshape(-1)
-        self.cap = op.cap
-        self.vocab_size, self.width = self.index.shape
-        self.dtype = dtype
-        self._tables: dict[float, torch.Tensor] = {}
+        valid = (op.indices >= 0) & (op.indices != rows)
+        degree = valid.sum(1) + 1  # + the row itself
+        order = np.argsort(~valid, axis=1, kind="stable")  # stored slots first
+        nb = np.take_along_axis(np.where(valid, op.indices, rows), order, 1)
+        cs = np.take_along_axis(np.where(valid, op.costs, np.inf), order, 1)
+        index = np.concatenate([rows, nb], 1)
+        costs = np.concatenate([np.zeros((V, 1)), cs], 1)
+        self.cap, self.vocab_size, self.dtype, self.device = op.cap, V, dtype, device
+        self.buckets: list[tuple[torch.Tensor | None, torch.Tensor, torch.Tensor, int]] = []
+        lo = 0
+        for w in _degree_widths(int(degree.max())):
+            members = np.flatnonzero((degree > lo) & (degree <= w))
+            lo = w
+            if not len(members):
+                continue
+            ids = None if len(members) == V else torch.as_tensor(members, device=device)
+            self.buckets.append((
+                ids,
+                torch.as_tensor(index[members, :w].reshape(-1), device=device),
+                torch.as_tensor(costs[members, :w], dtype=torch.float64, device=device),
+                w,
+            ))
+        self.width = sum(len(b[1]) for b in self.buckets) / V  # mean padded width
+        self._tables: dict[float, list[torch.Tensor]] = {}
 
-    def table(self, eps: float) -> torch.Tensor:
+    def tables(self, eps: float) -> list[torch.Tensor]:
         if eps not in self._tables:
-            excess = _log1mexp((self.cap - self.costs) / eps) - self.costs / eps
-            self._tables[eps] = excess.to(self.dtype).contiguous()
-            if len(self._tables) > 32:  # schedules are short; keep memory bounded anyway
+            # padding (cost inf) and the cap itself get weight −inf: exactly 0 in S
+            self._tables[eps] = [
+                torch.nan_to_num(_log1mexp((self.cap - c).clamp_min(0) / eps) - c / eps, nan=_NEG_INF)
+                .to(self.dtype)
+                .contiguous()
+                for _, _, c, _ in self.buckets
+            ]
+            if len(self._tables) > 64:  # schedules are short; keep memory bounded anyway
                 self._tables.pop(next(iter(self._tables)))
         return self._tables[eps]
 
-    def __call__(self, h: torch.Tensor, eps: float) -> torch.Tensor:
-        rows = h.shape[0]
-        dense = torch.logsumexp(h, -1) - self.cap / eps
-        block = torch.index_select(h, 1, self.flat_index).view(rows, self.vocab_size, self.width)
-        block += self.table(eps)
-        sparse = torch.logsumexp(block, -1)
-        return torch.logaddexp(dense[:, None], sparse)
+    def __call__(self, h: torch.Tensor, eps: float, rows: torch.Tensor | None = None) -> torch.Tensor:
+        n = h.shape[0]
+        h = h.contiguous()
+        out = torch.empty_like(h) if len(self.buckets) > 1 else None
+        for (ids, flat, _, w), table in zip(self.buckets, self.tables(eps)):
+            block = torch.index_select(h, 1, flat).view(n, -1, w)
+            block += table
+            lse = _lse_(block)
+            if out is None:
+                out = lse
+            else:
+                out.index_copy_(1, ids, lse)
+        dense = _lse_(h.clone()).unsqueeze_(-1) - self.cap / eps
+        return torch.logaddexp(out, dense)
+
+
+def _lse_(block: torch.Tensor) -> torch.Tensor:
+    """``logsumexp`` over the last dimension, overwriting ``block`` (no second temporary).
+
+    Terms more than ``_FLOOR`` below the row's largest are raised to it before ``exp``:
+    they weigh < 1e-30 relative (float32 keeps 1e-7) and exp of an input that underflows
+    (or of −inf) takes a slow scalar path in torch's CPU kernels, ~20× slower. A row of
+    only −inf stays −inf.
+    """
+    top = block.amax(-1)
+    finite = torch.isfinite(top)
+    top = torch.where(finite, top, 0.0)
+    block -= top[..., None]
+    block.clamp_(min=_FLOOR).exp_()
+    lse = block.sum(-1).log_().add_(top)
+    return torch.where(finite, lse, _NEG_INF)
+
+
+#: exp(−80) ≈ 1.8e-35 is a normal float32, so exp never underflows after the clamp.
+_FLOOR = -80.0
 
 
 class _DenseLogKernel:
-    """``h ↦ log Σ_j exp(h_j − C_ij/ε)`` for a batch of small dense costs (rows, s, s)."""
+    """``h ↦ log Σ_j exp(h_j − C_ij/ε)`` for a batch of small dense costs ``(r, s, s)``;
+    ``rows`` picks each input row's cost matrix."""
 
     def __init__(self, cost: torch.Tensor):
         self.cost = cost
@@ -133,113 +194,128 @@ def _eps_schedule(eps: float, cap: float, scaling: float) -> list[float]:
     if not 0 < scaling < 1 or eps >= cap:
         return [eps]
     n = int(math.ceil(math.log(cap / eps) / -math.log(scaling)))
-    return [max(cap * scaling**s, eps) for s in range(n)] + [eps]
+    return [cap * scaling**s for s in range(n) if cap * scaling**s > eps] + [eps]
 
 
-def _marginal_error(log_mass: torch.Tensor, old: torch.Tensor, new: torch.Tensor, eps: float) -> torch.Tensor:
-    """Per-row L1 marginal error ``Σ_j m_j |exp((old_j − new_j)/ε) − 1|`` (0 where m_j = 0)."""
-    ratio = torch.expm1(((old - new) / eps).clamp(max=50.0)).abs()
-    return torch.where(log_mass > _NEG_INF, log_mass.exp() * ratio, 0.0).sum(-1)
+def _marginal_error(mass: torch.Tensor, old: torch.Tensor, new: torch.Tensor, eps: float) -> torch.Tensor:
+    """Per-row L1 marginal error ``Σ_j m_j |exp((old_j − new_j)/ε) − 1|``.
 
-
-class _Solve:
-    """Sinkhorn loops on a chunk of positions for one log-kernel ``lk(h, eps, rows)``.
-
-    ``lk`` maps log-weights ``h (r, n)`` to ``log Σ_j exp(h_j − C_ij/ε)``; ``rows`` names the
-    positions of the chunk the r rows belong to (only the support-mode kernel uses it).
+    For the plan built from ``old`` and the other side's fresh potential, this is
+    ``‖P^T 1 − m‖₁``: ``new`` is what ``old`` would have to become to fit ``m`` exactly.
+    (Potentials are always finite; the clamp keeps exp on its fast path.)
     """
-
-    def __init__(self, lk: Callable, eps_list: list[float], max_iter: int, tol: float):
-        self.lk, self.eps_list, self.max_iter, self.tol = lk, eps_list, max_iter, tol
-
-    def transform(self, log_w: torch.Tensor, pot: torch.Tensor, eps: float, rows: torch.Tensor) -> torch.Tensor:
-        """``T(pot)_i = −ε·log Σ_j w_j exp((pot_j − C_ij)/ε)``."""
-        return -eps * self.lk(log_w + pot / eps, eps, rows)
-
-    def symmetric(self, log_a: torch.Tensor) -> tuple[torch.Tensor, int, float]:
-        """Potential of OT_ε(a, a): the fixed point of ``f ← ½(f + T_a(f))``.
-
-        Returns ``(f, iterations, error)`` where f is ½(f + T_a(f)) at the final iterate.
-        """
-        rows = torch.arange(log_a.shape[0], device=log_a.device)
-        f = torch.zeros_like(log_a)
-        n_iter = 0
-        for eps in self.eps_list[:-1]:  # annealing: one averaged step per ε
-            f = 0.5 * (f + self.transform(log_a, f, eps, rows))
-            n_iter += 1
-        eps = self.eps_list[-1]
-        err = torch.full((log_a.shape[0],), math.inf, dtype=log_a.dtype, device=log_a.device)
-        active = rows
-        while True:
-            fa, la = f[active], log_a[active]
-            tf = self.transform(la, fa, eps, active)
-            n_iter += 1
-            err[active] = _marginal_error(la, fa, tf, eps)
-            f[active] = 0.5 * (fa + tf)
-            active = active[err[active] > self.tol]
-            if active.numel() == 0 or n_iter >= self.max_iter:
-                return f, n_iter, float(err.max())
-
-    def pair(self, log_a, log_b, f, g) -> tuple[torch.Tensor, torch.Tensor, int, float]:
-        """Potentials of OT_ε(a, b) by alternating updates from the warm start ``(f, g)``.
-
-        Returns ``(f, g, iterations, error)`` with ``f = T_b(g_prev)`` and ``g = T_a(f)``,
-        so ``⟨a, f⟩ + ⟨b, g⟩`` is the exact dual objective at that pair.
-        """
-        rows = torch.arange(log_a.shape[0], device=log_a.device)
-        eps = self.eps_list[-1]
-        err = torch.full((log_a.shape[0],), math.inf, dtype=log_a.dtype, device=log_a.device)
-        active, n_iter = rows, 0
-        f, g = f.clone(), g.clone()
-        while True:
-            la, lb, ga = log_a[active], log_b[active], g[active]
-            fa = self.transform(lb, ga, eps, active)
-            gn = self.transform(la, fa, eps, active)
-            n_iter += 1
-            err[active] = _marginal_error(lb, ga, gn, eps)
-            f[active], g[active] = fa, gn
-            active = active[err[active] > self.tol]
-            if active.numel() == 0 or n_iter >= self.max_iter:
-                return f, g, n_iter, float(err.max())
+    ratio = torch.expm1(((old - new) / eps).clamp(_FLOOR, 50.0)).abs_()
+    return (mass * ratio).sum(-1)
 
 
 def _log_probs(p: torch.Tensor) -> torch.Tensor:
     return torch.where(p > 0, p.clamp_min(torch.finfo(p.dtype).tiny).log(), _NEG_INF)
 
 
-def _solve_chunk(solver: _Solve, p: torch.Tensor, q: torch.Tensor, debias: bool, cap: float):
+class _Solver:
+    """Sinkhorn loops on a chunk of r positions for one log-kernel ``lk(h, eps, rows)``.
+
+    ``lk`` maps log-weights ``h (n, s)`` to ``log Σ_j exp(h_j − C_ij/ε)``; ``rows (n,)``
+    names the position (0..r-1) each input row belongs to (only a per-position cost, the
+    support mode's, needs it).
+    """
+
+    def __init__(self, lk: Callable, eps_list: list[float], max_iter: int, tol: float):
+        self.lk, self.eps_list, self.max_iter, self.tol = lk, eps_list, max_iter, tol
+        self.iterations = 0  # kernel applications per row, for the record
+
+    def transform(self, log_w: torch.Tensor, pot: torch.Tensor, eps: float, rows: torch.Tensor) -> torch.Tensor:
+        """``T_w(pot)_i = −ε·log Σ_j w_j exp((pot_j − C_ij)/ε)``; rows stacked freely."""
+        return -eps * self.lk(log_w + pot / eps, eps, rows)
+
+    def anneal(self, log_ws: list[torch.Tensor], pots: list[torch.Tensor], sources: list[int], rows) -> list:
+        """One averaged update per ε of the schedule but the last, for all potentials at once:
+        ``pot_k ← ½(pot_k + T_{w_k}(pot_{source_k}))`` (Jacobi, one stacked kernel call)."""
+        n = len(pots)
+        stacked_w = torch.cat(log_ws)
+        stacked_rows = rows.repeat(n)
+        for eps in self.eps_list[:-1]:
+            new = self.transform(stacked_w, torch.cat([pots[s] for s in sources]), eps, stacked_rows)
+            pots = [0.5 * (pot + t) for pot, t in zip(pots, new.chunk(n))]
+            self.iterations += 1
+        return pots
+
+    def symmetric(self, a, log_a, f, rows) -> tuple[torch.Tensor, float]:
+        """Potential of OT_ε(a, a): the fixed point of ``f ← ½(f + T_a(f))``, from ``f``.
+
+        Returns ``(f, error)``; f is the last averaged iterate."""
+        eps = self.eps_list[-1]
+        f = f.clone()
+        err = torch.zeros(f.shape[0], dtype=f.dtype, device=f.device)
+        active = torch.arange(f.shape[0], device=f.device)
+        for _ in range(self.max_iter):
+            fa, la = f[active], log_a[active]
+            tf = self.transform(la, fa, eps, rows[active])
+            self.iterations += 1
+            err[active] = e = _marginal_error(a[active], fa, tf, eps)
+            f[active] = 0.5 * (fa + tf)
+            active = active[e > self.tol]
+            if active.numel() == 0:
+                break
+        return f, float(err.max()) if err.numel() else 0.0
+
+    def pair(self, a, log_a, log_b, g, rows) -> tuple[torch.Tensor, torch.Tensor, float]:
+        """Potentials of OT_ε(a, b) by alternating updates from the warm start ``g``.
+
+        Returns ``(f, g, error)`` with ``g = T_a(f)`` exactly, so the plan's column
+        marginal is b and ``⟨a, f⟩ + ⟨b, g⟩`` is the dual objective at that pair."""
+        eps = self.eps_list[-1]
+        g = g.clone()
+        f = self.transform(log_b, g, eps, rows)
+        g = self.transform(log_a, f, eps, rows)
+        self.iterations += 1
+        err = torch.zeros(f.shape[0], dtype=f.dtype, device=f.device)
+        active = torch.arange(f.shape[0], device=f.device)
+        for _ in range(self.max_iter - 1):
+            fn = self.transform(log_b[active], g[active], eps, rows[active])
+            err[active] = e = _marginal_error(a[active], f[active], fn, eps)
+            self.iterations += 1
+            f[active] = fn
+            g[active] = self.transform(log_a[active], fn, eps, rows[active])
+            active = active[e > self.tol]
+            if active.numel() == 0:
+                break
+        return f, g, float(err.max()) if err.numel() else 0.0
+
+
+def _solve_chunk(solver: _Solver, p: torch.Tensor, q: torch.Tensor, debias: bool):
     """Value and ``∂/∂p`` (up to a constant) of S_ε (or OT_ε) for a chunk of positions."""
     log_p, log_q = _log_probs(p), _log_probs(q)
-    info = {}
+    rows = torch.arange(p.shape[0], device=p.device)
+    zero = torch.zeros_like(p)
+    info: dict = {}
     if debias:
-        fp, ip, ep = solver.symmetric(log_p)
-        gq, iq, eq = solver.symmetric(log_q)
-        info = {"iterations_sym": max(ip, iq), "marginal_error_sym": max(ep, eq)}
-        f0, g0 = fp, gq  # the self-transport potentials warm-start OT(p, q); exact when p = q
+        # pots: f (on p, from g), g (on q, from f), f_pp (from itself), g_qq (from itself)
+        f, g, fpp, gqq = solver.anneal([log_q, log_p, log_p, log_q], [zero] * 4, [1, 0, 2, 3], rows)
+        both, err_sym = solver.symmetric(
+            torch.cat([p, q]), torch.cat([log_p, log_q]), torch.cat([fpp, gqq]), rows.repeat(2)
+        )
+        fpp, gqq = both.chunk(2)
+        info["marginal_error_sym"] = err_sym
     else:
-        f0 = g0 = torch.zeros_like(p)
-        for eps in solver.eps_list[:-1]:  # no symmetric solutions to start from: anneal
-            rows = torch.arange(p.shape[0], device=p.device)
-            f0 = solver.transform(log_q, g0, eps, rows)
-            g0 = solver.transform(log_p, f0, eps, rows)
-    f, g, n_iter, err = solver.pair(log_p, log_q, f0, g0)
-    info.update(iterations=n_iter, marginal_error=err)
+        f, g = solver.anneal([log_q, log_p], [zero, zero], [1, 0], rows)
+    f, g, err = solver.pair(p, log_p, log_q, g, rows)
+    info["marginal_error"] = err
     value = (p * f).sum(-1) + (q * g).sum(-1)
     grad = f
-    if debias:
-        rows = torch.arange(p.shape[0], device=p.device)
-        eps = solver.eps_list[-1]
-        fp2 = 0.5 * (fp + solver.transform(log_p, fp, eps, rows))
-        gq2 = 0.5 * (gq + solver.transform(log_q, gq, eps, rows))
-        value = value - (p * fp2).sum(-1) - (q * gq2).sum(-1)
-        grad = f - fp2
+    if debias:  # OT(a, a) = 2⟨a, f_aa⟩
+        value = value - (p * fpp).sum(-1) - (q * gqq).sum(-1)
+        grad = f - fpp
+    info["iterations"] = solver.iterations
     return value, grad, info
 
 
 # -- support mode --------------------------------------------------------------------------
-def _support_problem(p, q, m, table_index, table_costs, cap, embeddings):
+def _support_problem(p, q, m, op_index, op_costs, cap, embeddings):
     """Masses ``(a, b) (r, s)``, cost ``(r, s, s)``, token ids ``(r, s−1)`` and a duplicate
-    mask for the support top-m(p) ∪ top-m(q) + a rest bin (the last point), s = 2m + 1."""
+    mask for the support top-m(p) ∪ top-m(q) + a rest bin (the last point), s = 2m + 1.
+
+    ``op_index (V, k)`` (−1: empty) and ``op_costs`` are the symmetric operator's tables."""
     rows, V = p.shape
     m = min(m, V)
     ids = torch.cat([p.topk(m, -1).indices, q.topk(m, -1).indices], -1).sort(-1).values
@@ -256,13 +332,13 @@ def _support_problem(p, q, m, table_index, table_costs, cap, embeddings):
     else:
         # slot of each support token in a (rows, V + 1) map; column V collects duplicates
         # and empty neighbour slots, so a single scatter builds the sub-matrix
-        slot = torch.full((rows, V + 1), -1, dtype=torch.int32, device=p.device)
-        slot.scatter_(1, torch.where(dup, V, ids), torch.arange(s1, dtype=torch.int32, device=p.device).expand(rows, s1))
+        slot = torch.full((rows, V + 1), -1, dtype=torch.int64, device=p.device)
+        slot.scatter_(1, torch.where(dup, V, ids), torch.arange(s1, device=p.device).expand(rows, s1))
         slot[:, V] = -1
-        nb = table_index[ids]  # (rows, s1, k), -1 = empty
-        nb_slot = slot.gather(1, torch.where(nb >= 0, nb, V).view(rows, -1)).view(nb.shape).long()
+        nb = op_index[ids]  # (rows, s1, k), -1 = empty
+        nb_slot = slot.gather(1, torch.where(nb >= 0, nb, V).view(rows, -1)).view(nb.shape)
         inner = torch.full((rows, s1, s1 + 1), cap, dtype=p.dtype, device=p.device)
-        inner.scatter_(2, torch.where(nb_slot >= 0, nb_slot, s1), table_costs[ids].to(p.dtype))
+        inner.scatter_(2, torch.where(nb_slot >= 0, nb_slot, s1), op_costs[ids].to(p.dtype))
         inner = inner[:, :, :s1]
     cost = torch.full((rows, s1 + 1, s1 + 1), cap, dtype=p.dtype, device=p.device)
     cost[:, :s1, :s1] = inner
@@ -272,19 +348,23 @@ def _support_problem(p, q, m, table_index, table_costs, cap, embeddings):
 
 # -- the autograd function -----------------------------------------------------------------
 class _SinkhornFunction(torch.autograd.Function):
-    """Value of the solver's ``run(p)``; backward ``p ⊙ (h − ⟨p, h⟩)`` from its potential h."""
+    """Value of ``run(p)``; backward ``p ⊙ (h − ⟨p, h⟩)`` from its potential h (no graph
+    through the solver: the envelope theorem makes h the gradient with respect to p)."""
 
     @staticmethod
     def forward(ctx, logits, run):
         p = torch.softmax(logits.detach().to(run.dtype), -1)
         value, h = run(p)
+        h = torch.where(p > 0, h, 0.0)  # a zero-mass token gets no gradient, even if h is huge
         ctx.save_for_backward(p * (h - (p * h).sum(-1, keepdim=True)))
+        ctx.logits_dtype = logits.dtype
         return value.to(logits.dtype)
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad_value):
         (dz,) = ctx.saved_tensors
-        return (grad_value[..., None] * dz).to(grad_value.dtype), None
+        return (grad_value[..., None].to(dz.dtype) * dz).to(ctx.logits_dtype), None
 
 
 class SinkhornDivergence(nn.Module):
@@ -300,43 +380,51 @@ class SinkhornDivergence(nn.Module):
     op : CostOperator
         The truncated cost (k neighbours per token, ``cap`` elsewhere, 0 on the diagonal).
         Debiasing needs a symmetric cost: an asymmetric (kNN) operator is symmetrized
-        (``op.symmetrized()``: the smaller of the two directions), and a log line says so,
-        unless ``symmetrize=False``, which raises instead.
+        (``op.symmetrized()``: the union of both directions, the smaller cost where both
+        are stored) and a log line says so; an already symmetric operator is used as is.
+        ``symmetrize=False`` raises on an asymmetric operator instead.
     eps : float
         Entropic regularization ε, in the units of the cost (stable down to 0.01·cap in
         float32).
     max_iter : int
-        Most Sinkhorn iterations per problem and chunk, ε-scaling steps included.
+        Most Sinkhorn iterations per problem and chunk at the target ε (the ε-scaling
+        steps, about log2(cap/ε), come on top).
     tol : float
-        Stop when the L1 marginal error ``‖P^T 1 − q‖₁`` of every position is below this.
-        In float32 the error floors near 1e-5 at ε = 0.01·cap; ``max_iter`` then ends the loop.
+        Stop a position when the L1 marginal error ``‖P 1 − p‖₁`` of its plan is below
+        this. float32 floors near 1e-6; ``max_iter`` then ends the loop.
     debias : bool
         Return S_ε (default) or the biased OT_ε(p, q).
     support : int, optional
         None: full vocabulary, O(V·k) per position and iteration. ``m``: the support
-        top-m(p) ∪ top-m(q) plus a rest bin at cost ``cap``, O(m²) per position and iteration.
+        top-m(p) ∪ top-m(q) plus a rest bin at cost ``cap``, O(m²) per position and
+        iteration. Exact when p and q put all their mass on their top m tokens.
     embeddings : array-like, shape (V, d), optional
         Support mode only: the cost between support tokens is ``min(‖e_i − e_j‖₂, cap)``,
         exact instead of truncated (the ``l2`` metric).
     eps_scaling : float
         Ratio of the geometric ε annealing from ``cap`` down to ``eps`` (0 disables it).
     chunk_size : int, optional
-        Positions solved together; default: as many as fit ``CHUNK_BYTES`` (256 MB) of
+        Positions solved together; default: as many as fit ``CHUNK_BYTES`` (128 MiB) of
         scratch, so extra memory is O(chunk·V·k), never O(N·V·k).
 
     Shapes
     ------
     ``forward(logits [..., V], ref)`` → ``[...]``, where ``ref`` is reference logits
     ``[..., V]`` or a top-k pair ``(ids [..., m], logprobs [..., m])``
-    (see :func:`~vocabmetric.regularizers._inputs.reference_probs`).
+    (see :func:`~vocabmetric.regularizers._inputs.reference_probs`). Computed in float64
+    for float64 logits, else float32; the value has the logits' dtype.
+
+    Cost: full mode O(N·V·k) per iteration (about 3 kernel applications per iteration:
+    the pair and the two symmetric problems), support mode O(N·m²).
 
     Gradient: ``∂S/∂z = p ⊙ (h − ⟨p, h⟩)``, ``h = f_pq − f_pp`` (envelope theorem); 0 at p = q.
-    After each call, ``last_info`` holds the iteration counts and final marginal errors.
+    After each call, ``last_info`` holds the kernel applications per row (``iterations``,
+    ε-scaling included, summed over the problems) and the final marginal errors.
 
     Examples
     --------
     >>> reg = SinkhornDivergence(store.operator("knn"), eps=0.05, support=64)  # doctest: +SKIP
-    >>> loss = (reg(policy_logits, ref_logits) * mask).sum() / mask.sum()      # doctest: +SKIP
+    >>> loss = aggregate(reg(policy_logits, ref_logits), mask)                 # doctest: +SKIP
     """
 
     def __init__(
@@ -354,19 +442,28 @@ class SinkhornDivergence(nn.Module):
         chunk_size: int | None = None,
     ):
         super().__init__()
+        where = "SinkhornDivergence"
         if not isinstance(op, CostOperator):
-            raise VocabMetricError(f"SinkhornDivergence: op must be a CostOperator, got {type(op).__name__}")
-        if not (eps > 0 and math.isfinite(eps)):
-            raise VocabMetricError(f"SinkhornDivergence: eps must be finite and > 0, got {eps}")
-        if support is not None and support < 1:
-            raise VocabMetricError(f"SinkhornDivergence: support must be None or >= 1, got {support}")
+            raise VocabMetricError(f"{where}: op must be a CostOperator, got {type(op).__name__}")
+        if not (isinstance(eps, (int, float)) and eps > 0 and math.isfinite(eps)):
+            raise VocabMetricError(f"{where}: eps must be finite and > 0, got {eps!r}")
+        if eps < 0.01 * op.cap * (1 - 1e-9):
+            LOG.warning("%s: eps=%g is below 0.01·cap=%g; float32 may lose accuracy", where, eps, 0.01 * op.cap)
+        if not (isinstance(max_iter, int) and max_iter >= 1):
+            raise VocabMetricError(f"{where}: max_iter must be an int >= 1, got {max_iter!r}")
+        if not tol > 0:
+            raise VocabMetricError(f"{where}: tol must be > 0, got {tol!r}")
+        if support is not None and not (isinstance(support, int) and support >= 1):
+            raise VocabMetricError(f"{where}: support must be None or an int >= 1, got {support!r}")
+        if chunk_size is not None and not (isinstance(chunk_size, int) and chunk_size >= 1):
+            raise VocabMetricError(f"{where}: chunk_size must be None or an int >= 1, got {chunk_size!r}")
         if not op.is_symmetric:
             if not symmetrize:
                 raise VocabMetricError(
-                    "SinkhornDivergence: the cost operator is not symmetric, and debiasing needs a "
+                    f"{where}: the cost operator {op} is not symmetric, and debiasing needs a "
                     "symmetric cost; pass symmetrize=True or op.symmetrized()"
                 )
-            LOG.info("SinkhornDivergence: symmetrizing the %s (cost(i,j) = cost(j,i) = the smaller)", op)
+            LOG.info("%s: symmetrizing %s (cost(i,j) = cost(j,i) = the smaller stored cost)", where, op)
             op = op.symmetrized()
         self.op = op
         self.eps, self.max_iter, self.tol, self.debias = float(eps), int(max_iter), float(tol), bool(debias)
@@ -374,14 +471,15 @@ class SinkhornDivergence(nn.Module):
         self.embeddings = None if embeddings is None else torch.as_tensor(np.asarray(embeddings, np.float32))
         if self.embeddings is not None and self.embeddings.shape[0] != op.vocab_size:
             raise VocabMetricError(
-                f"SinkhornDivergence: embeddings have {self.embeddings.shape[0]} rows, the operator {op.vocab_size}"
+                f"{where}: embeddings have {self.embeddings.shape[0]} rows, the operator {op.vocab_size}"
             )
         self.last_info: dict = {}
         self._kernels: dict = {}
 
     @classmethod
     def from_store(cls, store: Any, metric: str = "knn", **kw) -> "SinkhornDivergence":
-        """Build from a :class:`~vocabmetric.store.MetricStore`'s ``metric`` operator.
+        """Build from a :class:`~vocabmetric.store.MetricStore`'s ``metric`` operator
+        (symmetrized if it is not symmetric, as in the constructor).
 
         For ``metric="l2"`` in support mode the support costs are computed exactly from the
         store's embeddings, normalized to unit length (the l2 metric's normalized Euclidean
@@ -389,8 +487,7 @@ class SinkhornDivergence(nn.Module):
         """
         op = store.operator(metric)
         if metric == "l2" and kw.get("support") is not None and "embeddings" not in kw:
-            emb = np.asarray(store.embeddings(), np.float32)
-            kw["embeddings"] = emb / np.maximum(np.linalg.norm(emb, axis=1, keepdims=True), 1e-12)
+            kw["embeddings"] = np.asarray(store.embeddings(normalized=True), np.float32)
         return cls(op, **kw)
 
     @property
@@ -400,10 +497,19 @@ class SinkhornDivergence(nn.Module):
     def extra_repr(self) -> str:
         return f"{self.op!r}, eps={self.eps}, support={self.support}, debias={self.debias}"
 
-    def _tables(self, device, dtype):
+    def _kernel(self, device, dtype) -> _SparseLogKernel:
         key = (str(device), dtype)
         if key not in self._kernels:
             self._kernels[key] = _SparseLogKernel(self.op, device, dtype)
+        return self._kernels[key]
+
+    def _torch_table(self, device):
+        key = (str(device), "table")
+        if key not in self._kernels:
+            self._kernels[key] = (
+                torch.as_tensor(self.op.indices, dtype=torch.int64, device=device),
+                torch.as_tensor(self.op.costs, device=device),
+            )
         return self._kernels[key]
 
     def forward(self, logits: torch.Tensor, ref: Reference, *, fingerprint: str | None = None) -> torch.Tensor:
@@ -412,13 +518,15 @@ class SinkhornDivergence(nn.Module):
         check_width(self.vocab_size, logits, where)
         self.op.check_vocab(logits.shape[-1], fingerprint, what=where)
         check_finite(logits, "policy logits", where)
+        if torch.isposinf(logits).any():
+            raise VocabMetricError(f"{where}: policy logits contain +inf; logits must be finite or -inf")
         dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
         q = reference_probs(ref, logits, where).to(dtype)
-        lead = logits.shape[:-1]
         V = self.vocab_size
         flat_q = q.reshape(-1, V)
+        flat_q = flat_q / flat_q.sum(-1, keepdim=True)  # p and q must carry the same mass exactly
+        lead = logits.shape[:-1]
         eps_list = _eps_schedule(self.eps, self.op.cap, self.eps_scaling)
-        kernel = self._tables(logits.device, dtype)
         infos: list[dict] = []
 
         def run(p: torch.Tensor):
@@ -426,41 +534,37 @@ class SinkhornDivergence(nn.Module):
             n = flat_p.shape[0]
             value = torch.empty(n, dtype=dtype, device=p.device)
             grad = torch.empty_like(flat_p)
+            item = flat_p.element_size()
             if self.support is None:
-                chunk = self.chunk_size or max(1, CHUNK_BYTES // (V * kernel.width * flat_p.element_size()))
+                kernel = self._kernel(p.device, dtype)
+                # 4 stacked problems while annealing, each a (V, width) gathered block
+                chunk = self.chunk_size or max(1, int(CHUNK_BYTES // (4 * V * kernel.width * item)))
             else:
                 s = 2 * min(self.support, V) + 1
-                chunk = self.chunk_size or max(1, CHUNK_BYTES // (s * s * flat_p.element_size() * 4))
+                chunk = self.chunk_size or max(1, CHUNK_BYTES // (4 * s * s * item + 2 * V * 8))
             for lo in range(0, n, chunk):
-                pc, qc = flat_p[lo : lo + chunk], flat_q[lo : lo + chunk]
+                part = slice(lo, lo + chunk)
+                pc, qc = flat_p[part], flat_q[part]
                 if self.support is None:
-                    solver = _Solve(lambda h, e, rows: kernel(h, e), eps_list, self.max_iter, self.tol)
-                    value[lo : lo + chunk], grad[lo : lo + chunk], info = _solve_chunk(
-                        solver, pc, qc, self.debias, self.op.cap
-                    )
+                    solver = _Solver(kernel, eps_list, self.max_iter, self.tol)
+                    value[part], grad[part], info = _solve_chunk(solver, pc, qc, self.debias)
                 else:
-                    value[lo : lo + chunk], grad[lo : lo + chunk], info = self._support_chunk(
-                        pc, qc, kernel, eps_list
-                    )
+                    value[part], grad[part], info = self._support_chunk(pc, qc, eps_list)
                 infos.append(info)
             return value.view(lead), grad.view(*lead, V)
 
         run.dtype = dtype
         out = _SinkhornFunction.apply(logits, run)
-        self.last_info = {
-            key: max(i[key] for i in infos) for key in infos[0]
-        } if infos else {}
+        self.last_info = {key: max(i[key] for i in infos) for key in infos[0]} if infos else {}
         self.last_info.update(chunks=len(infos), eps=self.eps, mode="full" if self.support is None else "support")
         return out
 
-    def _support_chunk(self, p, q, kernel, eps_list):
+    def _support_chunk(self, p, q, eps_list):
         emb = None if self.embeddings is None else self.embeddings.to(p.device)
-        a, b, cost, ids, dup = _support_problem(
-            p, q, self.support, kernel.index[:, 1:], kernel.costs[:, 1:], self.op.cap, emb
-        )
-        dense = _DenseLogKernel(cost)
-        solver = _Solve(dense, eps_list, self.max_iter, self.tol)
-        value, f_small, info = _solve_chunk(solver, a, b, self.debias, self.op.cap)
+        index, costs = self._torch_table(p.device)
+        a, b, cost, ids, dup = _support_problem(p, q, self.support, index, costs, self.op.cap, emb)
+        solver = _Solver(_DenseLogKernel(cost), eps_list, self.max_iter, self.tol)
+        value, f_small, info = _solve_chunk(solver, a, b, self.debias)
         V = p.shape[1]
         # tokens outside the support sit in the rest bin: their potential is the bin's
         grad = f_small[:, -1:].expand(-1, V + 1).clone()

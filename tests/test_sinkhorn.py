@@ -1,0 +1,222 @@
+"""SinkhornDivergence: values against POT's dense log-domain Sinkhorn, debiasing, support
+mode, envelope gradients against finite differences, stability, and the point of it all —
+moving mass to a neighbour costs less than moving it far, which KL cannot see."""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import ot
+import pytest
+import torch
+
+from vocabmetric import CostOperator, VocabMetricError
+from vocabmetric.errors import FingerprintMismatch
+from vocabmetric.regularizers.kl import full_kl
+from vocabmetric.regularizers.sinkhorn import SinkhornDivergence
+
+CAP = 1.0
+
+
+def point_cloud_operator(vocab_size=300, k=12, seed=0, symmetric=True):
+    """kNN truncation of a Euclidean cost between random points, cap = 1 (the max cost)."""
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(vocab_size, 6))
+    dist = np.linalg.norm(x[:, None] - x[None], axis=-1)
+    op = CostOperator.from_dense(dist / dist.max(), k=k, cap=CAP)
+    return op.symmetrized() if symmetric else op
+
+
+def ot_eps(a, b, cost, eps):
+    """OT_ε(a, b) = ⟨P, C⟩ + ε·KL(P ‖ a⊗b) at POT's converged log-domain plan."""
+    plan = ot.sinkhorn(a, b, cost, reg=eps, method="sinkhorn_log", numItermax=200000, stopThr=1e-13)
+    pos = plan > 0
+    return float((plan * cost).sum() + eps * (plan[pos] * np.log(plan[pos] / np.outer(a, b)[pos])).sum())
+
+
+def logits_pair(vocab_size, n=2, scale=2.0, seed=1, dtype=torch.float64):
+    gen = torch.Generator().manual_seed(seed)
+    z = torch.randn(n, vocab_size, generator=gen, dtype=dtype) * scale
+    r = torch.randn(n, vocab_size, generator=gen, dtype=dtype) * scale
+    return z, r
+
+
+@pytest.fixture(scope="module")
+def op():
+    return point_cloud_operator()
+
+
+@pytest.mark.parametrize("eps", [0.5, 0.1, 0.05, 0.02])
+def test_ot_value_matches_pot_dense(op, eps):
+    z, r = logits_pair(op.vocab_size)
+    reg = SinkhornDivergence(op, eps=eps, debias=False, max_iter=20000, tol=1e-11)
+    got = reg(z, r)
+    cost = op.dense().astype(np.float64)
+    p, q = torch.softmax(z, -1).numpy(), torch.softmax(r, -1).numpy()
+    want = np.array([ot_eps(p[i], q[i], cost, eps) for i in range(len(p))])
+    np.testing.assert_allclose(got.numpy(), want, rtol=1e-4)
+    assert reg.last_info["marginal_error"] <= 1e-11
+
+
+@pytest.mark.parametrize("eps", [0.1, 0.03])
+def test_debiased_value_is_pots_three_term_composition(op, eps):
+    z, r = logits_pair(op.vocab_size, seed=3)
+    got = SinkhornDivergence(op, eps=eps, max_iter=20000, tol=1e-11)(z, r)
+    cost = op.dense().astype(np.float64)
+    p, q = torch.softmax(z, -1).numpy(), torch.softmax(r, -1).numpy()
+    want = [ot_eps(a, b, cost, eps) - ot_eps(a, a, cost, eps) / 2 - ot_eps(b, b, cost, eps) / 2 for a, b in zip(p, q)]
+    np.testing.assert_allclose(got.numpy(), want, rtol=1e-4)
+    assert np.all(got.numpy() > 0)
+
+
+def test_zero_value_and_zero_gradient_at_p_equals_q(op):
+    z, _ = logits_pair(op.vocab_size, n=3, seed=4)
+    for dtype, atol in ((torch.float64, 1e-9), (torch.float32, 1e-5)):
+        logits = z.to(dtype).requires_grad_()
+        for support in (None, 16):
+            value = SinkhornDivergence(op, eps=0.05, support=support, tol=1e-9 if dtype == torch.float64 else 1e-6)(
+                logits, z.to(dtype)
+            )
+            (grad,) = torch.autograd.grad(value.sum(), logits)
+            assert value.abs().max() <= atol, (dtype, support)
+            assert grad.abs().max() <= atol, (dtype, support)
+
+
+@pytest.mark.parametrize("support", [None, 12])
+@pytest.mark.parametrize("debias", [True, False])
+def test_gradient_matches_finite_differences(op, support, debias):
+    z, r = logits_pair(op.vocab_size, n=2, seed=5)
+    reg = SinkhornDivergence(op, eps=0.05, support=support, debias=debias, max_iter=20000, tol=1e-12)
+    logits = z.clone().requires_grad_()
+    (grad,) = torch.autograd.grad(reg(logits, r).sum(), logits)
+    gen = torch.Generator().manual_seed(6)
+    for _ in range(3):
+        direction = torch.randn(z.shape, generator=gen, dtype=z.dtype)
+        h = 1e-5
+        fd = (reg(z + h * direction, r).sum() - reg(z - h * direction, r).sum()) / (2 * h)
+        assert float((grad * direction).sum()) == pytest.approx(float(fd), rel=1e-5, abs=1e-9)
+
+
+def test_support_mode_close_to_full_mode_on_peaked_distributions(op):
+    # peaked like a language model's next-token distribution: a few tokens carry the mass
+    z, r = logits_pair(op.vocab_size, n=4, scale=6.0, seed=7)
+    full = SinkhornDivergence(op, eps=0.05, max_iter=5000, tol=1e-10)(z, r)
+    for m, bound in ((16, 2e-2), (64, 1e-4)):
+        sup = SinkhornDivergence(op, eps=0.05, support=m, max_iter=5000, tol=1e-10)(z, r)
+        p, q = torch.softmax(z, -1), torch.softmax(r, -1)
+        rest = p.topk(m).values.sum(-1).neg().add(1) + q.topk(m).values.sum(-1).neg().add(1)
+        gap = (sup - full).abs()
+        # the rest bin only moves the mass outside the support: the gap is of that order
+        assert torch.all(gap <= CAP * rest + 1e-8), (m, gap, rest)
+        assert torch.all(gap <= bound * full), (m, gap / full)
+
+
+def test_finite_for_exact_zeros_and_huge_logits_at_small_eps(op):
+    V = op.vocab_size
+    z = torch.zeros(3, V)
+    z[0, : V // 2] = float("-inf")  # exact zeros in p
+    z[1] = torch.linspace(-1e4, 1e4, V)  # ±1e4: one token takes everything
+    z[2, 5] = 1e4
+    r = torch.zeros(3, V)
+    r[0, V // 3 :] = float("-inf")  # exact zeros in q, partly where p is zero too
+    r[1, 7] = -1e4
+    r[2] = torch.linspace(1e4, -1e4, V)
+    for support in (None, 8):
+        logits = z.clone().requires_grad_()
+        reg = SinkhornDivergence(op, eps=0.01 * CAP, support=support, max_iter=500)
+        value = reg(logits, r)
+        (grad,) = torch.autograd.grad(value.sum(), logits)
+        assert torch.isfinite(value).all() and torch.isfinite(grad).all(), support
+        assert torch.all(value >= -1e-4)
+        # float32 agrees with float64 on the same inputs
+        ref64 = SinkhornDivergence(op, eps=0.01 * CAP, support=support, max_iter=500)(z.double(), r.double())
+        np.testing.assert_allclose(value.detach().double().numpy(), ref64.numpy(), rtol=2e-3, atol=1e-5)
+
+
+def test_top_k_reference_equals_the_distribution_it_describes(op):
+    V = op.vocab_size
+    z, r = logits_pair(V, n=2, seed=8)
+    logq = torch.log_softmax(r, -1)
+    top = logq.topk(10)
+    # what the top-k pair means: its probabilities, and the rest spread evenly
+    q = torch.full_like(logq, 0.0)
+    rest = (1 - top.values.exp().sum(-1, keepdim=True)) / (V - 10)
+    q += rest
+    q.scatter_(-1, top.indices, top.values.exp())
+    reg = SinkhornDivergence(op, eps=0.1, tol=1e-10, max_iter=5000)
+    got = reg(z, (top.indices, top.values))
+    want = reg(z, q.log())
+    np.testing.assert_allclose(got.numpy(), want.numpy(), rtol=1e-9)
+
+
+def test_asymmetric_operator_is_symmetrized_and_says_so(caplog):
+    asym = point_cloud_operator(vocab_size=120, k=5, seed=9, symmetric=False)
+    assert not asym.is_symmetric
+    z, r = logits_pair(120, seed=10)
+    with caplog.at_level(logging.INFO, logger="vocabmetric.regularizers.sinkhorn"):
+        reg = SinkhornDivergence(asym, eps=0.1, tol=1e-11, max_iter=5000)
+    assert "symmetrizing" in caplog.text
+    assert reg.op.is_symmetric
+    same = SinkhornDivergence(asym.symmetrized(), eps=0.1, tol=1e-11, max_iter=5000)
+    np.testing.assert_allclose(reg(z, r).numpy(), same(z, r).numpy(), rtol=1e-10)
+    with pytest.raises(VocabMetricError, match="not symmetric"):
+        SinkhornDivergence(asym, symmetrize=False)
+
+
+def test_chunks_and_leading_dims_do_not_change_the_result(op):
+    z, r = logits_pair(op.vocab_size, n=6, seed=11)
+    whole = SinkhornDivergence(op, eps=0.1, tol=1e-10, max_iter=5000)(z, r)
+    chunked = SinkhornDivergence(op, eps=0.1, tol=1e-10, max_iter=5000, chunk_size=4)(
+        z.view(2, 3, -1), r.view(2, 3, -1)
+    )
+    assert chunked.shape == (2, 3)
+    np.testing.assert_allclose(chunked.reshape(-1).numpy(), whole.numpy(), rtol=1e-8)
+
+
+def test_bad_inputs_name_the_regularizer(op):
+    reg = SinkhornDivergence(op)
+    z, r = logits_pair(op.vocab_size, dtype=torch.float32)
+    bad = z.clone()
+    bad[0, 3] = float("nan")
+    with pytest.raises(VocabMetricError, match="SinkhornDivergence.*NaN"):
+        reg(bad, r)
+    with pytest.raises(VocabMetricError, match="SinkhornDivergence.*reference logits.*NaN"):
+        reg(z, bad)
+    with pytest.raises(FingerprintMismatch, match="SinkhornDivergence.*299"):
+        reg(z[:, :-1], r[:, :-1])
+    fp_op = CostOperator(op.indices, op.costs, op.cap, fingerprint="a" * 64)
+    with pytest.raises(FingerprintMismatch, match="SinkhornDivergence"):
+        SinkhornDivergence(fp_op)(z, r, fingerprint="b" * 64)
+    with pytest.raises(VocabMetricError, match="eps"):
+        SinkhornDivergence(op, eps=0.0)
+    with pytest.raises(VocabMetricError, match="support"):
+        SinkhornDivergence(op, support=0)
+
+
+def test_neighbour_move_costs_less_than_far_move_on_a_real_store(small_store):
+    reg = SinkhornDivergence.from_store(small_store, "knn", eps=0.05, tol=1e-6, max_iter=300)
+    assert reg.op.is_symmetric and reg.vocab_size == small_store.vocab_size
+    knn = small_store.operator("knn")
+    V = knn.vocab_size
+    trained = np.flatnonzero(small_store.tokens_trained()) if hasattr(small_store, "tokens_trained") else None
+    a = int(trained[len(trained) // 2]) if trained is not None and len(trained) else 300
+    near_ids, near_costs = knn.neighbors(a)
+    near = int(near_ids[0])
+    far = int(np.argmax(knn.cost(np.full(V, a), np.arange(V))))
+    assert knn.cost(a, far) > near_costs[0]
+    ref = torch.zeros(V)
+    ref[a] = 8.0  # the reference is confident in a; b and the far token look alike to KL
+    moved = {}
+    for name, target in (("near", near), ("far", far)):
+        logits = ref.clone()
+        logits[target] = 8.0  # half of a's mass now sits on the target
+        moved[name] = logits
+    z = torch.stack([moved["near"], moved["far"]])
+    refs = ref.expand(2, V)
+    kl = full_kl(z, refs)
+    assert float(kl[0]) == pytest.approx(float(kl[1]), rel=1e-5)  # KL cannot tell them apart
+    for mode in (reg, SinkhornDivergence.from_store(small_store, "knn", eps=0.05, support=32)):
+        value = mode(z, refs)
+        assert value[0] < 0.8 * value[1], (mode.support, value)
+        assert value[0] > 0
