@@ -5,7 +5,7 @@ parameters and the keys of the stages it reads::
 
     tokenize  → corpus.txt (gensim corpus_file format), counts.npy, stats.json
     embed     → vectors.npy, trained.npy, borrowed_from.npy, meta.json
-    metrics   → one cache entry per metric (and one for the shared kNN graph)
+    metrics   → one cache entry per metric (and one for the shared kNN graph, one for the 2-D map)
     store     → OUT/metric.zarr
 
 A stage writes into a temporary directory and renames it into place when done, so a
@@ -73,11 +73,22 @@ class ReportConfig(_Section):
     k: int = Field(8, gt=0)
 
 
+class ProjectionConfig(_Section):
+    """The 2-D map of the usable tokens (UMAP, 2 components, on the shared kNN graph), stored
+    as ``projection2d``; built whenever a metric is configured, unless ``enabled = false``."""
+
+    enabled: bool = True
+    n_neighbors: int = Field(15, ge=2)
+    n_epochs: Optional[int] = Field(None, gt=0, description="UMAP epochs; default: 200, fewer for small vocabularies")
+    seed: int = 0
+
+
 class PipelineConfig(_Section):
     tokenizer: TokenizerConfig
     corpus: CorpusConfig
     embeddings: EmbeddingsConfig = Field(default_factory=EmbeddingsConfig)
     metrics: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    projection: ProjectionConfig = Field(default_factory=ProjectionConfig)
     report: ReportConfig = Field(default_factory=ReportConfig)
 
 
@@ -304,7 +315,8 @@ def build(
                      np.load(emb_dir / "borrowed_from.npy"), meta["method"], meta["params"], meta["seconds"])
 
     # 3. metrics
-    metrics, tree, extra = build_metrics(config.metrics, emb, stages, emb_key, progress=show)
+    metrics, tree, extra = build_metrics(config.metrics, emb, stages, emb_key, progress=show,
+                                         projection=config.projection.model_dump())
 
     # 4. store
     store_key = stage_key("store", [r.key for r in stages.results])

@@ -12,6 +12,8 @@ Layout::
       tokens/trained            (V,) bool: the embedding was learned from the corpus
       tokens/borrowed_from      (V,) int32: donor id under the `borrow` policy, else -1
       embeddings                (V, d) float32
+      projection2d              (V, 2) float32 2-D map (UMAP) of the usable tokens, NaN rows
+                                for the rest (optional: stores built before it lack it)
       metrics/<name>/indices    (V, k) int32, -1 = empty slot   } attrs: kind, k, cap,
       metrics/<name>/costs      (V, k) float32                  }        cap_statistic, params
       metrics/tree/{parent, weight, leaf_of_token}
@@ -302,6 +304,14 @@ class MetricStore:
             if "_normalized" not in self.__dict__:
                 self.__dict__["_normalized"] = normalize(vectors)
             return self.__dict__["_normalized"]
+
+    def projection2d(self) -> np.ndarray:
+        """The (V, 2) float32 2-D map of the usable tokens (UMAP on the kNN graph); NaN rows
+        for the others. For pictures (explorer, plots), not for costs."""
+        if "projection2d" not in self._root:
+            raise StoreError(f"{self.path} has no 2-D map (projection2d); rebuild it with `vocabmetric build` "
+                             f"(the [projection] table is on by default)")
+        return self._array("projection2d")
 
     def embedding(self, token: Token) -> np.ndarray:
         return self.embeddings()[self.resolve(token)]
