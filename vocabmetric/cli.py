@@ -1,4 +1,4 @@
-"""The ``vocabmetric`` command: build, info, neighbors, cost, export, eval, serve."""
+"""The ``vocabmetric`` command: build, info, neighbors, cost, export, eval, serve, plot."""
 
 from __future__ import annotations
 
@@ -166,6 +166,28 @@ def serve(
 
     _open(store)  # a clear error before the server starts
     run_server(store, host=host, port=port, workers=workers)
+
+
+@app.command()
+def plot(
+    source: Path = typer.Argument(..., help="a metric.zarr store (map, costs) or a results JSON (bench)"),
+    out: Path = typer.Option(..., "--out", "-o", help="output .png file"),
+    kind: str = typer.Option("map", "--kind", help="map: the 2-D map with labelled neighbourhoods; costs: neighbour "
+                             "costs per metric with the cap; bench: regularizers vs full_kl (benchmarks/results/regularizers.json)"),
+    probe: list[str] = typer.Option([], "--probe", help="map: a token text or id to label with its neighbours (repeatable)"),
+    k: int = typer.Option(8, "-k", help="map: neighbours per probe"),
+    metric: Optional[str] = typer.Option(None, "--metric", "-m", help="map: the neighbours' metric (default knn); costs: only this metric"),
+    size: Optional[str] = typer.Option(None, "--size", help="WIDTHxHEIGHT in pixels (default depends on the kind)"),
+) -> None:
+    """Draw a PNG: the 2-D map, the neighbour-cost distributions, or the benchmark charts."""
+    from .plots import parse_size
+    from .plots import plot as draw
+
+    try:
+        path = draw(kind, source, out, probes=probe, k=k, metric=metric, size=parse_size(size) if size else None)
+    except VocabMetricError as exc:
+        _fail(exc)
+    typer.echo(f"wrote {path}")
 
 
 def main() -> None:  # pragma: no cover
