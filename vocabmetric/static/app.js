@@ -486,6 +486,10 @@
     });
   }
   $("k").addEventListener("change", () => state.query && search({ id: state.query.id }));
+  window.addEventListener("hashchange", () => { // an edited address (saveLocation itself fires none)
+    const ref = readLocation();
+    if (ref) search(ref);
+  });
   $("reset-view").addEventListener("click", () => {
     resetView();
     drawMap();
