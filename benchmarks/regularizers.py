@@ -1,0 +1,234 @@
+"""Forward+backward time and peak memory of every regularizer beside ``full_kl``, in one run.
+
+For V ∈ {50257, 100277, 200019} and N ∈ {64, 1024} positions, on synthetic but realistic
+inputs — peaky policy logits (a few tokens far above a Gaussian background, as an LLM's)
+and a reference close to them; unit embeddings in clusters; a balanced random tree
+(branching 16, tokens as leaves, like TreeBuilder's) and a random-neighbour CostOperator
+(k = 32, symmetrized by Sinkhorn to up to 64) — it times, side by side:
+
+* ``full_kl`` (the baseline: every other row is reported as a ratio to it),
+* ``TreeWasserstein``, ``SlicedWasserstein`` with L = 16 and 64,
+* ``SinkhornDivergence`` in support mode (m = 64, tol 1e-4) and on the full vocabulary
+  (to convergence, tol 1e-4, and per kernel application = time / applications).
+
+Time is the best of ``--repeats`` wall-clock runs after a warm-up; memory is the peak RSS
+above the level before the call, sampled every 2 ms (it includes the gradient tensor and
+anything saved for backward). CPU timings on a shared machine are noisy: read the ratios.
+
+    .venv/bin/python benchmarks/regularizers.py                # writes results/regularizers.{json,md}
+    .venv/bin/python benchmarks/regularizers.py --quick        # V = 50257 only, N = 64
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).resolve().parent)]
+from _machine import machine_info, write_results  # noqa: E402
+
+from vocabmetric.operator import CostOperator, TreeMetric  # noqa: E402
+from vocabmetric.regularizers import SinkhornDivergence, SlicedWasserstein, TreeWasserstein, full_kl  # noqa: E402
+
+VOCAB_SIZES = (50257, 100277, 200019)
+POSITIONS = (64, 1024)
+# Cases whose one run would take minutes on 2 shared cores: skipped and said so.
+# (name, V or None for any, N)
+SKIP = {("sinkhorn full (converged)", None, 1024): "skipped for time: O(N·V·k) per kernel application × ~100 applications",
+        ("sinkhorn full (converged)", 100277, 64): "skipped for time (minutes on 2 shared cores); see V=50257",
+        ("sinkhorn full (converged)", 200019, 64): "skipped for time (minutes on 2 shared cores); see V=50257"}
+
+
+def _skip(name: str, vocab_size: int, n: int) -> str | None:
+    return SKIP.get((name, vocab_size, n)) or SKIP.get((name, None, n))
+
+
+# -- inputs ------------------------------------------------------------------------------------
+def clustered_embeddings(vocab_size: int, dim: int = 32, clusters: int = 512, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    centers = rng.standard_normal((clusters, dim))
+    emb = centers[rng.integers(0, clusters, vocab_size)] + 0.5 * rng.standard_normal((vocab_size, dim))
+    return (emb / np.linalg.norm(emb, axis=1, keepdims=True)).astype(np.float32)
+
+
+def balanced_tree(vocab_size: int, branching: int = 16, seed: int = 0) -> TreeMetric:
+    """Tokens are nodes 0..V-1 (leaves); internal nodes group ``branching`` children each."""
+    rng = np.random.default_rng(seed)
+    parent = np.full(2 * vocab_size + 1, -1, dtype=np.int64)  # n_nodes < 2V for branching >= 2
+    level, next_id = rng.permutation(vocab_size), vocab_size
+    while len(level) > 1:
+        groups = np.arange(len(level)) // branching
+        parent[level] = next_id + groups
+        level = np.arange(next_id, next_id + groups[-1] + 1)
+        next_id += int(groups[-1]) + 1
+    parent = parent[:next_id]
+    return TreeMetric(parent, rng.uniform(0.05, 0.5, next_id), np.arange(vocab_size))
+
+
+def random_neighbour_operator(vocab_size: int, k: int = 32, seed: int = 0) -> CostOperator:
+    rng = np.random.default_rng(seed)
+    offsets = rng.choice(np.arange(1, vocab_size), size=(vocab_size, k))
+    offsets.sort(axis=1)
+    dup = np.zeros_like(offsets, dtype=bool)
+    dup[:, 1:] = offsets[:, 1:] == offsets[:, :-1]
+    indices = np.where(dup, -1, (np.arange(vocab_size)[:, None] + offsets) % vocab_size)
+    costs = rng.uniform(0.2, 1.0, (vocab_size, k))
+    return CostOperator(indices, costs, cap=1.5)
+
+
+def peaky_logits(n: int, vocab_size: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    logits = torch.randn(n, vocab_size, generator=g) * 2
+    spikes = torch.randint(0, vocab_size, (n, 8), generator=g)
+    logits.scatter_add_(1, spikes, 12 + 4 * torch.rand(n, 8, generator=g))
+    ref = logits + 0.5 * torch.randn(n, vocab_size, generator=g)
+    return logits, ref
+
+
+# -- measurement -------------------------------------------------------------------------------
+def _rss() -> int:
+    with open("/proc/self/statm") as fh:
+        return int(fh.read().split()[1]) * 4096
+
+
+class PeakRSS:
+    """Peak resident memory above the level at entry, sampled every 2 ms in a thread."""
+
+    def __enter__(self):
+        self.base = self.peak = _rss()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._watch, daemon=True)
+        self._thread.start()
+        return self
+
+    def _watch(self):
+        while not self._stop.wait(0.002):
+            self.peak = max(self.peak, _rss())
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, _rss())
+        self.extra_mb = (self.peak - self.base) / 2**20
+
+
+def measure(fn, logits, ref, repeats: int) -> dict:
+    z = logits.clone().requires_grad_()
+
+    def once():
+        z.grad = None
+        fn(z, ref).sum().backward()
+
+    once()  # warm-up: numba compilation, operator tables, symmetric solves cached
+    times, extra = [], 0.0
+    for _ in range(repeats):
+        with PeakRSS() as mem:
+            start = time.perf_counter()
+            once()
+            times.append(time.perf_counter() - start)
+        extra = max(extra, mem.extra_mb)
+    return {"seconds": min(times), "peak_extra_mb": extra}
+
+
+def regularizers(vocab_size: int):
+    emb = clustered_embeddings(vocab_size)
+    tree = balanced_tree(vocab_size)
+    op = random_neighbour_operator(vocab_size)
+    sink_support = SinkhornDivergence(op, support=64, tol=1e-4, max_iter=100)
+    sink_full = SinkhornDivergence(op, tol=1e-4, max_iter=100)
+    return {
+        "full_kl": full_kl,
+        "tree": TreeWasserstein(tree),
+        "sliced L=16": SlicedWasserstein(emb, n_projections=16),
+        "sliced L=64": SlicedWasserstein(emb, n_projections=64),
+        "sinkhorn support m=64": sink_support,
+        "sinkhorn full (converged)": sink_full,
+    }
+
+
+def git_state() -> dict:
+    root = Path(__file__).resolve().parents[1]
+    run = lambda *a: subprocess.run(["git", *a], cwd=root, capture_output=True, text=True).stdout.strip()  # noqa: E731
+    return {"commit": run("rev-parse", "HEAD"),
+            "uncommitted_regularizer_changes": run("status", "--porcelain", "vocabmetric/regularizers")}
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="V = 50257 and N = 64 only")
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--vocab", type=int, nargs="*", default=None)
+    parser.add_argument("--positions", type=int, nargs="*", default=None)
+    args = parser.parse_args(argv)
+    if argv is None and "MALLOC_MMAP_THRESHOLD_" not in os.environ:
+        # A fixed threshold makes glibc return every large block to the OS when freed, so
+        # RSS follows the live tensors and its peak per call is meaningful.
+        os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, "MALLOC_MMAP_THRESHOLD_": "1048576"})
+    vocab_sizes = args.vocab or ((50257,) if args.quick else VOCAB_SIZES)
+    positions = args.positions or ((64,) if args.quick else POSITIONS)
+    rows = []
+    for vocab_size in vocab_sizes:
+        regs = regularizers(vocab_size)
+        for n in positions:
+            logits, ref = peaky_logits(n, vocab_size)
+            base = None
+            for name, fn in regs.items():
+                row = {"V": vocab_size, "N": n, "regularizer": name}
+                if _skip(name, vocab_size, n):
+                    rows.append({**row, "skipped": _skip(name, vocab_size, n)})
+                    print(row, "skipped", flush=True)
+                    continue
+                result = measure(fn, logits, ref, args.repeats if n <= 64 else 1)
+                info = getattr(fn, "last_info", {}) or {}
+                if "iterations" in info:
+                    result["kernel_applications"] = info["iterations"]
+                    result["seconds_per_application"] = result["seconds"] / max(info["iterations"], 1)
+                if name == "full_kl":
+                    base = result
+                result["time_ratio"] = result["seconds"] / base["seconds"]
+                result["memory_ratio"] = result["peak_extra_mb"] / max(base["peak_extra_mb"], 1e-9)
+                rows.append({**row, **result})
+                print(rows[-1], flush=True)
+                _write(rows)  # after every row, so an interrupted run keeps what it measured
+
+
+def _write(rows: list) -> None:
+    payload = {"name": "regularizers", "machine": machine_info(), "git": git_state(),
+               "torch_threads": torch.get_num_threads(), "rows": rows,
+               "note": "CPU shared with other jobs: wall-clock times are noisy, compare the ratios "
+                       "measured in the same run. Memory = peak RSS above the level before the call."}
+    write_results("regularizers", payload, table(rows, payload))
+
+
+def table(rows: list, payload: dict) -> str:
+    lines = [
+        "# Regularizers: forward+backward beside full_kl (CPU)", "",
+        f"Machine: {payload['machine']['cpu']}, {payload['machine']['cores']} cores, torch "
+        f"{payload['machine'].get('torch')}, {payload['torch_threads']} threads; commit "
+        f"{payload['git']['commit'][:10]}{' (sinkhorn.py had uncommitted changes)' if payload['git']['uncommitted_regularizer_changes'] else ''}.",
+        "Shared machine: times are noisy, read the ratios (same run). Memory: peak RSS above the level before the call.", "",
+        "| V | N | regularizer | time (s) | × full_kl | peak extra (MB) | × full_kl | kernel applications |",
+        "|---:|---:|---|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        if "skipped" in r:
+            lines.append(f"| {r['V']} | {r['N']} | {r['regularizer']} | — | — | — | — | {r['skipped']} |")
+            continue
+        apps = r.get("kernel_applications", "")
+        lines.append(
+            f"| {r['V']} | {r['N']} | {r['regularizer']} | {r['seconds']:.3f} | {r['time_ratio']:.2f} | "
+            f"{r['peak_extra_mb']:.0f} | {r['memory_ratio']:.2f} | {apps} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    main()
