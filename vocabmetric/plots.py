@@ -92,8 +92,8 @@ def plot_map(store: MetricStore, out: str | Path, *, probes: Sequence[int | str]
     on_map = np.isfinite(xy).all(axis=1)
     fig, axes = _figure(size)
     ax = axes[0, 0]
-    ax.scatter(xy[on_map, 0], xy[on_map, 1], s=max(0.3, min(6.0, 3e4 / max(on_map.sum(), 1))), c="#8a93a6",
-               alpha=0.35, linewidths=0, rasterized=True)
+    ax.scatter(xy[on_map, 0], xy[on_map, 1], s=max(0.3, min(6.0, 3e4 / max(on_map.sum(), 1))), c="#7a8396",
+               alpha=0.5, linewidths=0, rasterized=True)
     colors = [f"C{c}" for c in range(10)]
     for n, i in enumerate(ids):
         color = colors[n % len(colors)]
