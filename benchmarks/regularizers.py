@@ -13,7 +13,7 @@ and a reference close to them; unit embeddings in clusters; a balanced random tr
 
 Time is the best of ``--repeats`` wall-clock runs after a warm-up; memory is the peak RSS
 above the level before the call, sampled every 2 ms (it includes the gradient tensor and
-anything saved for backward). CPU timings on a shared machine are noisy: read the ratios.
+anything saved for backward; not the inputs). CPU timings on a shared machine are noisy: read the ratios.
 
     .venv/bin/python benchmarks/regularizers.py                # writes results/regularizers.{json,md}
     .venv/bin/python benchmarks/regularizers.py --quick        # V = 50257 only, N = 64
@@ -124,12 +124,12 @@ def measure(fn, logits, ref, repeats: int) -> dict:
     z = logits.clone().requires_grad_()
 
     def once():
-        z.grad = None
         fn(z, ref).sum().backward()
 
     once()  # warm-up: numba compilation, operator tables, symmetric solves cached
     times, extra = [], 0.0
     for _ in range(repeats):
+        z.grad = None  # the gradient the call allocates counts in its peak
         with PeakRSS() as mem:
             start = time.perf_counter()
             once()
