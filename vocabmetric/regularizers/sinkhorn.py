@@ -40,11 +40,12 @@ Two ways to lay the problem out:
 
 Solver. The potentials solve, in the log domain (stable in float32 down to ε = 0.01·cap),
 ``f_i = −ε·log Σ_j q_j exp((g_j − C_ij)/ε)`` and ``g_j = −ε·log Σ_i p_i exp((f_i − C_ij)/ε)``.
-ε is annealed geometrically from ``cap`` down to its target with one averaged update of
-all potentials per step (ε-scaling, Feydy 2019 Alg. 3.5); then, at the target ε, the two
-symmetric problems OT(p, p), OT(q, q) (update ``f ← ½(f + T_p(f))``) and the pair OT(p, q)
-(alternating updates) run to a marginal error ``tol``; a position leaves the active set
-as soon as it has converged.
+ε is annealed geometrically from ``cap`` down to its target with one averaged update per
+step (ε-scaling, Feydy 2019 Alg. 3.5) of the self-transport potentials; at the target ε
+the two symmetric problems OT(p, p), OT(q, q) (update ``f ← ½(f + T_p(f))``, stacked in one
+kernel call) run to a marginal error ``tol``, then the pair OT(p, q) (alternating
+updates) starts from OT(q, q)'s potential — the exact solution when p = q. A position
+leaves the active set as soon as it has converged. Without debiasing the pair is annealed.
 
 Gradient (envelope theorem, never backpropagation through the iterations):
 ``∂S/∂p = f_pq − f_pp`` (defined up to a constant) and, through the softmax,
@@ -290,13 +291,15 @@ def _solve_chunk(solver: _Solver, p: torch.Tensor, q: torch.Tensor, debias: bool
     zero = torch.zeros_like(p)
     info: dict = {}
     if debias:
-        # pots: f (on p, from g), g (on q, from f), f_pp (from itself), g_qq (from itself)
-        f, g, fpp, gqq = solver.anneal([log_q, log_p, log_p, log_q], [zero] * 4, [1, 0, 2, 3], rows)
+        # anneal the self-transport potentials f_pp, g_qq (each updated from itself); the
+        # pair then starts from g_qq, so only two problems pay the ε schedule
+        fpp, gqq = solver.anneal([log_p, log_q], [zero, zero], [0, 1], rows)
         both, err_sym = solver.symmetric(
             torch.cat([p, q]), torch.cat([log_p, log_q]), torch.cat([fpp, gqq]), rows.repeat(2)
         )
         fpp, gqq = both.chunk(2)
         info["marginal_error_sym"] = err_sym
+        g = gqq  # warm start from OT(q, q)'s potential: the solution itself when p = q
     else:
         f, g = solver.anneal([log_q, log_p], [zero, zero], [1, 0], rows)
     f, g, err = solver.pair(p, log_p, log_q, g, rows)
