@@ -324,7 +324,9 @@ def test_wheel_zooms_about_the_pointer_and_drag_pans_without_changing_the_query(
     x0, y0 = _point_on_screen(browser, a)
     xy_on_screen = np.array([_point_on_screen(browser, int(i)) for i in ids[:: max(1, len(ids) // 50)]])
     size = canvas.size
-    corners = [(20, 20), (size["width"] - 20, 20), (20, size["height"] - 20), (size["width"] - 20, size["height"] - 20)]
+    # inset so that the whole drag (+60, +35) stays on the canvas, whichever corner is chosen
+    right, bottom = size["width"] - 100, size["height"] - 60
+    corners = [(20, 20), (right, 20), (20, bottom), (right, bottom)]
     empty = max(corners, key=lambda c: np.min(np.hypot(*(xy_on_screen - c).T)))
     ActionChains(browser).move_to_element_with_offset(canvas, *_offset_from_center(browser, *empty)) \
         .click_and_hold().move_by_offset(40, 25).move_by_offset(20, 10).release().perform()
