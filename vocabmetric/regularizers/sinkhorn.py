@@ -183,10 +183,17 @@ class _DenseLogKernel:
 
     def __init__(self, cost: torch.Tensor):
         self.cost = cost
+        self._scaled: dict[float, torch.Tensor] = {}
 
     def __call__(self, h: torch.Tensor, eps: float, rows: torch.Tensor | None = None) -> torch.Tensor:
-        cost = self.cost if rows is None else self.cost[rows]
-        return torch.logsumexp(h[:, None, :] - cost / eps, -1)
+        if eps not in self._scaled:  # −C/ε, once per ε of the schedule
+            self._scaled = {eps: self.cost / -eps}
+        scaled = self._scaled[eps]
+        # one gathered copy, then in place: no (n, s, s) temporaries beyond it, and the
+        # clamped logsumexp keeps exp off its slow path for −inf weights
+        block = scaled.index_select(0, rows) if rows is not None else scaled.clone()
+        block += h[:, None, :]
+        return _lse_(block)
 
 
 # -- the solver ----------------------------------------------------------------------------
