@@ -37,5 +37,16 @@ browser:
 test-slow: $(STAMP)
 	$(BIN)/python -m pytest -q -m slow
 
+# Every benchmark at its full sizes (about an hour on 2 cores); each writes
+# benchmarks/results/<name>.{json,md} with machine info.
+bench: $(STAMP)
+	$(BIN)/python benchmarks/pipeline_throughput.py
+	$(BIN)/python benchmarks/metrics_build.py
+	$(BIN)/python benchmarks/service_latency.py
+	$(BIN)/python benchmarks/schulman_table.py
+	$(BIN)/python benchmarks/full_kl.py
+	$(BIN)/python benchmarks/regularizers.py
+	$(BIN)/python benchmarks/sinkhorn_vs_pot.py
+
 clean:
 	rm -rf $(VENV) runs build *.egg-info

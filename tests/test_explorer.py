@@ -158,7 +158,7 @@ def browser():
     driver.quit()
 
 
-def _wait(driver, condition, what: str, timeout: float = 20):
+def _wait(driver, condition, what: str, timeout: float = 45):  # generous: CI machines may be loaded
     from selenium.webdriver.support.ui import WebDriverWait
 
     try:

@@ -168,8 +168,9 @@ def test_killed_build_resumes_to_the_same_store(project, built, tmp_path):
     cache = out / "cache"
     deadline = time.monotonic() + 90
     try:
-        # kill in the middle of the embed stage: right after the tokenize entry is finished
-        while not list(cache.glob("tokenize-*/DONE")):
+        # kill in the middle of the embed stage: once its temporary directory exists (the
+        # stage then imports gensim and trains, which takes far longer than this poll)
+        while not list(cache.glob(".embed-*.tmp-*")):
             assert proc.poll() is None, proc.stderr.read().decode()
             assert time.monotonic() < deadline, "the build never finished tokenizing"
             time.sleep(0.005)
