@@ -205,27 +205,6 @@ def _check_ids(ids: np.ndarray, vocab_size: int, what: str) -> None:
         )
 
 
-def pair_costs(store: MetricStore, i: np.ndarray, j: np.ndarray, metric: str, *, cap: float | None = None) -> np.ndarray:
-    """Cost of each pair ``(i[n], j[n])`` under ``metric``, float32, vectorized.
-
-    Agrees with ``store.cost(i[n], j[n], metric)``. Stored metrics: O(n·k) through the
-    :class:`CostOperator`; ``tree``: O(n·depth); ``l2``: O(n·d) from the normalized
-    embeddings, ``sqrt(max(2 − 2·⟨e_i, e_j⟩, 0))``, ``cap`` for an unusable token, 0 on the
-    diagonal. ``cap``: the metric's cap, when the caller has it at hand (saves a metadata read).
-    """
-    if metric == TREE:
-        return np.asarray(store.tree().distance(i, j), dtype=np.float32)
-    if metric in EXACT_METRICS:
-        emb = store.embeddings(normalized=True)
-        dot = np.einsum("nd,nd->n", emb[i].astype(np.float64), emb[j].astype(np.float64))
-        d = np.sqrt(np.maximum(2 - 2 * dot, 0))
-        usable = store.usable
-        cap = float(store.metric_attrs(metric)["cap"]) if cap is None else cap
-        d = np.where(usable[i] & usable[j], d, cap)
-        return np.where(i == j, 0.0, d).astype(np.float32)
-    return np.asarray(store.operator(metric).cost(i, j), dtype=np.float32)
-
-
 def projection_bytes(store: MetricStore) -> bytes | None:
     """The store's 2-D map as the body of ``GET /projection``; None when the store has none.
 
@@ -279,6 +258,7 @@ def _warm(store: MetricStore) -> None:
     t0 = time.perf_counter()
     for metric in store.metrics:
         store.neighbors(0, k=1, metric=metric)  # operator / tree / normalized embeddings, texts
+        store.pair_costs(0, 0, metric)  # the cap, even when token 0 has no neighbours
     try:
         store.resolve("\x00warm")  # builds the text → ids table
     except VocabMetricError:
@@ -309,7 +289,6 @@ def create_app(
     store = open_store(store_path)
     _warm(store)
     V = store.vocab_size
-    caps = {metric: float(store.metric_attrs(metric).get("cap", np.nan)) for metric in store.metrics}
     stored = {metric for metric in store.metrics if metric not in EXACT_METRICS and metric != TREE}
     limits = {"max_k": max_k, "max_batch": max_batch, "max_pairs": max_pairs, "max_body_bytes": max_body_bytes}
     projection = projection_bytes(store)
@@ -416,7 +395,7 @@ def create_app(
         """The cost between two tokens."""
         _check_metric(store, metric)
         i, j = store.resolve(a), store.resolve(b)
-        c = pair_costs(store, np.array([i]), np.array([j]), metric, cap=caps[metric])[0]
+        c = store.pair_costs(i, j, metric)
         return {"a": token_model(i), "b": token_model(j), "metric": metric, "cost": float(c)}
 
     @app.post("/cost", response_model=CostBatchResponse, tags=["queries"])
@@ -428,7 +407,7 @@ def create_app(
 
         def answer() -> dict:
             ids = _pair_ids(store, body.pairs)
-            return {"metric": body.metric, "costs": pair_costs(store, ids[:, 0], ids[:, 1], body.metric, cap=caps[body.metric]).tolist()}
+            return {"metric": body.metric, "costs": store.pair_costs(ids[:, 0], ids[:, 1], body.metric).tolist()}
 
         return await run(answer, inline=len(body.pairs) <= INLINE_PAIRS)
 

@@ -371,9 +371,12 @@ class MetricStore:
             raise StoreError(f"{self.path} has no metric {metric!r}; it has: {', '.join(self.metrics)}")
 
     def _cap(self, metric: str) -> float:
-        if f"metrics/{metric}" in self._root:
-            return float(self._root[f"metrics/{metric}"].attrs["cap"])
-        return 2.0  # the largest Euclidean distance between unit vectors
+        caps = self.__dict__.setdefault("_caps", {})
+        if metric not in caps:  # cached: a zarr metadata read costs ~0.5 ms, too much per query
+            key = f"metrics/{metric}"
+            # an exact l2 with no stored table: the largest distance between unit vectors
+            caps[metric] = float(self._root[key].attrs["cap"]) if key in self._root else 2.0
+        return caps[metric]
 
     def operator(self, metric: str = "knn") -> CostOperator:
         """The truncated :class:`CostOperator` of a stored metric (fingerprint set)."""
@@ -429,7 +432,7 @@ class MetricStore:
                 bad = int(t.min() if t.min() < 0 else t.max())
                 raise TokenizerError(f"token id {bad} is out of range [0, {self.vocab_size}) for {self.tokenizer_spec}")
         if metric == TREE:
-            return self.tree().distance(i, j).astype(np.float32)
+            return np.asarray(self.tree().distance(i, j), dtype=np.float32)
         if metric in EXACT_METRICS:
             emb = self.embeddings(normalized=True)
             ip = np.einsum("...d,...d->...", emb[i].astype(np.float64), emb[j].astype(np.float64))
@@ -437,7 +440,7 @@ class MetricStore:
             usable = self.usable
             d = np.where(usable[i] & usable[j], d, self._cap(metric))
             return np.where(i == j, 0.0, d).astype(np.float32)
-        return self.operator(metric).cost(i, j)
+        return np.asarray(self.operator(metric).cost(i, j), dtype=np.float32)
 
     def neighbors(self, token: Token, k: int = 10, metric: str = "knn") -> list[Neighbor]:
         """The ``k`` cheapest tokens from ``token`` under ``metric`` (the token itself excluded).
