@@ -118,7 +118,7 @@ class TiktokenTokenizer(_Base):
         self.spec = f"tiktoken:{name}"
         self.name = name
         try:
-            from bpe_openai import _bindings, registry
+            from bpe_openai import registry
         except ImportError as exc:  # pragma: no cover - a core dependency
             raise TokenizerError("bpe-openai is not installed: `pip install bpe-openai`") from exc
         if name not in registry.ENCODING_CONSTRUCTORS:

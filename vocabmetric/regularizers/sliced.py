@@ -48,18 +48,7 @@ from torch import nn
 from ..errors import VocabMetricError
 from ..operator import check_fingerprint
 from ._inputs import Reference, check_width
-from .tree import (
-    BACKENDS,
-    ClosedFormFunction,
-    flatten_reference,
-    raise_bad_inputs,
-    reference_chunk,
-    run_rows,
-    slice_reference,
-    softmax_into,
-)
-
-_CHUNK_ELEMENTS = 1 << 22
+from .tree import BACKENDS, run_rows, solve_by_chunks
 
 _NUMBA_KERNEL = None
 
@@ -277,45 +266,24 @@ class SlicedWasserstein(nn.Module):
             raise VocabMetricError(f"{where}: logits must be [..., V], got a scalar")
         check_width(self.vocab_size, logits, where)
         check_fingerprint(self.fingerprint, fingerprint, where)
-        vocab_size = logits.shape[-1]
-        lead = logits.shape[:-1]
         dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
         backend = self._backend_for(logits.device)
-        flat_ref = flatten_reference(ref, logits, where)
-        rows = self.chunk_size or max(1, _CHUNK_ELEMENTS // max(vocab_size, 1))
-        want_grad = torch.is_grad_enabled() and logits.requires_grad
         if backend == "numba":
             gaps = self.gaps_.astype(np.float32 if dtype == torch.float32 else np.float64)
         else:
             tables = self._torch_tables(logits.device, dtype)
 
-        def run(flat: torch.Tensor):
-            n = flat.shape[0]
-            value = torch.empty(n, dtype=dtype, device=flat.device)
-            dz = torch.empty((n, vocab_size), dtype=dtype, device=flat.device) if want_grad else None
-            buffers = torch.empty((2, min(rows, n), vocab_size), dtype=dtype, device=flat.device)
-            for lo in range(0, n, rows):
-                part = slice(lo, lo + rows)
-                m = flat[part].shape[0]
-                p = softmax_into(flat[part], buffers[0, :m])
-                q = reference_chunk(slice_reference(flat_ref, part), flat[part], buffers[1, :m], where).contiguous()
-                dz_part = dz[part] if want_grad else None
-                if backend == "numba":
-                    dz_rows = dz_part.numpy() if want_grad else np.empty((m, 0), dtype=p.numpy().dtype)
-                    run_rows(_numba_kernel(), (p.numpy(), q.numpy(), value[part].numpy(), dz_rows),
-                             (self.order_, gaps, self.untrained_, want_grad))
-                else:
-                    _chunk_torch(tables, p, q, value[part], dz_part)
-            return value, dz
+        def chunk(p, q, value_out, dz_out) -> None:
+            q = q.contiguous()
+            if backend == "numba":
+                want_grad = dz_out is not None
+                dz_rows = dz_out.numpy() if want_grad else np.empty((p.shape[0], 0), dtype=p.numpy().dtype)
+                run_rows(_numba_kernel(), (p.numpy(), q.numpy(), value_out.numpy(), dz_rows),
+                         (self.order_, gaps, self.untrained_, want_grad))
+            else:
+                _chunk_torch(tables, p, q, value_out, dz_out)
 
-        flat = logits.reshape(-1, vocab_size)
-        if want_grad:
-            value = ClosedFormFunction.apply(flat, run)
-        else:
-            value, _ = run(flat.detach())
-        if torch.isnan(value).any():  # NaN inputs are found here, not by an extra pass over them
-            raise_bad_inputs(flat, flat_ref, where)
-        return value.reshape(lead)
+        return solve_by_chunks(logits, ref, chunk, chunk_size=self.chunk_size, dtype=dtype, where=where)
 
 
 def _chunk_torch(tables, p, q, value_out, dz_out) -> None:

@@ -303,41 +303,55 @@ class TreeWasserstein(nn.Module):
         if logits.dim() == 0:
             raise VocabMetricError(f"{where}: logits must be [..., V], got a scalar")
         self.tree.check_vocab(logits.shape[-1], fingerprint, what=where)
-        vocab_size = logits.shape[-1]
-        lead = logits.shape[:-1]
         dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
         backend = self._backend_for(logits.device)
         key = (str(logits.device), dtype)
         if backend == "torch" and key not in self._tables:
             self._tables[key] = self.layout.torch_tables(logits.device, dtype)
-        flat_ref = flatten_reference(ref, logits, where)
-        rows = self.chunk_size or max(1, _CHUNK_ELEMENTS // max(vocab_size, 1))
-        want_grad = torch.is_grad_enabled() and logits.requires_grad
 
-        def run(flat: torch.Tensor):
-            n = flat.shape[0]
-            value = torch.empty(n, dtype=dtype, device=flat.device)
-            dz = torch.empty((n, vocab_size), dtype=dtype, device=flat.device) if want_grad else None
-            buffers = torch.empty((2, min(rows, n), vocab_size), dtype=dtype, device=flat.device)
-            for lo in range(0, n, rows):
-                part = slice(lo, lo + rows)
-                p = softmax_into(flat[part], buffers[0, : flat[part].shape[0]])
-                q = reference_chunk(slice_reference(flat_ref, part), flat[part], buffers[1, : flat[part].shape[0]], where)
-                dz_part = dz[part] if want_grad else None
-                if backend == "numba":
-                    _chunk_numba(self.layout, p.contiguous(), q.contiguous(), value[part], dz_part)
-                else:
-                    _chunk_torch(self.layout, self._tables[key], p, q, value[part], dz_part)
-            return value, dz
+        def chunk(p, q, value_out, dz_out) -> None:
+            if backend == "numba":
+                _chunk_numba(self.layout, p.contiguous(), q.contiguous(), value_out, dz_out)
+            else:
+                _chunk_torch(self.layout, self._tables[key], p, q, value_out, dz_out)
 
-        flat = logits.reshape(-1, vocab_size)
-        if want_grad:
-            value = ClosedFormFunction.apply(flat, run)
-        else:
-            value, _ = run(flat.detach())
-        if torch.isnan(value).any():  # NaN inputs are found here, not by an extra pass over them
-            raise_bad_inputs(flat, flat_ref, where)
-        return value.reshape(lead)
+        return solve_by_chunks(logits, ref, chunk, chunk_size=self.chunk_size, dtype=dtype, where=where)
+
+
+def solve_by_chunks(logits: torch.Tensor, ref: Reference, chunk, *, chunk_size: int | None, dtype: torch.dtype,
+                    where: str) -> torch.Tensor:
+    """Per-position values ``[...]`` of a closed-form regularizer, with its gradient.
+
+    Positions are taken ``chunk_size`` at a time (default: about 4M elements a chunk):
+    ``p = softmax(logits)`` and the reference ``q``
+    are written into two reused ``(chunk, V)`` buffers, and ``chunk(p, q, value_out, dz_out)``
+    fills the chunk's values and (when a gradient is wanted; else ``dz_out`` is None) its
+    ``∂W/∂z``, which :class:`ClosedFormFunction` saves for backward. A NaN value is traced
+    back to its input by :func:`raise_bad_inputs` (no upfront pass over the logits).
+    """
+    vocab_size = logits.shape[-1]
+    rows = chunk_size or max(1, _CHUNK_ELEMENTS // max(vocab_size, 1))
+    flat_ref = flatten_reference(ref, logits, where)
+    want_grad = torch.is_grad_enabled() and logits.requires_grad
+
+    def run(flat: torch.Tensor):
+        n = flat.shape[0]
+        value = torch.empty(n, dtype=dtype, device=flat.device)
+        dz = torch.empty((n, vocab_size), dtype=dtype, device=flat.device) if want_grad else None
+        buffers = torch.empty((2, min(rows, n), vocab_size), dtype=dtype, device=flat.device)
+        for lo in range(0, n, rows):
+            part = slice(lo, lo + rows)
+            m = flat[part].shape[0]
+            p = softmax_into(flat[part], buffers[0, :m])
+            q = reference_chunk(slice_reference(flat_ref, part), flat[part], buffers[1, :m], where)
+            chunk(p, q, value[part], dz[part] if want_grad else None)
+        return value, dz
+
+    flat = logits.reshape(-1, vocab_size)
+    value = ClosedFormFunction.apply(flat, run) if want_grad else run(flat.detach())[0]
+    if torch.isnan(value).any():  # NaN inputs are found here, not by an extra pass over them
+        raise_bad_inputs(flat, flat_ref, where)
+    return value.reshape(logits.shape[:-1])
 
 
 def flatten_reference(ref: Reference, logits: torch.Tensor, where: str) -> Reference:
