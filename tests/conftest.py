@@ -8,6 +8,12 @@ opens the store. Built once per test session (about 20 s on 2 cores).
 from __future__ import annotations
 
 import gzip
+import socket
+import subprocess
+import sys
+import threading
+import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -87,3 +93,78 @@ def small_store(small_build):
     from vocabmetric import open_store
 
     return open_store(small_build[1].store_path)
+
+
+# -- servers on loopback -------------------------------------------------------------------
+VOCABMETRIC = Path(sys.executable).with_name("vocabmetric")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_healthy(url: str, alive, log=lambda: "", timeout: float = 60) -> None:
+    """Poll ``url``/healthz until it answers 200; fail with the server's log if it dies or times out."""
+    import httpx
+
+    deadline = time.monotonic() + timeout
+    while True:
+        if not alive():
+            pytest.fail(f"the server at {url} exited before answering:\n{log()[-3000:]}")
+        try:
+            if httpx.get(f"{url}/healthz", timeout=1).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        if time.monotonic() > deadline:
+            pytest.fail(f"the server at {url} did not answer /healthz within {timeout:g} s:\n{log()[-3000:]}")
+        time.sleep(0.1)
+
+
+@contextmanager
+def serve_subprocess(store_path: Path, log_path: Path, *args: str, timeout: float = 60):
+    """A real ``vocabmetric serve`` process on a free loopback port; yields its URL."""
+    port = free_port()
+    with open(log_path, "w") as fh:
+        proc = subprocess.Popen([str(VOCABMETRIC), "serve", str(store_path), "--port", str(port), *args],
+                                stdout=fh, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_healthy(url, lambda: proc.poll() is None, lambda: log_path.read_text(), timeout)
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+@contextmanager
+def serve_in_thread(store_path: Path, timeout: float = 60):
+    """The service app under uvicorn in a daemon thread on a free loopback port; yields its URL."""
+    import uvicorn
+
+    from vocabmetric.service import create_app
+
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(create_app(store_path), host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_healthy(url, thread.is_alive, timeout=timeout)
+        yield url
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+
+
+@pytest.fixture(scope="session")
+def small_store_url(small_store, tmp_path_factory):
+    """``vocabmetric serve`` on the small store, shared by the service and explorer tests."""
+    with serve_subprocess(small_store.path, tmp_path_factory.mktemp("serve") / "serve.log") as url:
+        yield url

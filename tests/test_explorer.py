@@ -15,10 +15,6 @@ the browser tests skip, saying so; the HTTP tests still run.
 from __future__ import annotations
 
 import json
-import socket
-import subprocess
-import sys
-import threading
 import time
 from pathlib import Path
 
@@ -26,9 +22,9 @@ import httpx
 import numpy as np
 import pytest
 
+from conftest import serve_in_thread, serve_subprocess
 from vocabmetric.errors import StoreError
 
-VOCABMETRIC = Path(sys.executable).with_name("vocabmetric")
 CHROMIUM, CHROMEDRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver")
 XSS = "<img src=x onerror=alert(1)>"
 HTML_TOKENS = [XSS, "&lt;b&gt;bold", "<script>alert(2)</script>"]
@@ -40,44 +36,10 @@ def shown(text: str) -> str:
     return text.replace(" ", "␣").replace("\n", "↵").replace("\t", "⇥") if text else "∅ (empty)"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _wait_healthy(url: str, alive, log: str = "") -> None:
-    deadline = time.monotonic() + 60
-    while True:
-        assert alive(), f"the server exited before answering:\n{log}"
-        try:
-            if httpx.get(f"{url}/healthz", timeout=1).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        assert time.monotonic() < deadline, f"the server did not answer /healthz within 60 s:\n{log}"
-        time.sleep(0.1)
-
-
 @pytest.fixture(scope="module")
-def small_url(small_store, tmp_path_factory):
+def small_url(small_store_url):
     """``vocabmetric serve`` on the small store (a subprocess on loopback)."""
-    port = _free_port()
-    log = tmp_path_factory.mktemp("explorer-serve") / "serve.log"
-    with open(log, "w") as fh:
-        proc = subprocess.Popen([str(VOCABMETRIC), "serve", str(small_store.path), "--port", str(port)],
-                                stdout=fh, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        _wait_healthy(url, lambda: proc.poll() is None, log.read_text()[-2000:] if log.exists() else "")
-        yield url
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+    return small_store_url
 
 
 def _write_tiny_store(path: Path, *, projection: bool) -> tuple[Path, np.ndarray]:
@@ -108,20 +70,6 @@ def _write_tiny_store(path: Path, *, projection: bool) -> tuple[Path, np.ndarray
     return path, xy
 
 
-def _serve_in_thread(path: Path):
-    import uvicorn
-
-    from vocabmetric.service import create_app
-
-    port = _free_port()
-    server = uvicorn.Server(uvicorn.Config(create_app(path), host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    url = f"http://127.0.0.1:{port}"
-    _wait_healthy(url, thread.is_alive)
-    return url, server, thread
-
-
 @pytest.fixture(scope="module")
 def html_store(tmp_path_factory):
     return _write_tiny_store(tmp_path_factory.mktemp("html") / "metric.zarr", projection=True)
@@ -130,10 +78,8 @@ def html_store(tmp_path_factory):
 @pytest.fixture(scope="module")
 def html_url(html_store):
     """The tiny HTML-token store, served by uvicorn in a thread on loopback."""
-    url, server, thread = _serve_in_thread(html_store[0])
-    yield url
-    server.should_exit = True
-    thread.join(timeout=10)
+    with serve_in_thread(html_store[0]) as url:
+        yield url
 
 
 # -- the browser -------------------------------------------------------------------------------
@@ -426,8 +372,7 @@ def test_a_store_without_a_map_answers_404_and_says_how_to_get_one(tmp_path):
     path, _ = _write_tiny_store(tmp_path / "metric.zarr", projection=False)
     with pytest.raises(StoreError, match="no 2-D map.*vocabmetric build"):
         open_store(path).projection2d()
-    url, server, thread = _serve_in_thread(path)
-    try:
+    with serve_in_thread(path) as url:
         response = httpx.get(f"{url}/projection")
         assert response.status_code == 404
         assert response.json()["error"]["type"] == "no_projection"
@@ -435,9 +380,6 @@ def test_a_store_without_a_map_answers_404_and_says_how_to_get_one(tmp_path):
         with Client(url) as client, pytest.raises(StoreError, match="no 2-D map"):
             client.projection()
         assert httpx.get(f"{url}/neighbors", params={"id": 10, "k": 2}).status_code == 200  # the rest still works
-    finally:
-        server.should_exit = True
-        thread.join(timeout=10)
 
 
 @pytest.mark.skipif(not Path(__file__).resolve().parent.parent.joinpath("runs/demo/metric.zarr").is_dir(),
@@ -446,17 +388,9 @@ def test_a_store_without_a_map_answers_404_and_says_how_to_get_one(tmp_path):
 def test_demo_screenshot(browser):  # pragma: no cover - regenerates docs/explorer.png by hand
     """``pytest -m slow tests/test_explorer.py -k demo``: docs/explorer.png from the demo store."""
     repo = Path(__file__).resolve().parent.parent
-    port = _free_port()
-    proc = subprocess.Popen([str(VOCABMETRIC), "serve", str(repo / "runs/demo/metric.zarr"), "--port", str(port)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        _wait_healthy(url, lambda: proc.poll() is None)
+    with serve_subprocess(repo / "runs/demo/metric.zarr", repo / "runs/demo/serve.log") as url:
         _open(browser, url, "#token=%20beautiful&a=knn&b=geodesic&k=12")
         _wait(browser, lambda d: _query_id(d) is not None, "the demo query")
         time.sleep(0.5)
         (repo / "docs").mkdir(exist_ok=True)
         browser.save_screenshot(str(repo / "docs" / "explorer.png"))
-    finally:
-        proc.terminate()
-        proc.wait(timeout=10)

@@ -9,60 +9,20 @@ requests must all come back right.
 from __future__ import annotations
 
 import json
-import socket
-import subprocess
-import sys
-import time
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import httpx
 import numpy as np
 import pytest
 
+from conftest import free_port, serve_in_thread, serve_subprocess
 from vocabmetric.errors import ConfigError, StoreError, TokenizerError, TokenNotFound, VocabMetricError
 from vocabmetric.service import MAX_BATCH, MAX_K, MAX_PAIRS, Client
 from vocabmetric.store import Neighbor
 
-VOCABMETRIC = Path(sys.executable).with_name("vocabmetric")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
-def base_url(small_store, tmp_path_factory):
-    """A running ``vocabmetric serve`` on the small store; stopped after the module."""
-    port = _free_port()
-    log = tmp_path_factory.mktemp("serve") / "serve.log"
-    with open(log, "w") as fh:
-        proc = subprocess.Popen([str(VOCABMETRIC), "serve", str(small_store.path), "--port", str(port)], stdout=fh, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 30
-    try:
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"vocabmetric serve exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
-            try:
-                if httpx.get(f"{url}/healthz", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(f"vocabmetric serve did not answer /healthz within 30 s:\n{log.read_text()[-3000:]}")
-            time.sleep(0.1)
-        yield url
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-    assert proc.returncode is not None
+def base_url(small_store_url):
+    return small_store_url
 
 
 @pytest.fixture(scope="module")
@@ -221,13 +181,8 @@ def test_bad_get_is_a_4xx_json_error_naming_the_value(http, path, params, status
 @pytest.fixture(scope="module")
 def duplicate_text_url(tmp_path_factory):
     """A real uvicorn server (in a thread) on a tiny store where ids 7 and 9 share a text."""
-    import threading
-
-    import uvicorn
-
     from vocabmetric.embeddings import Embeddings
     from vocabmetric.metrics import KnnMetric
-    from vocabmetric.service import create_app
     from vocabmetric.store import TruncatedMetric, write_store
 
     class Tok:
@@ -244,17 +199,8 @@ def duplicate_text_url(tmp_path_factory):
         counts=np.ones(vocab_size, np.int64), embeddings=Embeddings(vectors, trained, np.full(vocab_size, -1, np.int32), "random"),
         corpus={}, metrics={"knn": TruncatedMetric(knn.indices_, knn.costs_, knn.cap_, knn.params_)},
     )
-    port = _free_port()
-    server = uvicorn.Server(uvicorn.Config(create_app(path), host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 20
-    while not server.started:
-        assert time.monotonic() < deadline and thread.is_alive(), "the in-thread server did not start"
-        time.sleep(0.05)
-    yield f"http://127.0.0.1:{port}"
-    server.should_exit = True
-    thread.join(timeout=10)
+    with serve_in_thread(path, timeout=20) as url:
+        yield url
 
 
 def test_ambiguous_text_is_a_404_listing_the_candidate_ids(duplicate_text_url):
@@ -367,28 +313,12 @@ def test_client_raises_the_error_classes_with_the_server_message(client, small_s
 
 
 def test_serve_with_two_workers_answers_like_the_store(small_store, tmp_path):
-    port = _free_port()
-    with open(tmp_path / "serve.log", "w") as log:
-        proc = subprocess.Popen([str(VOCABMETRIC), "serve", str(small_store.path), "--port", str(port), "--workers", "2"],
-                                stdout=log, stderr=subprocess.STDOUT)
-    try:
-        with Client(f"http://127.0.0.1:{port}", timeout=5) as c:
-            deadline = time.monotonic() + 40
-            while True:
-                try:
-                    c.health()
-                    break
-                except VocabMetricError:
-                    assert proc.poll() is None and time.monotonic() < deadline, (tmp_path / "serve.log").read_text()[-3000:]
-                    time.sleep(0.2)
-            for i in range(0, small_store.vocab_size, 97):
-                assert c.neighbors(i, k=3, metric="knn") == small_store.neighbors(i, k=3, metric="knn")
-    finally:
-        proc.terminate()
-        proc.wait(timeout=20)
+    with serve_subprocess(small_store.path, tmp_path / "serve.log", "--workers", "2", timeout=40) as url, Client(url, timeout=5) as c:
+        for i in range(0, small_store.vocab_size, 97):
+            assert c.neighbors(i, k=3, metric="knn") == small_store.neighbors(i, k=3, metric="knn")
 
 
 def test_client_without_a_server_says_how_to_start_one():
-    with Client(f"http://127.0.0.1:{_free_port()}", timeout=2) as c:
+    with Client(f"http://127.0.0.1:{free_port()}", timeout=2) as c:
         with pytest.raises(VocabMetricError, match="vocabmetric serve"):
             c.info()
