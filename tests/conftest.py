@@ -95,6 +95,23 @@ def small_store(small_build):
     return open_store(small_build[1].store_path)
 
 
+def moved_mass(vocab_size: int, a: int, targets, mass: float = 0.3):
+    """``(logits (n, V), ref (n, V))`` float64: a reference peaked on token ``a`` (logit 8) and,
+    for each target, the same distribution with ``mass`` moved from ``a`` to that target."""
+    import torch
+
+    ref_logits = torch.zeros(vocab_size, dtype=torch.float64)
+    ref_logits[a] = 8.0
+    q = torch.softmax(ref_logits, -1)
+    moved = []
+    for target in targets:
+        p = q.clone()
+        p[a] -= mass
+        p[target] += mass
+        moved.append(p.log())
+    return torch.stack(moved), ref_logits.expand(len(moved), vocab_size)
+
+
 # -- servers on loopback -------------------------------------------------------------------
 VOCABMETRIC = Path(sys.executable).with_name("vocabmetric")
 

@@ -8,6 +8,7 @@ import pytest
 import torch
 from scipy.stats import wasserstein_distance
 
+from conftest import moved_mass
 from vocabmetric.errors import FingerprintMismatch, VocabMetricError
 from vocabmetric.regularizers import SlicedWasserstein, full_kl
 from vocabmetric.regularizers._inputs import reference_probs
@@ -148,17 +149,7 @@ def test_moving_mass_to_a_near_token_costs_less_than_to_a_far_one(small_store):
     a = int(usable[np.argmax(small_store.counts[usable])])
     near = small_store.neighbors(a, k=1, metric="l2")[0].id
     far = int(usable[np.argmax(small_store.costs_from(a, usable, "l2"))])
-    V = small_store.vocab_size
-    ref_logits = torch.zeros(V, dtype=torch.float64)
-    ref_logits[a] = 8.0
-    q = torch.softmax(ref_logits, -1)
-    moved = []
-    for target in (near, far):
-        p = q.clone()
-        p[a] -= 0.3
-        p[target] += 0.3
-        moved.append(p.log())
-    logits, ref = torch.stack(moved), ref_logits.expand(2, V)
+    logits, ref = moved_mass(small_store.vocab_size, a, (near, far), mass=0.3)
     kl = full_kl(logits, ref)
     torch.testing.assert_close(kl[0], kl[1])
     reg = SlicedWasserstein.from_store(small_store, n_projections=64)

@@ -7,6 +7,7 @@ import ot
 import pytest
 import torch
 
+from conftest import moved_mass
 from vocabmetric.errors import FingerprintMismatch, VocabMetricError
 from vocabmetric.operator import TreeMetric
 from vocabmetric.regularizers import TreeWasserstein, full_kl
@@ -164,18 +165,7 @@ def test_moving_mass_to_a_near_token_costs_less_than_to_a_far_one(small_store):
     near = small_store.neighbors(a, k=1, metric="tree")[0].id
     far = int(usable[np.argmax(tree.distance(np.full(len(usable), a), usable))])
     assert tree.distance(a, near) < tree.distance(a, far)
-    V = small_store.vocab_size
-    ref_logits = torch.zeros(V, dtype=torch.float64)
-    ref_logits[a] = 8.0
-    q = torch.softmax(ref_logits, -1)
-    moved = []
-    for target in (near, far):
-        p = q.clone()
-        p[a] -= 0.3
-        p[target] += 0.3
-        moved.append(p.log())
-    logits = torch.stack(moved)
-    ref = ref_logits.expand(2, V)
+    logits, ref = moved_mass(small_store.vocab_size, a, (near, far), mass=0.3)
     kl = full_kl(logits, ref)
     torch.testing.assert_close(kl[0], kl[1])  # KL: the same for both moves
     w = TreeWasserstein(tree)(logits, ref)
