@@ -25,6 +25,20 @@ def check_finite(tensor: torch.Tensor, name: str, where: str) -> None:
         )
 
 
+def raise_bad_logits(named: list[tuple[torch.Tensor, str]], where: str, what: str = "value") -> None:
+    """Name the input that made a result NaN (call it once a NaN was found, so valid inputs
+    pay no extra pass): a NaN, a +inf, or a row of only -inf (no distribution)."""
+    for tensor, name in named:
+        check_finite(tensor, name, where)
+        if torch.isposinf(tensor).any():
+            raise VocabMetricError(f"{where}: {name} contains +inf; logits must be finite or -inf")
+        empty = torch.isneginf(tensor).all(-1)
+        if empty.any():
+            row = int(empty.nonzero()[0, 0])
+            raise VocabMetricError(f"{where}: {name} row {row} (flattened) is all -inf: no distribution to compare")
+    raise VocabMetricError(f"{where}: the {what} came out NaN for valid inputs; please report it")
+
+
 def check_width(vocab_size: int, logits: torch.Tensor, where: str) -> None:
     """Raise :class:`FingerprintMismatch` if the logits width is not the operator's V."""
     if logits.shape[-1] != vocab_size:

@@ -26,7 +26,7 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from ..errors import ConfigError, VocabMetricError
-from ._inputs import check_finite
+from ._inputs import check_finite, raise_bad_logits
 
 ESTIMATORS = ("k1", "k2", "k3", "abs", "k1+", "k3+")
 AGGREGATIONS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum")
@@ -329,7 +329,7 @@ def full_kl(
     rows = chunk_size or max(1, _CHUNK_ELEMENTS // max(vocab_size, 1))
     kl = _FullKL.apply(flat, ref_flat, direction == "reverse", rows)
     if torch.isnan(kl).any():
-        _raise_bad_logits(flat, ref_flat, where)
+        raise_bad_logits([(flat, "logits"), (ref_flat, "ref_logits")], where, "KL")
     return kl.reshape(lead)
 
 
@@ -394,21 +394,6 @@ def _may_have_zero(prob: torch.Tensor) -> bool:
     Exact on CPU; True on accelerators, where asking would synchronize with the host.
     """
     return prob.device.type != "cpu" or bool(prob.amin() == 0)
-
-
-def _raise_bad_logits(logits: torch.Tensor, ref_logits: torch.Tensor, where: str) -> None:
-    """Name the input that made a KL NaN (called only once a NaN was found)."""
-    for tensor, name in ((logits, "logits"), (ref_logits, "ref_logits")):
-        check_finite(tensor, name, where)
-        if torch.isposinf(tensor).any():
-            raise VocabMetricError(f"{where}: {name} contains +inf; logits must be finite or -inf")
-        empty = torch.isneginf(tensor).all(-1)
-        if empty.any():
-            row = int(empty.nonzero()[0, 0])
-            raise VocabMetricError(
-                f"{where}: {name} row {row} (flattened) is all -inf: no distribution to compare"
-            )
-    raise VocabMetricError(f"{where}: the KL came out NaN for finite inputs; please report it")
 
 
 # --------------------------------------------------------------------------------------

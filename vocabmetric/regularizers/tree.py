@@ -44,7 +44,7 @@ from torch.autograd.function import once_differentiable
 
 from ..errors import VocabMetricError
 from ..operator import TreeMetric
-from ._inputs import Reference, check_finite, reference_probs
+from ._inputs import Reference, raise_bad_logits, reference_probs
 
 BACKENDS = ("auto", "numba", "torch")
 
@@ -402,14 +402,6 @@ def slice_reference(ref: Reference, part: slice) -> Reference:
 
 
 def raise_bad_inputs(flat: torch.Tensor, ref: Reference, where: str) -> None:
-    """Name what made a value NaN: NaN or +inf logits, or a row of only -inf."""
-    tensors = [(flat, "policy logits")] + ([(ref, "reference logits")] if isinstance(ref, torch.Tensor) else [])
-    for tensor, name in tensors:
-        check_finite(tensor, name, where)
-        if torch.isposinf(tensor).any():
-            raise VocabMetricError(f"{where}: {name} contain +inf; logits must be finite or -inf")
-        empty = torch.isneginf(tensor).all(-1)
-        if empty.any():
-            row = int(empty.nonzero()[0, 0])
-            raise VocabMetricError(f"{where}: {name} row {row} (flattened) is all -inf: no distribution")
-    raise VocabMetricError(f"{where}: the value came out NaN for valid inputs; please report it")
+    """Name what made a value NaN: the policy logits, or reference logits when given as a tensor."""
+    named = [(flat, "policy logits")] + ([(ref, "reference logits")] if isinstance(ref, torch.Tensor) else [])
+    raise_bad_logits(named, where)
