@@ -94,7 +94,7 @@ def validate_metrics(metrics: Mapping[str, Any]) -> None:
                     raise ConfigError(f"{where}.{key}: expected {type(default).__name__}, got {value!r}")
 
 
-def _graph_degree(kind: str, builder: Any) -> int:
+def _graph_degree(builder: Any) -> int:
     """How many flat kNN neighbours a builder reads (0: it builds none)."""
     if isinstance(builder, GeodesicMetric):
         return builder.k_graph
@@ -124,7 +124,7 @@ def build_metrics(metrics: Mapping[str, Any], emb: Any, stages: Any, emb_key: st
     usable = emb.usable
     projection = {"enabled": True, "n_neighbors": 15, "n_epochs": None, "seed": 0, **(projection or {})}
     project = bool(builders) and projection["enabled"] and usable.sum() >= 2
-    degree = max((_graph_degree(k, b) for k, b, _ in builders.values()), default=0)
+    degree = max((_graph_degree(b) for _, b, _ in builders.values()), default=0)
     if project:
         degree = max(degree, min(projection["n_neighbors"], int(usable.sum())) - 1)
     graph = None
@@ -140,14 +140,18 @@ def build_metrics(metrics: Mapping[str, Any], emb: Any, stages: Any, emb_key: st
         gdir = stages.run("knn-graph", graph_key, fit_graph)
         graph = (np.load(gdir / "indices.npy"), np.load(gdir / "costs.npy"))
 
+    def nearest(need: int) -> tuple[np.ndarray, np.ndarray]:
+        """The shared graph cut to each token's ``need`` nearest (rows are sorted by cost)."""
+        return graph[0][:, :need], graph[1][:, :need]
+
     truncated: dict[str, TruncatedMetric] = {}
     tree = None
     for name, (kind, builder, table) in builders.items():
-        need = _graph_degree(kind, builder)
+        need = _graph_degree(builder)
         key = stage_key(f"metric-{name}", table, emb_key, graph_key if need else "")
 
         def fit(tmp: Path, builder=builder, need=need) -> None:
-            knn = {"knn": (graph[0][:, :need], graph[1][:, :need])} if need else {}
+            knn = {"knn": nearest(need)} if need else {}
             builder.fit(emb.vectors, usable, **knn)
             fields = ("parent_", "weight_", "leaf_of_token_") if kind == TREE else ("indices_", "costs_")
             for f in fields:
@@ -161,12 +165,12 @@ def build_metrics(metrics: Mapping[str, Any], emb: Any, stages: Any, emb_key: st
             tree = TreeArrays(*(np.load(mdir / f"{f}.npy") for f in ("parent", "weight", "leaf_of_token")), attrs)
         else:
             truncated[name] = TruncatedMetric(np.load(mdir / "indices.npy"), np.load(mdir / "costs.npy"), meta["cap"], attrs)
-    extra = {PROJECTION: _projection(projection, emb, stages, emb_key, graph_key, graph, progress)} if project else {}
+    extra = {PROJECTION: _projection(projection, emb, stages, emb_key, graph_key, nearest, progress)} if project else {}
     return truncated, tree, extra
 
 
-def _projection(projection: Mapping[str, Any], emb: Any, stages: Any, emb_key: str, graph_key: str, graph: Any,
-                progress: bool | None) -> np.ndarray:
+def _projection(projection: Mapping[str, Any], emb: Any, stages: Any, emb_key: str, graph_key: str,
+                nearest: Any, progress: bool | None) -> np.ndarray:
     """The (V, 2) float32 UMAP layout of the usable tokens on the shared graph (cached stage)."""
     from .pipeline import stage_key
 
@@ -177,10 +181,9 @@ def _projection(projection: Mapping[str, Any], emb: Any, stages: Any, emb_key: s
     key = stage_key(PROJECTION, params, emb_key, graph_key)
 
     def fit(tmp: Path) -> None:
-        need = n_neighbors - 1
         umap = UmapMetric(n_components=2, k=1, n_neighbors=n_neighbors, seed=params["seed"], n_epochs=n_epochs,
                           progress=progress)
-        umap.fit(emb.vectors, usable, knn=(graph[0][:, :need], graph[1][:, :need]))
+        umap.fit(emb.vectors, usable, knn=nearest(n_neighbors - 1))
         np.save(tmp / f"{PROJECTION}.npy", umap.embedding_.astype(np.float32))
 
     return np.load(stages.run(PROJECTION, key, fit) / f"{PROJECTION}.npy")
