@@ -24,17 +24,12 @@ import numpy as np
 
 from .errors import ConfigError, StoreError
 from .store import EXACT_METRICS, TREE, MetricStore
+from .tokenizers import visible
 
 DPI = 100
-WHITESPACE = {" ": "␣", "\n": "↵", "\t": "⇥", "\r": "␍"}
 #: Tokens queried to sample the neighbour costs of a metric computed on demand (l2, tree).
 SAMPLED_QUERIES = 200
 SAMPLED_K = 16
-
-
-def visible(text: str) -> str:
-    """Token text with its whitespace visible (``" the"`` → ``"␣the"``); ``∅`` for the empty token."""
-    return "".join(WHITESPACE.get(c, c) for c in text) if text else "∅"
 
 
 def _figure(size: tuple[int, int], rows: int = 1, cols: int = 1):

@@ -255,6 +255,10 @@ def load_tokenizer(spec: str) -> _Base:
     raise TokenizerError(f"unknown tokenizer kind {kind!r} in spec {spec!r}; use 'tiktoken:' or 'hf:'")
 
 
+#: How whitespace shows in tables and plots: a leading space must never look blank.
+WHITESPACE = {" ": "␣", "\n": "↵", "\t": "⇥", "\r": "␍"}
+
+
 def visible(text: str) -> str:
-    """Make whitespace visible for display: a leading space as '␣', newlines as '↵', tabs as '⇥'."""
-    return text.replace(" ", "␣").replace("\n", "↵").replace("\t", "⇥")
+    """Token text with its whitespace visible (``" the"`` → ``"␣the"``); ``∅`` for the empty token."""
+    return "".join(WHITESPACE.get(c, c) for c in text) if text else "∅"
