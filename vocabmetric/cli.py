@@ -57,10 +57,8 @@ def build(
     except VocabMetricError as exc:
         _fail(exc)
     if not quiet:
-        from .pipeline import load_config
-
-        cfg, _ = load_config(config)
-        typer.echo(build_report(result, probes=cfg.report.probes, k=cfg.report.k))
+        report = result.config.report
+        typer.echo(build_report(result, probes=report.probes, k=report.k))
     else:
         typer.echo(str(result.store_path))
 

@@ -247,6 +247,7 @@ class BuildResult:
     store_path: Path
     stages: list[StageResult]
     stats: dict
+    config: PipelineConfig
 
 
 def build(
@@ -332,7 +333,7 @@ def build(
              "n_documents": corpus_stats["n_documents"], "n_trained": int(emb.trained.sum()),
              "n_borrowed": int((emb.borrowed_from >= 0).sum()),
              "tokens_per_second": corpus_stats["tokens_per_second"]}
-    return BuildResult(store_path, stages.results, stats)
+    return BuildResult(store_path, stages.results, stats, config)
 
 
 def _store_is_current(path: Path, key: str) -> bool:
