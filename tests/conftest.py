@@ -8,6 +8,7 @@ opens the store. Built once per test session (about 20 s on 2 cores).
 from __future__ import annotations
 
 import gzip
+import os
 import socket
 import subprocess
 import sys
@@ -16,11 +17,22 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
+import numpy as np
 import pytest
+import torch
 
 REPO = Path(__file__).resolve().parent.parent
 DATA = REPO / "data"
 LEE = DATA / "lee_background.txt.gz"
+
+
+@pytest.fixture(autouse=True)
+def seeded_global_rngs():
+    """Every test starts from the same global torch and NumPy RNG state: a test's random
+    inputs do not depend on which tests ran before it, so a failure reproduces. ``VOCABMETRIC_TEST_SEED`` picks another state."""
+    seed = int(os.environ.get("VOCABMETRIC_TEST_SEED", "0"))
+    torch.manual_seed(seed)
+    np.random.seed(seed)
 
 
 def lee_texts() -> list[str]:

@@ -78,10 +78,14 @@ def test_zero_with_zero_gradient_at_the_reference(backend):
 def test_finite_for_exact_zeros_and_huge_logits(backend):
     emb, _ = points(4)
     reg = SlicedWasserstein(emb, n_projections=8, backend=backend)
+    rows = torch.arange(4)
+    # huge logits whose top token leads by 1e5, so that softmax is one-hot in float32
     logits = torch.randn(4, 30) * 1e4
     logits[:, :10] = float("-inf")
+    logits[rows, torch.tensor([12, 25, 17, 29])] = 1e5
     ref = torch.randn(4, 30) * 1e4
     ref[:, 10:20] = float("-inf")
+    ref[rows, torch.tensor([3, 25, 28, 0])] = 1e5
     logits.requires_grad_()
     value = reg(logits, ref)
     value.sum().backward()

@@ -88,15 +88,19 @@ def test_zero_with_zero_gradient_at_the_reference(backend):
 def test_finite_for_exact_zeros_and_huge_logits(backend):
     tree = random_tree(np.random.default_rng(4), 50, 30, "tokens-are-leaves")
     reg = TreeWasserstein(tree, backend=backend)
+    rows = torch.arange(4)
+    # huge logits whose top token leads by 1e5, so that softmax is one-hot in float32
     logits = torch.randn(4, 30) * 1e4
     logits[:, :10] = float("-inf")  # exact zeros in p
+    logits[rows, torch.tensor([12, 25, 17, 29])] = 1e5
     ref = torch.randn(4, 30) * 1e4
     ref[:, 10:20] = float("-inf")  # exact zeros in q
+    ref[rows, torch.tensor([3, 25, 28, 0])] = 1e5
     logits.requires_grad_()
     value = reg(logits, ref)
     value.sum().backward()
     assert torch.isfinite(value).all() and torch.isfinite(logits.grad).all()
-    # one-hot p and q (logits ±1e4): W1 is the tree distance between the two tokens
+    # one-hot p and q: W1 is the tree distance between the two tokens
     i, j = logits.detach().argmax(-1), ref.argmax(-1)
     np.testing.assert_allclose(value.detach().numpy(), tree.distance(i.numpy(), j.numpy()), rtol=1e-5)
 
