@@ -87,6 +87,25 @@ max_leaf_size = 8
 """
 
 
+def fast_tokenizer(path: Path):
+    """A transformers fast tokenizer over a ``tokenizers`` JSON file (eos = pad = <|endoftext|>)."""
+    from transformers import PreTrainedTokenizerFast
+
+    return PreTrainedTokenizerFast(tokenizer_file=str(path), eos_token="<|endoftext|>", pad_token="<|endoftext|>")
+
+
+def tiny_llama(tokenizer, vocab_size: int | None = None, seed: int = 0):
+    """A one-layer Llama built from a config (random weights: nothing is downloaded)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=vocab_size or len(tokenizer), hidden_size=32, intermediate_size=64,
+                         num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2,
+                         max_position_embeddings=128, eos_token_id=tokenizer.eos_token_id,
+                         pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.eos_token_id)
+    return LlamaForCausalLM(config)
+
+
 @pytest.fixture(scope="session")
 def small_build(tmp_path_factory):
     """``(config_path, BuildResult)`` of the small pipeline (built once per session)."""

@@ -25,7 +25,7 @@ import hashlib
 import json
 from functools import cached_property
 from pathlib import Path
-from typing import Protocol, Sequence, runtime_checkable
+from typing import Any, Protocol, Sequence, runtime_checkable
 
 import numpy as np
 
@@ -193,9 +193,22 @@ class HFTokenizer(_Base):
         if not self.path.is_file():
             raise TokenizerError(f"tokenizer file {self.path} does not exist (spec {self.spec!r})")
         try:
-            self._hf = _HF.from_file(str(self.path))
+            hf = _HF.from_file(str(self.path))
         except Exception as exc:
             raise TokenizerError(f"cannot load {self.path} as a tokenizers JSON file: {exc}") from exc
+        self._read(hf)
+
+    @classmethod
+    def from_hf(cls, hf: Any, spec: str = "hf:<in memory>") -> "HFTokenizer":
+        """Wrap a loaded ``tokenizers.Tokenizer`` (e.g. a transformers fast tokenizer's
+        ``backend_tokenizer``): same token bytes, same fingerprint as its JSON file."""
+        self = cls.__new__(cls)
+        self.path, self.spec = None, spec
+        self._read(hf)
+        return self
+
+    def _read(self, hf: Any) -> None:
+        self._hf = hf
         vocab = self._hf.get_vocab(with_added_tokens=True)
         size = max(vocab.values()) + 1 if vocab else 0
         self._bytes = [b""] * size

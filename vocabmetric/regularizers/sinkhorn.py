@@ -504,6 +504,11 @@ class SinkhornDivergence(nn.Module):
     def vocab_size(self) -> int:
         return self.op.vocab_size
 
+    @property
+    def fingerprint(self) -> str | None:
+        """The tokenizer fingerprint of the cost operator (None if unknown)."""
+        return self.op.fingerprint
+
     def extra_repr(self) -> str:
         return f"{self.op!r}, eps={self.eps}, support={self.support}, debias={self.debias}"
 

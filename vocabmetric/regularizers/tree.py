@@ -285,6 +285,11 @@ class TreeWasserstein(nn.Module):
     def vocab_size(self) -> int:
         return self.tree.vocab_size
 
+    @property
+    def fingerprint(self) -> str | None:
+        """The tokenizer fingerprint of the tree (None if unknown)."""
+        return self.tree.fingerprint
+
     def extra_repr(self) -> str:
         return f"{self.tree!r}, backend={self.backend!r}"
 
