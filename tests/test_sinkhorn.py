@@ -164,6 +164,21 @@ def test_asymmetric_operator_is_symmetrized_and_says_so(caplog):
         SinkhornDivergence(asym, symmetrize=False)
 
 
+def test_stopping_far_from_tol_is_said_once_and_converging_is_silent(op, caplog):
+    z, r = logits_pair(200, n=3, scale=4.0)
+    with caplog.at_level(logging.WARNING, logger="vocabmetric"):
+        short = SinkhornDivergence(op, eps=0.05, max_iter=2, eps_scaling=0)
+        short(z, r)
+        short(z, r)
+    assert short.last_info["marginal_error"] > 1e-3
+    assert caplog.text.count("max_iter=2 stopped positions at an L1 marginal error") == 1
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="vocabmetric"):
+        done = SinkhornDivergence(op, eps=0.05, max_iter=5000, tol=1e-8)
+        done(z, r)
+    assert done.last_info["marginal_error"] <= 1e-8 and "marginal error" not in caplog.text
+
+
 def test_chunks_and_leading_dims_do_not_change_the_result(op):
     z, r = logits_pair(op.vocab_size, n=6, seed=11)
     whole = SinkhornDivergence(op, eps=0.3, tol=1e-10, max_iter=5000)(z, r)

@@ -485,6 +485,7 @@ class SinkhornDivergence(nn.Module):
             )
         self.last_info: dict = {}
         self._kernels: dict = {}
+        self._warned = False
 
     @classmethod
     def from_store(cls, store: Any, metric: str = "knn", **kw) -> "SinkhornDivergence":
@@ -572,7 +573,18 @@ class SinkhornDivergence(nn.Module):
         out = _SinkhornFunction.apply(logits, run)
         self.last_info = {key: max(i[key] for i in infos) for key in infos[0]} if infos else {}
         self.last_info.update(chunks=len(infos), eps=self.eps, mode="full" if self.support is None else "support")
+        self._warn_unconverged()
         return out
+
+    def _warn_unconverged(self) -> None:
+        """Say once per instance when ``max_iter`` ended the loop far from ``tol``: the value
+        is then off by up to about (marginal error × cap), and the gradient with it."""
+        err = max(self.last_info.get("marginal_error", 0.0), self.last_info.get("marginal_error_sym", 0.0))
+        if err > max(100 * self.tol, 1e-3) and not self._warned:
+            self._warned = True
+            LOG.warning("SinkhornDivergence: max_iter=%d stopped positions at an L1 marginal error of %.2g "
+                        "(tol %g); the value may be off by up to ≈ %.2g × cap. Raise max_iter or eps "
+                        "(last_info has the errors; this is said once)", self.max_iter, err, self.tol, err)
 
     def _support_chunk(self, p, q, eps_list):
         emb = None if self.embeddings is None else self.embeddings.to(p.device)
