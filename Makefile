@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q "$(TORCH)"
-	$(BIN)/python -m pip install -q -e ".[train,serve,dev]"
+	$(BIN)/python -m pip install -q -e ".[train,serve,trl,dev]"
 	touch $@
 
 run: $(STAMP)
@@ -47,6 +47,8 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/full_kl.py
 	$(BIN)/python benchmarks/regularizers.py
 	$(BIN)/python benchmarks/sinkhorn_vs_pot.py
+	$(BIN)/python benchmarks/trl_step.py
+	$(BIN)/python benchmarks/penalty_experiment.py
 
 clean:
 	rm -rf $(VENV) runs build *.egg-info
