@@ -164,6 +164,27 @@ def test_asymmetric_operator_is_symmetrized_and_says_so(caplog):
         SinkhornDivergence(asym, symmetrize=False)
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_fused_cpu_kernel_equals_the_gathered_torch_path(dtype):
+    """The numba kernel (CPU) and the gather-and-logsumexp path (any device) compute the
+    same log-kernel, -inf weights included, on an operator with rows of uneven degree."""
+    from vocabmetric.regularizers.sinkhorn import _numba_sparse_lse, _SparseLogKernel
+
+    if _numba_sparse_lse() is None:
+        pytest.skip("numba is not installed")
+    kernel = _SparseLogKernel(point_cloud_operator(300, k=9, symmetric=False).symmetrized(), "cpu", dtype)
+    assert len(kernel.buckets) > 1
+    h = torch.randn(5, 300, dtype=dtype, generator=torch.Generator().manual_seed(3)) * 4
+    h[0, :40] = float("-inf")
+    h[1] = float("-inf")
+    for eps in (0.5, 0.05):
+        fused, gathered = kernel._fused(h, eps), kernel._gathered(h, eps)
+        assert torch.equal(torch.isneginf(fused), torch.isneginf(gathered))
+        finite = torch.isfinite(gathered)
+        torch.testing.assert_close(fused[finite], gathered[finite], rtol=1e-12 if dtype == torch.float64 else 1e-5,
+                                   atol=1e-12 if dtype == torch.float64 else 1e-5)
+
+
 def test_stopping_far_from_tol_is_said_once_and_converging_is_silent(op, caplog):
     z, r = logits_pair(200, n=3, scale=4.0)
     with caplog.at_level(logging.WARNING, logger="vocabmetric"):

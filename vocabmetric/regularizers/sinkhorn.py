@@ -66,6 +66,7 @@ from torch.autograd.function import once_differentiable
 from ..errors import VocabMetricError
 from ..operator import CostOperator
 from ._inputs import Reference, check_finite, check_width, reference_probs
+from .tree import run_rows
 
 LOG = logging.getLogger(__name__)
 
@@ -141,6 +142,12 @@ class _SparseLogKernel:
         return self._tables[eps]
 
     def __call__(self, h: torch.Tensor, eps: float, rows: torch.Tensor | None = None) -> torch.Tensor:
+        if h.device.type == "cpu" and _numba_sparse_lse() is not None:
+            return self._fused(h, eps)
+        return self._gathered(h, eps)
+
+    def _gathered(self, h: torch.Tensor, eps: float) -> torch.Tensor:
+        """The torch path (any device): gather each bucket's ``[n, members, w]`` block."""
         n = h.shape[0]
         h = h.contiguous()
         out = torch.empty_like(h) if len(self.buckets) > 1 else None
@@ -154,6 +161,76 @@ class _SparseLogKernel:
                 out.index_copy_(1, ids, lse)
         dense = _lse_(h.clone()).unsqueeze_(-1) - self.cap / eps
         return torch.logaddexp(out, dense)
+
+
+    def _fused(self, h: torch.Tensor, eps: float) -> torch.Tensor:
+        """The CPU path: one numba pass per token over its stored neighbours for all rows at
+        once, never the ``[n, V, w]`` block the torch path gathers (O(n·V) memory instead of
+        O(n·V·w)). Rows are the inner axis (``h`` transposed), so each neighbour's values
+        for every row are one contiguous read."""
+        if not hasattr(self, "_ell"):  # int32 neighbour tables and row ids, built once
+            self._ell = [
+                (np.arange(self.vocab_size, dtype=np.int32) if ids is None else ids.numpy().astype(np.int32),
+                 flat.numpy().astype(np.int32).reshape(-1, w))
+                for ids, flat, _, w in self.buckets
+            ]
+        h_t = h.detach().t().contiguous().numpy()  # (V, n)
+        dense = (_lse_(h.detach().clone()) - self.cap / eps).numpy()
+        out_t = np.empty_like(h_t)
+        kernel = _numba_sparse_lse()
+        for (members, index), table in zip(self._ell, self.tables(eps)):
+            run_rows(kernel, (index, table.numpy(), members), (h_t, dense, out_t))
+        return torch.from_numpy(out_t).t()
+
+
+_SPARSE_LSE = None
+
+
+def _numba_sparse_lse():
+    """Compile (once, cached on disk) the fused sparse log-kernel; None without numba.
+
+    For each token ``i`` of a bucket and every row ``r``:
+    ``out[members[i], r] = logaddexp(log Σ_j exp(h[index[i, j], r] + table[i, j]), dense[r])``,
+    two passes over the ``w`` stored neighbours (max, then the sum of the exps above the
+    max − 80). Serial and GIL-free: :func:`~.tree.run_rows` gives each thread a range of tokens.
+    """
+    global _SPARSE_LSE
+    if _SPARSE_LSE is None:
+        try:
+            import numba
+        except ImportError:  # numba comes with umap-learn; without it the torch path runs
+            _SPARSE_LSE = False
+            return None
+
+        @numba.njit(cache=True, nogil=True)
+        def sparse_lse(index, table, members, h, dense, out):
+            m, w = index.shape
+            n = h.shape[1]
+            top = np.empty(n, dtype=h.dtype)
+            total = np.empty(n, dtype=np.float64)
+            for i in range(m):
+                top[:] = dense
+                for j in range(w):
+                    c, t = index[i, j], table[i, j]
+                    for r in range(n):
+                        v = h[c, r] + t
+                        if v > top[r]:
+                            top[r] = v
+                for r in range(n):
+                    gap = dense[r] - top[r]
+                    total[r] = np.exp(gap) if gap > _FLOOR else 0.0  # False for -inf - -inf
+                for j in range(w):
+                    c, t = index[i, j], table[i, j]
+                    for r in range(n):
+                        v = h[c, r] + t - top[r]
+                        if v > _FLOOR:
+                            total[r] += np.exp(v)
+                o = members[i]
+                for r in range(n):
+                    out[o, r] = top[r] + np.log(total[r]) if top[r] > -np.inf else top[r]
+
+        _SPARSE_LSE = sparse_lse
+    return _SPARSE_LSE or None
 
 
 def _lse_(block: torch.Tensor) -> torch.Tensor:
