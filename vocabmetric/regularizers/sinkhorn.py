@@ -164,23 +164,38 @@ class _SparseLogKernel:
 
 
     def _fused(self, h: torch.Tensor, eps: float) -> torch.Tensor:
-        """The CPU path: one numba pass per token over its stored neighbours for all rows at
-        once, never the ``[n, V, w]`` block the torch path gathers (O(n·V) memory instead of
-        O(n·V·w)). Rows are the inner axis (``h`` transposed), so each neighbour's values
-        for every row are one contiguous read."""
+        """The CPU path (numba): never the ``[n, V, w]`` block the torch path gathers, so
+        O(n·V) memory instead of O(n·V·w), and no ``exp`` in the inner loop.
+
+        With ``m_r = max_c h[r, c]``, ``E = exp(h − m)`` (float64, rows as the contiguous
+        inner axis) and ``K = exp(table)``, a token's value is
+        ``m_r + log(Σ_j K_ij E[c_ij] + exp(dense_r − m_r))``: one multiply-add per stored
+        neighbour. A (token, row) whose sum underflows (every term below e^−640 of the
+        row's max) is recomputed in the log domain, so nothing the log-domain kernel keeps
+        (terms above e^−80 of the token's largest) is lost.
+        """
         if not hasattr(self, "_ell"):  # int32 neighbour tables and row ids, built once
+            self._weights: dict[float, list] = {}
             self._ell = [
                 (np.arange(self.vocab_size, dtype=np.int32) if ids is None else ids.numpy().astype(np.int32),
                  flat.numpy().astype(np.int32).reshape(-1, w))
                 for ids, flat, _, w in self.buckets
             ]
-        h_t = h.detach().t().contiguous().numpy()  # (V, n)
-        dense = (_lse_(h.detach().clone()) - self.cap / eps).numpy()
-        out_t = np.empty_like(h_t)
+        h64 = h.detach().double()
+        top = h64.amax(-1, keepdim=True)
+        top = torch.where(torch.isfinite(top), top, 0.0)
+        h_t = (h64 - top).t().contiguous()  # (V, n): shifted log-weights
+        e_t = h_t.exp()
+        dense = (_lse_(h64.clone()) - top[:, 0] - self.cap / eps).numpy()  # shifted, like h_t
+        out_t = np.empty_like(h_t.numpy())
         kernel = _numba_sparse_lse()
-        for (members, index), table in zip(self._ell, self.tables(eps)):
-            run_rows(kernel, (index, table.numpy(), members), (h_t, dense, out_t))
-        return torch.from_numpy(out_t).t()
+        if eps not in self._weights:  # float64 log-weights and weights, per ε of the schedule
+            self._weights[eps] = [(lk, np.exp(lk)) for lk in (t.double().numpy() for t in self.tables(eps))]
+            if len(self._weights) > 64:
+                self._weights.pop(next(iter(self._weights)))
+        for (members, index), (log_k, k) in zip(self._ell, self._weights[eps]):
+            run_rows(kernel, (index, log_k, k, members), (h_t.numpy(), e_t.numpy(), dense, out_t))
+        return (torch.from_numpy(out_t).t() + top).to(h.dtype)
 
 
 _SPARSE_LSE = None
@@ -189,9 +204,10 @@ _SPARSE_LSE = None
 def _numba_sparse_lse():
     """Compile (once, cached on disk) the fused sparse log-kernel; None without numba.
 
-    For each token ``i`` of a bucket and every row ``r``:
-    ``out[members[i], r] = logaddexp(log Σ_j exp(h[index[i, j], r] + table[i, j]), dense[r])``,
-    two passes over the ``w`` stored neighbours (max, then the sum of the exps above the
+    For each token ``i`` of a bucket and every row ``r``, with shifted log-weights
+    ``h[c, r]`` (``e = exp(h)``) and ``k = exp(log_k)``:
+    ``out[members[i], r] = log(Σ_j k[i, j]·e[index[i, j], r] + exp(dense[r]))``; where that
+    sum underflows, the same in the log domain (two passes: max, then the exps above
     max − 80). Serial and GIL-free: :func:`~.tree.run_rows` gives each thread a range of tokens.
     """
     global _SPARSE_LSE
@@ -202,32 +218,37 @@ def _numba_sparse_lse():
             _SPARSE_LSE = False
             return None
 
-        @numba.njit(cache=True, nogil=True)
-        def sparse_lse(index, table, members, h, dense, out):
+        @numba.njit(cache=True, nogil=True, fastmath=False)
+        def sparse_lse(index, log_k, k, members, h, e, dense, out):
             m, w = index.shape
             n = h.shape[1]
-            top = np.empty(n, dtype=h.dtype)
+            base = np.exp(dense)
             total = np.empty(n, dtype=np.float64)
             for i in range(m):
-                top[:] = dense
+                total[:] = base
                 for j in range(w):
-                    c, t = index[i, j], table[i, j]
+                    c, kij = index[i, j], k[i, j]
                     for r in range(n):
-                        v = h[c, r] + t
-                        if v > top[r]:
-                            top[r] = v
-                for r in range(n):
-                    gap = dense[r] - top[r]
-                    total[r] = np.exp(gap) if gap > _FLOOR else 0.0  # False for -inf - -inf
-                for j in range(w):
-                    c, t = index[i, j], table[i, j]
-                    for r in range(n):
-                        v = h[c, r] + t - top[r]
-                        if v > _FLOOR:
-                            total[r] += np.exp(v)
+                        total[r] += kij * e[c, r]
                 o = members[i]
                 for r in range(n):
-                    out[o, r] = top[r] + np.log(total[r]) if top[r] > -np.inf else top[r]
+                    if total[r] > 1e-280:
+                        out[o, r] = np.log(total[r])
+                        continue
+                    top = dense[r]  # underflow: the log-domain sum for this (token, row)
+                    for j in range(w):
+                        v = h[index[i, j], r] + log_k[i, j]
+                        if v > top:
+                            top = v
+                    if top == -np.inf:
+                        out[o, r] = top
+                        continue
+                    acc = np.exp(dense[r] - top) if dense[r] - top > _FLOOR else 0.0
+                    for j in range(w):
+                        v = h[index[i, j], r] + log_k[i, j] - top
+                        if v > _FLOOR:
+                            acc += np.exp(v)
+                    out[o, r] = top + np.log(acc)
 
         _SPARSE_LSE = sparse_lse
     return _SPARSE_LSE or None
@@ -630,8 +651,12 @@ class SinkhornDivergence(nn.Module):
             item = flat_p.element_size()
             if self.support is None:
                 kernel = self._kernel(p.device, dtype)
-                # 4 stacked problems while annealing, each a (V, width) gathered block
-                chunk = self.chunk_size or max(1, int(CHUNK_BYTES // (4 * V * kernel.width * item)))
+                if p.device.type == "cpu" and _numba_sparse_lse() is not None:
+                    # the fused kernel: ~16 (V,) vectors per row (4 stacked problems' potentials,
+                    # weights and transposed copies); more rows per call amortize its table reads
+                    chunk = self.chunk_size or max(1, int(CHUNK_BYTES // (16 * V * item)))
+                else:  # 4 stacked problems while annealing, each a (V, width) gathered block
+                    chunk = self.chunk_size or max(1, int(CHUNK_BYTES // (4 * V * kernel.width * item)))
             else:
                 s = 2 * min(self.support, V) + 1
                 chunk = self.chunk_size or max(1, CHUNK_BYTES // (4 * s * s * item + 2 * V * 8))
