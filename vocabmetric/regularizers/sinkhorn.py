@@ -66,7 +66,7 @@ from torch.autograd.function import once_differentiable
 from ..errors import VocabMetricError
 from ..operator import CostOperator
 from ._inputs import Reference, check_finite, check_width, reference_probs
-from .tree import run_rows
+from ._numba import compile_once, run_rows
 
 LOG = logging.getLogger(__name__)
 
@@ -198,60 +198,50 @@ class _SparseLogKernel:
         return (torch.from_numpy(out_t).t() + top).to(h.dtype)
 
 
-_SPARSE_LSE = None
-
-
-def _numba_sparse_lse():
-    """Compile (once, cached on disk) the fused sparse log-kernel; None without numba.
+@compile_once
+def _numba_sparse_lse(numba):
+    """The fused sparse log-kernel (cached on disk).
 
     For each token ``i`` of a bucket and every row ``r``, with shifted log-weights
     ``h[c, r]`` (``e = exp(h)``) and ``k = exp(log_k)``:
     ``out[members[i], r] = log(Σ_j k[i, j]·e[index[i, j], r] + exp(dense[r]))``; where that
     sum underflows, the same in the log domain (two passes: max, then the exps above
-    max − 80). Serial and GIL-free: :func:`~.tree.run_rows` gives each thread a range of tokens.
+    max − 80). Serial and GIL-free: :func:`~._numba.run_rows` gives each thread a range of tokens.
     """
-    global _SPARSE_LSE
-    if _SPARSE_LSE is None:
-        try:
-            import numba
-        except ImportError:  # numba comes with umap-learn; without it the torch path runs
-            _SPARSE_LSE = False
-            return None
 
-        @numba.njit(cache=True, nogil=True, fastmath=False)
-        def sparse_lse(index, log_k, k, members, h, e, dense, out):
-            m, w = index.shape
-            n = h.shape[1]
-            base = np.exp(dense)
-            total = np.empty(n, dtype=np.float64)
-            for i in range(m):
-                total[:] = base
-                for j in range(w):
-                    c, kij = index[i, j], k[i, j]
-                    for r in range(n):
-                        total[r] += kij * e[c, r]
-                o = members[i]
+    @numba.njit(cache=True, nogil=True, fastmath=False)
+    def sparse_lse(index, log_k, k, members, h, e, dense, out):
+        m, w = index.shape
+        n = h.shape[1]
+        base = np.exp(dense)
+        total = np.empty(n, dtype=np.float64)
+        for i in range(m):
+            total[:] = base
+            for j in range(w):
+                c, kij = index[i, j], k[i, j]
                 for r in range(n):
-                    if total[r] > 1e-280:
-                        out[o, r] = np.log(total[r])
-                        continue
-                    top = dense[r]  # underflow: the log-domain sum for this (token, row)
-                    for j in range(w):
-                        v = h[index[i, j], r] + log_k[i, j]
-                        if v > top:
-                            top = v
-                    if top == -np.inf:
-                        out[o, r] = top
-                        continue
-                    acc = np.exp(dense[r] - top) if dense[r] - top > _FLOOR else 0.0
-                    for j in range(w):
-                        v = h[index[i, j], r] + log_k[i, j] - top
-                        if v > _FLOOR:
-                            acc += np.exp(v)
-                    out[o, r] = top + np.log(acc)
+                    total[r] += kij * e[c, r]
+            o = members[i]
+            for r in range(n):
+                if total[r] > 1e-280:
+                    out[o, r] = np.log(total[r])
+                    continue
+                top = dense[r]  # underflow: the log-domain sum for this (token, row)
+                for j in range(w):
+                    v = h[index[i, j], r] + log_k[i, j]
+                    if v > top:
+                        top = v
+                if top == -np.inf:
+                    out[o, r] = top
+                    continue
+                acc = np.exp(dense[r] - top) if dense[r] - top > _FLOOR else 0.0
+                for j in range(w):
+                    v = h[index[i, j], r] + log_k[i, j] - top
+                    if v > _FLOOR:
+                        acc += np.exp(v)
+                out[o, r] = top + np.log(acc)
 
-        _SPARSE_LSE = sparse_lse
-    return _SPARSE_LSE or None
+    return sparse_lse
 
 
 def _lse_(block: torch.Tensor) -> torch.Tensor:

@@ -48,62 +48,53 @@ from torch import nn
 from ..errors import VocabMetricError
 from ..operator import check_fingerprint
 from ._inputs import Reference, check_width
-from .tree import BACKENDS, run_rows, solve_by_chunks
+from ._numba import compile_once, run_rows
+from .tree import BACKENDS, solve_by_chunks
 
-_NUMBA_KERNEL = None
+@compile_once
+def _numba_kernel(numba):
+    """The per-position pass (cached on disk; serial and GIL-free)."""
 
+    @numba.njit(cache=True, nogil=True)
+    def sliced_rows(p, q, value, dz, order, gaps, untrained, want_grad):
+        n, vocab_size = p.shape
+        n_dir, n_sorted = order.shape
+        diff = np.empty(vocab_size, dtype=p.dtype)
+        grad = np.empty(vocab_size, dtype=p.dtype)
+        for r in range(n):
+            for i in range(vocab_size):
+                diff[i] = p[r, i] - q[r, i]
+                grad[i] = 0.0
+            total = 0.0
+            shift = 0.0  # g of the untrained point: it lies after every gap
+            for ell in range(n_dir):
+                cdf = 0.0  # Σ_{k ≤ j} (p − q)_σ(k)
+                acc = 0.0  # Σ_{k < j} gap_k·sign(C_k): g(σ(j)) up to a constant
+                if want_grad:
+                    for j in range(n_sorted):
+                        k = order[ell, j]
+                        grad[k] -= acc
+                        cdf += diff[k]
+                        gap = gaps[ell, j]
+                        total += gap * abs(cdf)
+                        acc += gap * (np.float64(cdf > 0) - np.float64(cdf < 0))
+                    shift -= acc
+                else:
+                    for j in range(n_sorted):
+                        cdf += diff[order[ell, j]]
+                        total += gaps[ell, j] * abs(cdf)
+            value[r] = total / n_dir
+            if not want_grad:
+                continue
+            for u in untrained:
+                grad[u] += shift
+            mean = 0.0
+            for i in range(vocab_size):
+                mean += p[r, i] * grad[i]
+            for i in range(vocab_size):
+                dz[r, i] = p[r, i] * (grad[i] - mean) / n_dir
 
-def _numba_kernel():
-    """Compile (once, cached on disk) the per-position pass; None without numba."""
-    global _NUMBA_KERNEL
-    if _NUMBA_KERNEL is None:
-        try:
-            import numba
-        except ImportError:  # numba comes with umap-learn; without it the torch backend runs
-            _NUMBA_KERNEL = False
-            return None
-
-        @numba.njit(cache=True, nogil=True)
-        def sliced_rows(p, q, value, dz, order, gaps, untrained, want_grad):
-            n, vocab_size = p.shape
-            n_dir, n_sorted = order.shape
-            diff = np.empty(vocab_size, dtype=p.dtype)
-            grad = np.empty(vocab_size, dtype=p.dtype)
-            for r in range(n):
-                for i in range(vocab_size):
-                    diff[i] = p[r, i] - q[r, i]
-                    grad[i] = 0.0
-                total = 0.0
-                shift = 0.0  # g of the untrained point: it lies after every gap
-                for ell in range(n_dir):
-                    cdf = 0.0  # Σ_{k ≤ j} (p − q)_σ(k)
-                    acc = 0.0  # Σ_{k < j} gap_k·sign(C_k): g(σ(j)) up to a constant
-                    if want_grad:
-                        for j in range(n_sorted):
-                            k = order[ell, j]
-                            grad[k] -= acc
-                            cdf += diff[k]
-                            gap = gaps[ell, j]
-                            total += gap * abs(cdf)
-                            acc += gap * (np.float64(cdf > 0) - np.float64(cdf < 0))
-                        shift -= acc
-                    else:
-                        for j in range(n_sorted):
-                            cdf += diff[order[ell, j]]
-                            total += gaps[ell, j] * abs(cdf)
-                value[r] = total / n_dir
-                if not want_grad:
-                    continue
-                for u in untrained:
-                    grad[u] += shift
-                mean = 0.0
-                for i in range(vocab_size):
-                    mean += p[r, i] * grad[i]
-                for i in range(vocab_size):
-                    dz[r, i] = p[r, i] * (grad[i] - mean) / n_dir
-
-        _NUMBA_KERNEL = sliced_rows
-    return _NUMBA_KERNEL or None
+    return sliced_rows
 
 
 class SlicedWasserstein(nn.Module):

@@ -45,6 +45,7 @@ from torch.autograd.function import once_differentiable
 from ..errors import VocabMetricError
 from ..operator import TreeMetric
 from ._inputs import Reference, raise_bad_logits, reference_probs
+from ._numba import compile_once, run_rows
 
 BACKENDS = ("auto", "numba", "torch")
 
@@ -107,85 +108,43 @@ class TreeLayout:
 
 
 # -- numba backend ---------------------------------------------------------------------------
-_NUMBA_KERNEL = None
+@compile_once
+def _numba_kernel(numba):
+    """The fused per-position sweep (cached on disk; serial and GIL-free:
+    :func:`~._numba.run_rows` spreads positions over threads)."""
 
+    @numba.njit(cache=True, nogil=True)
+    def tree_rows(p, q, value, dz, token_weight, token_target, inner_parent, inner_weight, want_grad):
+        n, vocab_size = p.shape
+        n_inner = inner_parent.shape[0]
+        mass = np.empty(n_inner, dtype=np.float64)
+        for r in range(n):
+            mass[:] = 0.0
+            total = 0.0
+            for i in range(vocab_size):  # private leaves, and the mass of every token
+                d = np.float64(p[r, i]) - np.float64(q[r, i])
+                total += token_weight[i] * abs(d)
+                mass[token_target[i]] += d
+            for v in range(n_inner - 1):  # bottom-up: children come before parents
+                mass[inner_parent[v]] += mass[v]
+                total += inner_weight[v] * abs(mass[v])
+            value[r] = total
+            if not want_grad:
+                continue
+            mass[n_inner - 1] = 0.0  # root: G = 0
+            for v in range(n_inner - 2, -1, -1):  # top-down: parents before children
+                m = mass[v]
+                mass[v] = inner_weight[v] * (np.float64(m > 0) - np.float64(m < 0)) + mass[inner_parent[v]]
+            mean = 0.0
+            for i in range(vocab_size):
+                d = np.float64(p[r, i]) - np.float64(q[r, i])
+                g = token_weight[i] * (np.float64(d > 0) - np.float64(d < 0)) + mass[token_target[i]]
+                dz[r, i] = g
+                mean += p[r, i] * g
+            for i in range(vocab_size):
+                dz[r, i] = p[r, i] * (dz[r, i] - mean)
 
-def _numba_kernel():
-    """Compile (once, cached on disk) the fused per-position sweep; None without numba.
-
-    The kernel is serial and releases the GIL; :func:`run_rows` spreads positions over
-    threads. (numba's ``parallel=True`` would start an OpenMP pool whose spinning threads
-    fight torch's own OpenMP pool for the cores between calls.)
-    """
-    global _NUMBA_KERNEL
-    if _NUMBA_KERNEL is None:
-        try:
-            import numba
-        except ImportError:  # numba comes with umap-learn; without it the torch backend runs
-            _NUMBA_KERNEL = False
-            return None
-
-        @numba.njit(cache=True, nogil=True)
-        def tree_rows(p, q, value, dz, token_weight, token_target, inner_parent, inner_weight, want_grad):
-            n, vocab_size = p.shape
-            n_inner = inner_parent.shape[0]
-            mass = np.empty(n_inner, dtype=np.float64)
-            for r in range(n):
-                mass[:] = 0.0
-                total = 0.0
-                for i in range(vocab_size):  # private leaves, and the mass of every token
-                    d = np.float64(p[r, i]) - np.float64(q[r, i])
-                    total += token_weight[i] * abs(d)
-                    mass[token_target[i]] += d
-                for v in range(n_inner - 1):  # bottom-up: children come before parents
-                    mass[inner_parent[v]] += mass[v]
-                    total += inner_weight[v] * abs(mass[v])
-                value[r] = total
-                if not want_grad:
-                    continue
-                mass[n_inner - 1] = 0.0  # root: G = 0
-                for v in range(n_inner - 2, -1, -1):  # top-down: parents before children
-                    m = mass[v]
-                    mass[v] = inner_weight[v] * (np.float64(m > 0) - np.float64(m < 0)) + mass[inner_parent[v]]
-                mean = 0.0
-                for i in range(vocab_size):
-                    d = np.float64(p[r, i]) - np.float64(q[r, i])
-                    g = token_weight[i] * (np.float64(d > 0) - np.float64(d < 0)) + mass[token_target[i]]
-                    dz[r, i] = g
-                    mean += p[r, i] * g
-                for i in range(vocab_size):
-                    dz[r, i] = p[r, i] * (dz[r, i] - mean)
-
-        _NUMBA_KERNEL = tree_rows
-    return _NUMBA_KERNEL or None
-
-
-_POOL = None
-
-
-def run_rows(kernel, rows: tuple, shared: tuple) -> None:
-    """``kernel(*rows[lo:hi], *shared)`` on contiguous blocks of positions, one per torch thread.
-
-    ``rows`` are arrays whose first axis is the position; ``shared`` are passed whole. The
-    kernel must release the GIL (``nogil=True``).
-    """
-    n_rows = rows[0].shape[0]
-    global _POOL
-    workers = max(1, min(torch.get_num_threads(), n_rows))
-    if workers == 1:
-        kernel(*rows, *shared)
-        return
-    if _POOL is None or _POOL._max_workers < workers:
-        from concurrent.futures import ThreadPoolExecutor
-
-        _POOL = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="vocabmetric-ot")
-    bounds = np.linspace(0, n_rows, workers + 1).astype(int)
-
-    def block(lo, hi):
-        kernel(*(a[lo:hi] for a in rows), *shared)
-
-    for future in [_POOL.submit(block, lo, hi) for lo, hi in zip(bounds[:-1], bounds[1:])]:
-        future.result()
+    return tree_rows
 
 
 def _chunk_numba(layout: TreeLayout, p, q, value, dz) -> None:
