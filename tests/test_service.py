@@ -65,6 +65,15 @@ def _error(response: httpx.Response) -> tuple[str, str]:
     return body["error"]["type"], body["error"]["message"]
 
 
+def assert_error_names(response: httpx.Response, status: int, type_: str, words: list[str]) -> None:
+    """The response is the JSON error ``type_`` with ``status``, its message naming ``words``."""
+    assert response.status_code == status
+    got_type, message = _error(response)
+    assert got_type == type_
+    for word in words:
+        assert word in message, (word, message)
+
+
 # -- service endpoints --------------------------------------------------------------------
 def test_healthz_and_info_describe_the_store(http, small_store):
     health = http.get("/healthz").json()
@@ -170,12 +179,7 @@ BAD_GETS = [
 
 @pytest.mark.parametrize("path,params,status,type_,words", BAD_GETS)
 def test_bad_get_is_a_4xx_json_error_naming_the_value(http, path, params, status, type_, words):
-    response = http.get(path, params=params)
-    assert response.status_code == status
-    got_type, message = _error(response)
-    assert got_type == type_
-    for word in words:
-        assert word in message, (word, message)
+    assert_error_names(http.get(path, params=params), status, type_, words)
 
 
 @pytest.fixture(scope="module")
@@ -205,9 +209,7 @@ def duplicate_text_url(tmp_path_factory):
 
 def test_ambiguous_text_is_a_404_listing_the_candidate_ids(duplicate_text_url):
     response = httpx.get(f"{duplicate_text_url}/neighbors", params={"token": " twin"})
-    assert response.status_code == 404
-    type_, message = _error(response)
-    assert type_ == "token_not_found" and "' twin'" in message and "[7, 9]" in message
+    assert_error_names(response, 404, "token_not_found", ["' twin'", "[7, 9]"])
     assert httpx.get(f"{duplicate_text_url}/neighbors", params={"id": 7, "k": 4}).json()["query"] == {"id": 7, "text": " twin"}
     with Client(duplicate_text_url) as c, pytest.raises(TokenNotFound, match="several ids"):
         c.cost(" twin", 3)
@@ -231,24 +233,17 @@ BAD_POSTS = [
 
 @pytest.mark.parametrize("path,body,status,type_,words", BAD_POSTS, ids=[f"{p}-{t}-{n}" for n, (p, _, _, t, _) in enumerate(BAD_POSTS)])
 def test_bad_post_is_a_4xx_json_error_naming_the_value(http, path, body, status, type_, words):
-    response = http.post(path, json=body)
-    assert response.status_code == status
-    got_type, message = _error(response)
-    assert got_type == type_
-    for word in words:
-        assert word in message, (word, message)
+    assert_error_names(http.post(path, json=body), status, type_, words)
 
 
 @pytest.mark.parametrize("path", ["/neighbors", "/cost"])
 def test_malformed_json_is_a_400(http, path):
     response = http.post(path, content=b'{"ids": [1, 2', headers={"content-type": "application/json"})
-    assert response.status_code == 400
-    assert _error(response)[0] == "malformed_json"
+    assert_error_names(response, 400, "malformed_json", [])
 
 
 def test_wrong_method_is_a_405_json_error(http):
-    response = http.delete("/cost")
-    assert response.status_code == 405 and _error(response)[0] == "method_not_allowed"
+    assert_error_names(http.delete("/cost"), 405, "method_not_allowed", [])
 
 
 # -- concurrency --------------------------------------------------------------------------------
