@@ -93,7 +93,6 @@ def main(argv=None) -> None:
     logging.getLogger("transformers").setLevel(logging.ERROR)
     import datasets
 
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         tokenizer = fast_tokenizer(train_bpe(tmp / "tokenizer.json"))

@@ -133,7 +133,6 @@ class VocabMetricGRPOTrainer(GRPOTrainer):
         self.penalty_name = _penalty_name(regularizer)
         self._checked_head = False
         policy = self._policy_model(self.model)
-        self._head_width = policy.get_output_embeddings().weight.shape[0]
         self._width = self._check_width(policy)
         self._fingerprint = self._check_fingerprint()
         if ref_model is not None:
@@ -154,8 +153,10 @@ class VocabMetricGRPOTrainer(GRPOTrainer):
         return inner
 
     def _check_width(self, policy) -> int:
+        """The logits width the penalty uses: the LM head's, or the metric's V when the head
+        is padded past the tokenizer."""
         V = self.regularizer.vocab_size
-        head = self._head_width
+        head = policy.get_output_embeddings().weight.shape[0]
         if V is None or head == V:
             return head
         n_tokens = len(self.processing_class) if self.processing_class is not None else None

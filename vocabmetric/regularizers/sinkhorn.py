@@ -127,6 +127,8 @@ class _SparseLogKernel:
             ))
         self.width = sum(len(b[1]) for b in self.buckets) / V  # mean padded width
         self._tables: dict[float, list[torch.Tensor]] = {}
+        self._ell: list | None = None  # the fused path's int32 tables, built on its first call
+        self._weights: dict[float, list] = {}  # and its float64 (log-weight, weight) pairs per ε
 
     def tables(self, eps: float) -> list[torch.Tensor]:
         if eps not in self._tables:
@@ -174,8 +176,7 @@ class _SparseLogKernel:
         row's max) is recomputed in the log domain, so nothing the log-domain kernel keeps
         (terms above e^−80 of the token's largest) is lost.
         """
-        if not hasattr(self, "_ell"):  # int32 neighbour tables and row ids, built once
-            self._weights: dict[float, list] = {}
+        if self._ell is None:  # int32 neighbour tables and row ids, built once
             self._ell = [
                 (np.arange(self.vocab_size, dtype=np.int32) if ids is None else ids.numpy().astype(np.int32),
                  flat.numpy().astype(np.int32).reshape(-1, w))
