@@ -66,7 +66,7 @@ from torch.autograd.function import once_differentiable
 from ..errors import VocabMetricError
 from ..operator import CostOperator
 from ._inputs import Reference, check_finite, check_width, reference_probs
-from ._numba import compile_once, run_rows
+from ._numba import compile_once, prefetch, run_rows
 
 LOG = logging.getLogger(__name__)
 
@@ -89,6 +89,15 @@ def _degree_widths(width: int) -> list[int]:
         out += [w, w * 3 // 2]
         w *= 2
     return sorted({min(x, width) for x in out})
+
+
+def _csr_table(index: np.ndarray, costs: np.ndarray, cap: float) -> tuple:
+    """``(indptr int64, neighbours int32, costs float64)``: each row's entries of cost
+    below ``cap`` (the row itself first), the only ones with a non-zero weight in S."""
+    keep = costs < cap
+    indptr = np.zeros(len(index) + 1, dtype=np.int64)
+    np.cumsum(keep.sum(1), out=indptr[1:])
+    return indptr, index[keep].astype(np.int32), costs[keep].astype(np.float64)
 
 
 class _SparseLogKernel:
@@ -127,8 +136,10 @@ class _SparseLogKernel:
             ))
         self.width = sum(len(b[1]) for b in self.buckets) / V  # mean padded width
         self._tables: dict[float, list[torch.Tensor]] = {}
-        self._ell: list | None = None  # the fused path's int32 tables, built on its first call
-        self._weights: dict[float, list] = {}  # and its float64 (log-weight, weight) pairs per ε
+        self._csr = _csr_table(index, costs, op.cap) if torch.device(device).type == "cpu" else None
+        self._tokens = np.arange(V, dtype=np.int32)  # the fused path's rows, all tokens
+        self._weights: dict[float, tuple] = {}  # and its (log-weight, weight) pairs per ε
+        self._buffers: torch.Tensor | None = None  # its scratch during one forward
 
     def tables(self, eps: float) -> list[torch.Tensor]:
         if eps not in self._tables:
@@ -143,104 +154,152 @@ class _SparseLogKernel:
                 self._tables.pop(next(iter(self._tables)))
         return self._tables[eps]
 
-    def __call__(self, h: torch.Tensor, eps: float, rows: torch.Tensor | None = None) -> torch.Tensor:
+    def __call__(self, h: torch.Tensor, eps: float, rows: torch.Tensor | None = None,
+                 out: torch.Tensor | None = None) -> torch.Tensor:
+        """The log-kernel of ``h (n, V)``; ``out`` (may be ``h`` itself) receives it if given."""
         if h.device.type == "cpu" and _numba_sparse_lse() is not None:
-            return self._fused(h, eps)
-        return self._gathered(h, eps)
+            return self._fused(h, eps, out)
+        return self._gathered(h, eps, out)
 
-    def _gathered(self, h: torch.Tensor, eps: float) -> torch.Tensor:
+    def _gathered(self, h: torch.Tensor, eps: float, out: torch.Tensor | None = None) -> torch.Tensor:
         """The torch path (any device): gather each bucket's ``[n, members, w]`` block."""
         n = h.shape[0]
         h = h.contiguous()
-        out = torch.empty_like(h) if len(self.buckets) > 1 else None
+        lse_all = torch.empty_like(h) if len(self.buckets) > 1 else None
         for (ids, flat, _, w), table in zip(self.buckets, self.tables(eps)):
             block = torch.index_select(h, 1, flat).view(n, -1, w)
             block += table
             lse = _lse_(block)
-            if out is None:
-                out = lse
+            if lse_all is None:
+                lse_all = lse
             else:
-                out.index_copy_(1, ids, lse)
+                lse_all.index_copy_(1, ids, lse)
         dense = _lse_(h.clone()).unsqueeze_(-1) - self.cap / eps
-        return torch.logaddexp(out, dense)
+        return torch.logaddexp(lse_all, dense, out=out)
 
 
-    def _fused(self, h: torch.Tensor, eps: float) -> torch.Tensor:
+    def _fused(self, h: torch.Tensor, eps: float, out: torch.Tensor | None = None) -> torch.Tensor:
         """The CPU path (numba): never the ``[n, V, w]`` block the torch path gathers, so
         O(n·V) memory instead of O(n·V·w), and no ``exp`` in the inner loop.
 
-        With ``m_r = max_c h[r, c]``, ``E = exp(h − m)`` (float64, rows as the contiguous
-        inner axis) and ``K = exp(table)``, a token's value is
-        ``m_r + log(Σ_j K_ij E[c_ij] + exp(dense_r − m_r))``: one multiply-add per stored
-        neighbour. A (token, row) whose sum underflows (every term below e^−640 of the
-        row's max) is recomputed in the log domain, so nothing the log-domain kernel keeps
-        (terms above e^−80 of the token's largest) is lost.
+        With ``m_r = max_c h[r, c]``, ``E = exp(h − m)`` (rows as the contiguous inner
+        axis, in the compute dtype) and ``K = exp(table)`` (one CSR entry per stored
+        neighbour, no padding), a token's value is
+        ``m_r + log(Σ_j K_ij E[j, r] + exp(dense_r − m_r))``: one multiply-add per stored
+        neighbour, vectorized over the rows. Exponents are raised to ``floor`` before
+        ``exp`` (no subnormals), which moves a sum by less than ``deg·e^floor``; a sum
+        above ``e^accept`` is therefore exact to the dtype's precision, and a (token, row)
+        below it — every neighbour far below the row's largest weight, which the dense
+        term rules out unless cap/ε > −accept (57 in float32, 640 in float64) — is
+        recomputed in the log domain.
         """
-        if self._ell is None:  # int32 neighbour tables and row ids, built once
-            self._ell = [
-                (np.arange(self.vocab_size, dtype=np.int32) if ids is None else ids.numpy().astype(np.int32),
-                 flat.numpy().astype(np.int32).reshape(-1, w))
-                for ids, flat, _, w in self.buckets
-            ]
-        h64 = h.detach().double()
-        top = h64.amax(-1, keepdim=True)
-        top = torch.where(torch.isfinite(top), top, 0.0)
-        h_t = (h64 - top).t().contiguous()  # (V, n): shifted log-weights
-        e_t = h_t.exp()
-        dense = (_lse_(h64.clone()) - top[:, 0] - self.cap / eps).numpy()  # shifted, like h_t
-        out_t = np.empty_like(h_t.numpy())
-        kernel = _numba_sparse_lse()
-        if eps not in self._weights:  # float64 log-weights and weights, per ε of the schedule
-            self._weights[eps] = [(lk, np.exp(lk)) for lk in (t.double().numpy() for t in self.tables(eps))]
-            if len(self._weights) > 64:
+        if self._csr is None:
+            raise VocabMetricError("the fused Sinkhorn kernel runs on CPU tensors only")
+        indptr, nbr, _ = self._csr
+        floor, accept = _FUSED_RANGE[self.dtype]
+        log_k, k = self._csr_weights(eps)
+        h = h.detach().to(self.dtype)
+        n, V = h.shape
+        top = h.amax(-1, keepdim=True)
+        finite = torch.isfinite(top)
+        top = torch.where(finite, top, 0.0)
+        h_t, e_t = self._scratch(n)  # (V, n), reused: see release()
+        h_t.copy_(h.t()).sub_(top.t())  # shifted log-weights (−inf kept for the fallback)
+        torch.clamp(h_t, min=floor, out=e_t).exp_()
+        # every token's dense term: −cap/ε + LSE_j h_j − m_r = −cap/ε + log Σ_j E[j, r]
+        dense = torch.where(finite[:, 0], e_t.sum(0).log_(), _NEG_INF).double() - self.cap / eps
+        base = dense.clamp(min=floor).exp().to(self.dtype)
+        if out is None or out.dtype != self.dtype or not out.is_contiguous():
+            out = torch.empty_like(h)  # (n, V), written by the kernel with the shift added back
+        run_rows(_numba_sparse_lse(), (self._tokens,),
+                 (indptr, nbr, log_k, k, h_t.numpy(), e_t.numpy(), base.numpy(), dense.numpy(),
+                  math.exp(accept), top[:, 0].double().numpy(), out.numpy()),
+                 cumulative=indptr)
+        return out
+
+    def _scratch(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Two (V, n) buffers for the fused path, kept until :meth:`release` (a Sinkhorn
+        solve calls the kernel hundreds of times, and a fresh 25–50 MB tensor costs
+        thousands of page faults each time)."""
+        size = self.vocab_size * n
+        if self._buffers is None or self._buffers.shape[1] < size:
+            self._buffers = torch.empty(2, size, dtype=self.dtype)
+        return tuple(b[:size].view(self.vocab_size, n) for b in self._buffers)
+
+    def release(self) -> None:
+        """Free the fused path's scratch (the module calls it after each forward)."""
+        self._buffers = None
+
+    def _csr_weights(self, eps: float) -> tuple[np.ndarray, np.ndarray]:
+        """The fused path's per-ε weights: float64 ``log K`` (for the log-domain fallback)
+        and ``K = exp(max(log K, floor))`` in the compute dtype, one per CSR entry."""
+        if eps not in self._weights:
+            c = self._csr[2]
+            log_k = np.nan_to_num(_log1mexp(torch.from_numpy((self.cap - c) / eps)).numpy() - c / eps,
+                                  nan=_NEG_INF)
+            k = np.exp(np.maximum(log_k, _FUSED_RANGE[self.dtype][0]))
+            self._weights[eps] = (log_k, k.astype(np.float32 if self.dtype == torch.float32 else np.float64))
+            if len(self._weights) > 64:  # schedules are short; keep memory bounded anyway
                 self._weights.pop(next(iter(self._weights)))
-        for (members, index), (log_k, k) in zip(self._ell, self._weights[eps]):
-            run_rows(kernel, (index, log_k, k, members), (h_t.numpy(), e_t.numpy(), dense, out_t))
-        return (torch.from_numpy(out_t).t() + top).to(h.dtype)
+        return self._weights[eps]
+
+
+#: The fused kernel's exponent floor and accepted range per compute dtype: e^floor is a
+#: normal number, and deg·e^floor (deg ≤ 1e4) is below half an ulp of any sum above e^accept.
+_FUSED_RANGE = {torch.float32: (-80.0, -57.0), torch.float64: (-700.0, -655.0)}
 
 
 @compile_once
 def _numba_sparse_lse(numba):
     """The fused sparse log-kernel (cached on disk).
 
-    For each token ``i`` of a bucket and every row ``r``, with shifted log-weights
-    ``h[c, r]`` (``e = exp(h)``) and ``k = exp(log_k)``:
-    ``out[members[i], r] = log(Σ_j k[i, j]·e[index[i, j], r] + exp(dense[r]))``; where that
-    sum underflows, the same in the log domain (two passes: max, then the exps above
-    max − 80). Serial and GIL-free: :func:`~._numba.run_rows` gives each thread a range of tokens.
+    For each token ``i`` in ``tokens`` and every row ``r``, with shifted log-weights
+    ``h[c, r]`` (``e ≈ exp(h)``) and CSR weights ``k = exp(log_k)`` of i's stored
+    neighbours (i itself included):
+    ``out[r, i] = shift[r] + log(Σ_t k[t]·e[nbr[t], r] + base[r])``, ``base = exp(dense)``
+    (``out`` row-major, so the solver's elementwise work stays contiguous); where that
+    sum is at most ``accept``, the same in float64 and the log domain (two passes: max,
+    then the exps above max − 80). Serial and GIL-free: :func:`~._numba.run_rows` gives
+    each thread a range of tokens.
     """
 
-    @numba.njit(cache=True, nogil=True, fastmath=False)
-    def sparse_lse(index, log_k, k, members, h, e, dense, out):
-        m, w = index.shape
-        n = h.shape[1]
-        base = np.exp(dense)
-        total = np.empty(n, dtype=np.float64)
-        for i in range(m):
-            total[:] = base
-            for j in range(w):
-                c, kij = index[i, j], k[i, j]
+    fetch = prefetch()
+    ahead = 8  # entries: enough to cover a cache miss, few enough to stay in L1
+    line = 64 // 4  # floats per cache line (a float64 row just asks for every other line twice)
+
+    @numba.njit(cache=True, nogil=True, fastmath={"contract"})
+    def sparse_lse(tokens, indptr, nbr, log_k, k, h, e, base, dense, accept, shift, out):
+        n = e.shape[1]
+        nnz = nbr.shape[0]
+        acc = np.empty(n, dtype=e.dtype)
+        for i in tokens:
+            acc[:] = base
+            for t in range(indptr[i], indptr[i + 1]):
+                if t + ahead < nnz:  # the row 8 entries on is a random row too: start it now
+                    for col in range(0, n, line):
+                        fetch(e, nbr[t + ahead], col)
+                kij = k[t]
+                row = e[nbr[t]]
                 for r in range(n):
-                    total[r] += kij * e[c, r]
-            o = members[i]
+                    acc[r] += kij * row[r]
             for r in range(n):
-                if total[r] > 1e-280:
-                    out[o, r] = np.log(total[r])
+                if acc[r] > accept:
+                    out[r, i] = shift[r] + np.log(acc[r])
                     continue
-                top = dense[r]  # underflow: the log-domain sum for this (token, row)
-                for j in range(w):
-                    v = h[index[i, j], r] + log_k[i, j]
+                top = dense[r]  # the sum is tiny: the log-domain sum for this (token, row)
+                for t in range(indptr[i], indptr[i + 1]):
+                    v = np.float64(h[nbr[t], r]) + log_k[t]
                     if v > top:
                         top = v
                 if top == -np.inf:
-                    out[o, r] = top
+                    out[r, i] = top
                     continue
-                acc = np.exp(dense[r] - top) if dense[r] - top > _FLOOR else 0.0
-                for j in range(w):
-                    v = h[index[i, j], r] + log_k[i, j] - top
+                total = np.exp(dense[r] - top) if dense[r] - top > _FLOOR else 0.0
+                for t in range(indptr[i], indptr[i + 1]):
+                    v = np.float64(h[nbr[t], r]) + log_k[t] - top
                     if v > _FLOOR:
-                        acc += np.exp(v)
-                out[o, r] = top + np.log(acc)
+                        total += np.exp(v)
+                out[r, i] = shift[r] + top + np.log(total)
 
     return sparse_lse
 
@@ -274,7 +333,8 @@ class _DenseLogKernel:
         self.cost = cost
         self._scaled: dict[float, torch.Tensor] = {}
 
-    def __call__(self, h: torch.Tensor, eps: float, rows: torch.Tensor | None = None) -> torch.Tensor:
+    def __call__(self, h: torch.Tensor, eps: float, rows: torch.Tensor | None = None,
+                 out: torch.Tensor | None = None) -> torch.Tensor:
         if eps not in self._scaled:  # −C/ε, once per ε of the schedule
             self._scaled = {eps: self.cost / -eps}
         scaled = self._scaled[eps]
@@ -301,12 +361,25 @@ def _marginal_error(mass: torch.Tensor, old: torch.Tensor, new: torch.Tensor, ep
     ``‖P^T 1 − m‖₁``: ``new`` is what ``old`` would have to become to fit ``m`` exactly.
     (Potentials are always finite; the clamp keeps exp on its fast path.)
     """
-    ratio = torch.expm1(((old - new) / eps).clamp(_FLOOR, 50.0)).abs_()
-    return (mass * ratio).sum(-1)
+    ratio = torch.sub(old, new).div_(eps).clamp_(_FLOOR, 50.0).expm1_().abs_()
+    return ratio.mul_(mass).sum(-1)
 
 
 def _log_probs(p: torch.Tensor) -> torch.Tensor:
     return torch.where(p > 0, p.clamp_min(torch.finfo(p.dtype).tiny).log(), _NEG_INF)
+
+
+def _taker(active: torch.Tensor, n: int) -> Callable:
+    """``x ↦ x[active]``, or ``x`` itself (no copy) while every row is active."""
+    return (lambda x: x) if active.numel() == n else (lambda x: x[active])
+
+
+def _put(x: torch.Tensor, active: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+    """``x`` with rows ``active`` set to ``value``: ``value`` itself when that is every row."""
+    if active.numel() == x.shape[0]:
+        return value
+    x[active] = value
+    return x
 
 
 class _Solver:
@@ -322,8 +395,12 @@ class _Solver:
         self.iterations = 0  # kernel applications per row, for the record
 
     def transform(self, log_w: torch.Tensor, pot: torch.Tensor, eps: float, rows: torch.Tensor) -> torch.Tensor:
-        """``T_w(pot)_i = −ε·log Σ_j w_j exp((pot_j − C_ij)/ε)``; rows stacked freely."""
-        return -eps * self.lk(log_w + pot / eps, eps, rows)
+        """``T_w(pot)_i = −ε·log Σ_j w_j exp((pot_j − C_ij)/ε)``; rows stacked freely.
+
+        One new (n, s) tensor per call (the kernel may write its result over its input):
+        at V = 100k, fresh tensors page-fault, and that cost more than the kernel."""
+        h = torch.add(log_w, pot, alpha=1 / eps)
+        return self.lk(h, eps, rows, out=h).mul_(-eps)
 
     def anneal(self, log_ws: list[torch.Tensor], pots: list[torch.Tensor], sources: list[int], rows) -> list:
         """One averaged update per ε of the schedule but the last, for all potentials at once:
@@ -346,11 +423,12 @@ class _Solver:
         err = torch.zeros(f.shape[0], dtype=f.dtype, device=f.device)
         active = torch.arange(f.shape[0], device=f.device)
         for _ in range(self.max_iter):
-            fa, la = f[active], log_a[active]
-            tf = self.transform(la, fa, eps, rows[active])
+            take = _taker(active, f.shape[0])
+            fa = take(f)
+            tf = self.transform(take(log_a), fa, eps, take(rows))
             self.iterations += 1
-            err[active] = e = _marginal_error(a[active], fa, tf, eps)
-            f[active] = 0.5 * (fa + tf)
+            err[active] = e = _marginal_error(take(a), fa, tf, eps)
+            f = _put(f, active, tf.add_(fa).mul_(0.5))
             active = active[e > self.tol]
             if active.numel() == 0:
                 break
@@ -369,11 +447,12 @@ class _Solver:
         err = torch.zeros(f.shape[0], dtype=f.dtype, device=f.device)
         active = torch.arange(f.shape[0], device=f.device)
         for _ in range(self.max_iter - 1):
-            fn = self.transform(log_b[active], g[active], eps, rows[active])
-            err[active] = e = _marginal_error(a[active], f[active], fn, eps)
+            take = _taker(active, f.shape[0])
+            fn = self.transform(take(log_b), take(g), eps, take(rows))
+            err[active] = e = _marginal_error(take(a), take(f), fn, eps)
             self.iterations += 1
-            f[active] = fn
-            g[active] = self.transform(log_a[active], fn, eps, rows[active])
+            f = _put(f, active, fn)
+            g = _put(g, active, self.transform(take(log_a), fn, eps, take(rows)))
             active = active[e > self.tol]
             if active.numel() == 0:
                 break
@@ -651,15 +730,19 @@ class SinkhornDivergence(nn.Module):
             else:
                 s = 2 * min(self.support, V) + 1
                 chunk = self.chunk_size or max(1, CHUNK_BYTES // (4 * s * s * item + 2 * V * 8))
-            for lo in range(0, n, chunk):
-                part = slice(lo, lo + chunk)
-                pc, qc = flat_p[part], flat_q[part]
+            try:
+                for lo in range(0, n, chunk):
+                    part = slice(lo, lo + chunk)
+                    pc, qc = flat_p[part], flat_q[part]
+                    if self.support is None:
+                        solver = _Solver(kernel, eps_list, self.max_iter, self.tol)
+                        value[part], grad[part], info = _solve_chunk(solver, pc, qc, self.debias)
+                    else:
+                        value[part], grad[part], info = self._support_chunk(pc, qc, eps_list)
+                    infos.append(info)
+            finally:
                 if self.support is None:
-                    solver = _Solver(kernel, eps_list, self.max_iter, self.tol)
-                    value[part], grad[part], info = _solve_chunk(solver, pc, qc, self.debias)
-                else:
-                    value[part], grad[part], info = self._support_chunk(pc, qc, eps_list)
-                infos.append(info)
+                    kernel.release()
             return value.view(lead), grad.view(*lead, V)
 
         run.dtype = dtype
