@@ -227,17 +227,18 @@ def table(rows: list, payload: dict) -> str:
         f"{payload['machine'].get('torch')}, {payload['torch_threads']} threads; commit "
         f"{payload['git']['commit'][:10]}{' (sinkhorn.py had uncommitted changes)' if payload['git']['uncommitted_regularizer_changes'] else ''}.",
         "Shared machine: times are noisy, read the ratios (same run). Memory: peak RSS above the level before the call.", "",
-        "| V | N | regularizer | time (s) | × full_kl | peak extra (MB) | × full_kl | kernel applications |",
-        "|---:|---:|---|---:|---:|---:|---:|---:|",
+        "| V | N | regularizer | time (s) | × full_kl | peak extra (MB) | × full_kl | kernel applications | per application, × full_kl |",
+        "|---:|---:|---|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         if "skipped" in r:
-            lines.append(f"| {r['V']} | {r['N']} | {r['regularizer']} | — | — | — | — | {r['skipped']} |")
+            lines.append(f"| {r['V']} | {r['N']} | {r['regularizer']} | — | — | — | — | {r['skipped']} | |")
             continue
         apps = r.get("kernel_applications", "")
+        per_app = f"{r['time_ratio'] / apps:.2f}" if apps else ""
         lines.append(
             f"| {r['V']} | {r['N']} | {r['regularizer']} | {r['seconds']:.3f} | {r['time_ratio']:.2f} | "
-            f"{r['peak_extra_mb']:.0f} | {r['memory_ratio']:.2f} | {apps} |"
+            f"{r['peak_extra_mb']:.0f} | {r['memory_ratio']:.2f} | {apps} | {per_app} |"
         )
     return "\n".join(lines) + "\n"
 
