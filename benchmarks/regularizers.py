@@ -177,8 +177,13 @@ def main(argv=None) -> None:
     parser.add_argument("--only", nargs="*", default=None,
                         help="run only these regularizers (full_kl, the baseline, always runs)")
     parser.add_argument("--name", default="regularizers", help="results file name (default: regularizers)")
+    parser.add_argument("--malloc", choices=("release", "default"), default="release",
+                        help="release (default): glibc returns every block over 1 MB to the OS when freed, so "
+                             "peak RSS per call is meaningful, but every large tensor page-faults anew and "
+                             "full_kl runs 2-3x slower than in a plain process; default: glibc as a training "
+                             "process has it (times as users see them; memory columns then read low)")
     args = parser.parse_args(argv)
-    if argv is None and "MALLOC_MMAP_THRESHOLD_" not in os.environ:
+    if argv is None and args.malloc == "release" and "MALLOC_MMAP_THRESHOLD_" not in os.environ:
         # A fixed threshold makes glibc return every large block to the OS when freed, so
         # RSS follows the live tensors and its peak per call is meaningful.
         os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, "MALLOC_MMAP_THRESHOLD_": "1048576"})
@@ -214,6 +219,7 @@ def main(argv=None) -> None:
 
 def _write(rows: list, name: str = "regularizers") -> None:
     payload = {"name": name, "machine": machine_info(), "git": git_state(),
+               "malloc": "release (MALLOC_MMAP_THRESHOLD_=1 MB)" if os.environ.get("MALLOC_MMAP_THRESHOLD_") else "glibc default",
                "torch_threads": torch.get_num_threads(), "rows": rows,
                "note": "CPU shared with other jobs: wall-clock times are noisy, compare the ratios "
                        "measured in the same run. Memory = peak RSS above the level before the call."}

@@ -1,0 +1,107 @@
+"""One full-vocabulary Sinkhorn kernel application beside MKL's sparse × dense product.
+
+A Sinkhorn half-step on the truncated cost is ``log(S·E + dense)`` with S the (V, V)
+sparse part of the Gibbs kernel (V·k stored entries) and E = exp(h − max) a (V, N) block:
+an SpMM. This times, in one run and on the same symmetrized random-neighbour operator
+as ``regularizers.py`` (k = 32, about 64 entries per row after symmetrization):
+
+* ``full_kl`` forward + backward on (N, V) logits (the baseline of every target),
+* vocabmetric's fused log-kernel (``_SparseLogKernel._fused``: the exp, the SpMM with
+  software prefetch, the log-domain fallback, the transposes),
+* ``torch.sparse.mm`` of the same S in CSR with a (V, N) dense block: MKL's SpMM, the
+  linear product alone (no exp, no log, no transposes) — what a tuned library does with
+  the gather-bound part,
+* and the gathered torch path (any device).
+
+It bounds what the CPU allows: a full Sinkhorn iteration is two such applications.
+
+    .venv/bin/python benchmarks/sparse_kernel.py              # V = 100277, N = 64
+    .venv/bin/python benchmarks/sparse_kernel.py --vocab 50257 --positions 64 256
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import torch
+
+sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).resolve().parent)]
+from _machine import machine_info, write_results  # noqa: E402
+from regularizers import git_state, peaky_logits, random_neighbour_operator  # noqa: E402
+
+from vocabmetric.regularizers import full_kl  # noqa: E402
+from vocabmetric.regularizers.sinkhorn import _SparseLogKernel  # noqa: E402
+
+
+def best_of(fn, repeats: int) -> float:
+    fn()  # warm-up: numba compilation, per-ε tables
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
+def run(vocab_size: int, n: int, eps: float, repeats: int) -> list[dict]:
+    op = random_neighbour_operator(vocab_size).symmetrized()
+    kernel = _SparseLogKernel(op, "cpu", torch.float32)
+    logits, ref = peaky_logits(n, vocab_size)
+    h = torch.log_softmax(logits, -1)
+    z = logits.clone().requires_grad_()
+
+    def kl():
+        z.grad = None
+        full_kl(z, ref).sum().backward()
+
+    indptr, nbr, _ = kernel._csr
+    _, weights = kernel._csr_weights(eps)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "sparse CSR support is in beta"
+        S = torch.sparse_csr_tensor(torch.from_numpy(indptr), torch.from_numpy(nbr).long(),
+                                    torch.from_numpy(weights), size=(vocab_size, vocab_size))
+    E = torch.rand(vocab_size, n)
+    cases = {
+        "full_kl forward+backward": kl,
+        "fused log-kernel (vocabmetric, CPU)": lambda: kernel._fused(h, eps),
+        "torch.sparse.mm CSR x dense (MKL), product only": lambda: torch.sparse.mm(S, E),
+        "gathered log-kernel (torch path, any device)": lambda: kernel._gathered(h, eps),
+    }
+    base = None
+    rows = []
+    for name, fn in cases.items():
+        seconds = best_of(fn, repeats)
+        base = base or seconds
+        rows.append({"V": vocab_size, "N": n, "case": name, "seconds": seconds, "ratio_to_full_kl": seconds / base,
+                     "stored_entries": int(len(nbr))})
+        print(rows[-1], flush=True)
+    kernel.release()
+    return rows
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--vocab", type=int, nargs="*", default=[100277])
+    parser.add_argument("--positions", type=int, nargs="*", default=[64])
+    parser.add_argument("--eps", type=float, default=0.1, help="ε of the kernel (cap = 1.5)")
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args(argv)
+    rows = [row for v in args.vocab for n in args.positions for row in run(v, n, args.eps, args.repeats)]
+    payload = {"name": "sparse_kernel", "machine": machine_info(), "git": git_state(),
+               "torch_threads": torch.get_num_threads(), "rows": rows}
+    lines = ["# One Sinkhorn kernel application beside MKL's SpMM and full_kl (CPU)", "",
+             f"Machine: {payload['machine']['cpu']}, {payload['machine']['cores']} cores, "
+             f"{payload['torch_threads']} threads; commit {payload['git']['commit'][:10]}. Best of "
+             f"{args.repeats} after a warm-up; ratios are to full_kl forward+backward in the same run.", "",
+             "| V | N | stored entries | case | time (s) | × full_kl |", "|---:|---:|---:|---|---:|---:|"]
+    lines += [f"| {r['V']} | {r['N']} | {r['stored_entries']} | {r['case']} | {r['seconds']:.4f} | "
+              f"{r['ratio_to_full_kl']:.2f} |" for r in rows]
+    write_results("sparse_kernel", payload, "\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()
