@@ -46,6 +46,11 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/schulman_table.py
 	$(BIN)/python benchmarks/full_kl.py
 	$(BIN)/python benchmarks/regularizers.py
+	$(BIN)/python benchmarks/regularizers.py --malloc default --vocab 100277 --positions 64 1024 \
+		--only tree "sliced L=16" "sinkhorn support m=64" "sinkhorn full (10 iterations)" --name regularizers_default_malloc
+	$(BIN)/python benchmarks/regularizers.py --vocab 100277 --positions 64 1024 \
+		--only "sinkhorn full (10 iterations)" "sinkhorn full (converged)" --name sinkhorn_full_iteration
+	$(BIN)/python benchmarks/sparse_kernel.py
 	$(BIN)/python benchmarks/sinkhorn_vs_pot.py
 	$(BIN)/python benchmarks/trl_step.py
 	$(BIN)/python benchmarks/penalty_experiment.py

@@ -230,7 +230,8 @@ def table(rows: list, payload: dict) -> str:
     lines = [
         "# Regularizers: forward+backward beside full_kl (CPU)", "",
         f"Machine: {payload['machine']['cpu']}, {payload['machine']['cores']} cores, torch "
-        f"{payload['machine'].get('torch')}, {payload['torch_threads']} threads; commit "
+        f"{payload['machine'].get('torch')}, {payload['torch_threads']} threads; malloc "
+        f"{payload.get('malloc', 'release (MALLOC_MMAP_THRESHOLD_=1 MB)')}; commit "
         f"{payload['git']['commit'][:10]}{' (sinkhorn.py had uncommitted changes)' if payload['git']['uncommitted_regularizer_changes'] else ''}.",
         "Shared machine: times are noisy, read the ratios (same run). Memory: peak RSS above the level before the call.", "",
         "| V | N | regularizer | time (s) | × full_kl | peak extra (MB) | × full_kl | kernel applications | per application, × full_kl |",
