@@ -54,6 +54,7 @@ Gradient (envelope theorem, never backpropagation through the iterations):
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 from typing import Any, Callable
@@ -103,43 +104,55 @@ def _csr_table(index: np.ndarray, costs: np.ndarray, cap: float) -> tuple:
 class _SparseLogKernel:
     """``h ↦ log Σ_j exp(h_j − C_ij/ε)`` for a symmetric truncated cost, O(V·k) per row.
 
-    The operator is held as ELL tables, one per bucket of rows of similar degree, each
-    row listing itself first (cost 0) and its stored neighbours after; a row's padding
-    slots point at the row itself with weight −inf. The per-ε weight table
-    ``−c/ε + log1mexp((cap − c)/ε)`` is cached, so an ε schedule is paid once per module.
+    The operator is held once, as a CSR table of each row's entries below the cap (itself
+    first, cost 0); the fused CPU path reads it as is. The torch path builds from it, on
+    first use, ELL tables, one per bucket of rows of similar degree, whose padding slots
+    point at the row itself with weight −inf. The per-ε weights
+    ``−c/ε + log1mexp((cap − c)/ε)`` are cached, so an ε schedule is paid once per module.
     """
 
     def __init__(self, op: CostOperator, device: Any, dtype: torch.dtype):
         V = op.vocab_size
         rows = np.arange(V, dtype=np.int64)[:, None]
         valid = (op.indices >= 0) & (op.indices != rows)
-        degree = valid.sum(1) + 1  # + the row itself
         order = np.argsort(~valid, axis=1, kind="stable")  # stored slots first
         nb = np.take_along_axis(np.where(valid, op.indices, rows), order, 1)
         cs = np.take_along_axis(np.where(valid, op.costs, np.inf), order, 1)
         index = np.concatenate([rows, nb], 1)
         costs = np.concatenate([np.zeros((V, 1)), cs], 1)
         self.cap, self.vocab_size, self.dtype, self.device = op.cap, V, dtype, device
-        self.buckets: list[tuple[torch.Tensor | None, torch.Tensor, torch.Tensor, int]] = []
-        lo = 0
+        self._csr = _csr_table(index, costs, op.cap)
+        self._tables: dict[float, list[torch.Tensor]] = {}
+        self._tokens = np.arange(V, dtype=np.int32)  # the fused path's rows, all tokens
+        self._weights: dict[float, tuple] = {}  # and its (log-weight, weight) pairs per ε
+        self._buffers: torch.Tensor | None = None  # its scratch during one forward
+
+    @functools.cached_property
+    def buckets(self) -> list[tuple[torch.Tensor | None, torch.Tensor, torch.Tensor, int]]:
+        """The torch path's ELL tables ``(row ids or None for all, flat (rows·w,) neighbour
+        ids, (rows, w) float64 costs, w)``, one per degree bucket, on the kernel's device."""
+        indptr, nbr, costs = self._csr
+        degree = np.diff(indptr)  # ≥ 1: the row itself
+        out, lo = [], 0
         for w in _degree_widths(int(degree.max())):
             members = np.flatnonzero((degree > lo) & (degree <= w))
             lo = w
             if not len(members):
                 continue
-            ids = None if len(members) == V else torch.as_tensor(members, device=device)
-            self.buckets.append((
-                ids,
-                torch.as_tensor(index[members, :w].reshape(-1), device=device),
-                torch.as_tensor(costs[members, :w], dtype=torch.float64, device=device),
+            real = np.arange(w) < degree[members, None]
+            slot = np.where(real, indptr[members, None] + np.arange(w), 0)
+            out.append((
+                None if len(members) == self.vocab_size else torch.as_tensor(members, device=self.device),
+                torch.as_tensor(np.where(real, nbr[slot], members[:, None]).reshape(-1), device=self.device),
+                torch.as_tensor(np.where(real, costs[slot], np.inf), device=self.device),
                 w,
             ))
-        self.width = sum(len(b[1]) for b in self.buckets) / V  # mean padded width
-        self._tables: dict[float, list[torch.Tensor]] = {}
-        self._csr = _csr_table(index, costs, op.cap) if torch.device(device).type == "cpu" else None
-        self._tokens = np.arange(V, dtype=np.int32)  # the fused path's rows, all tokens
-        self._weights: dict[float, tuple] = {}  # and its (log-weight, weight) pairs per ε
-        self._buffers: torch.Tensor | None = None  # its scratch during one forward
+        return out
+
+    @property
+    def width(self) -> float:
+        """The torch path's mean padded row width (its gathered block is n·V·width)."""
+        return sum(len(b[1]) for b in self.buckets) / self.vocab_size
 
     def tables(self, eps: float) -> list[torch.Tensor]:
         if eps not in self._tables:
@@ -193,8 +206,6 @@ class _SparseLogKernel:
         term rules out unless cap/ε > −accept (57 in float32, 640 in float64) — is
         recomputed in the log domain.
         """
-        if self._csr is None:
-            raise VocabMetricError("the fused Sinkhorn kernel runs on CPU tensors only")
         indptr, nbr, _ = self._csr
         floor, accept = _FUSED_RANGE[self.dtype]
         log_k, k = self._csr_weights(eps)
@@ -265,12 +276,12 @@ def _numba_sparse_lse(numba):
 
     fetch = prefetch()
     ahead = 8  # entries: enough to cover a cache miss, few enough to stay in L1
-    line = 64 // 4  # floats per cache line (a float64 row just asks for every other line twice)
 
     @numba.njit(cache=True, nogil=True, fastmath={"contract"})
     def sparse_lse(tokens, indptr, nbr, log_k, k, h, e, base, dense, accept, shift, out):
         n = e.shape[1]
         nnz = nbr.shape[0]
+        line = 64 // e.itemsize  # elements per cache line
         acc = np.empty(n, dtype=e.dtype)
         for i in tokens:
             acc[:] = base
@@ -397,8 +408,9 @@ class _Solver:
     def transform(self, log_w: torch.Tensor, pot: torch.Tensor, eps: float, rows: torch.Tensor) -> torch.Tensor:
         """``T_w(pot)_i = −ε·log Σ_j w_j exp((pot_j − C_ij)/ε)``; rows stacked freely.
 
-        One new (n, s) tensor per call (the kernel may write its result over its input):
-        at V = 100k, fresh tensors page-fault, and that cost more than the kernel."""
+        One new (n, s) tensor per call on the full vocabulary (the sparse kernel writes its
+        result over its input): at V = 100k fresh tensors page-fault, and that had cost
+        more than the kernel."""
         h = torch.add(log_w, pot, alpha=1 / eps)
         return self.lk(h, eps, rows, out=h).mul_(-eps)
 
