@@ -15,11 +15,15 @@ and a reference close to them; unit embeddings in clusters; a balanced random tr
 Time is the best of ``--repeats`` wall-clock runs after a warm-up; memory is the peak RSS
 above the level before the call, sampled every 2 ms (it includes the gradient tensor and
 anything saved for backward; not the inputs). CPU timings on a shared machine are noisy: read the ratios.
+With ``--device cuda`` (N ∈ {64, 1024, 8192} by default, nothing skipped) time is taken
+between ``torch.cuda.synchronize()`` calls and memory is the allocator's peak above the level
+before the call; ``--dtype bfloat16`` feeds bf16 logits (every regularizer computes in float32).
 
     .venv/bin/python benchmarks/regularizers.py                # writes results/regularizers.{json,md}
     .venv/bin/python benchmarks/regularizers.py --quick        # V = 50257 only, N = 64
     .venv/bin/python benchmarks/regularizers.py --vocab 100277 --positions 64 \
         --only "sinkhorn full (10 iterations)" --name sinkhorn_full_iteration   # one row, own file
+    python benchmarks/regularizers.py --device cuda --dtype bfloat16 --name regularizers_cuda_bf16
 """
 
 from __future__ import annotations
@@ -43,6 +47,7 @@ from vocabmetric.regularizers import SinkhornDivergence, SlicedWasserstein, Tree
 
 VOCAB_SIZES = (50257, 100277, 200019)
 POSITIONS = (64, 1024)
+GPU_POSITIONS = (64, 1024, 8192)
 # Cases whose one run would take minutes on 2 shared cores: skipped and said so.
 # (name, V or None for any, N)
 SKIP = {("sinkhorn full (converged)", None, 1024): "skipped for time: O(N·V·k) per kernel application × ~100 applications",
@@ -50,7 +55,9 @@ SKIP = {("sinkhorn full (converged)", None, 1024): "skipped for time: O(N·V·k)
         ("sinkhorn full (10 iterations)", 200019, 1024): "skipped for time: see V = 100277"}
 
 
-def _skip(name: str, vocab_size: int, n: int) -> str | None:
+def _skip(name: str, vocab_size: int, n: int, device: str = "cpu") -> str | None:
+    if device != "cpu":
+        return None
     return SKIP.get((name, vocab_size, n)) or SKIP.get((name, None, n))
 
 
@@ -123,8 +130,23 @@ class PeakRSS:
         self.extra_mb = (self.peak - self.base) / 2**20
 
 
+class PeakCUDA:
+    """Peak CUDA allocator memory above the level at entry (synchronized at both ends)."""
+
+    def __enter__(self):
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        self.base = torch.cuda.memory_allocated()
+        return self
+
+    def __exit__(self, *exc):
+        torch.cuda.synchronize()
+        self.extra_mb = (torch.cuda.max_memory_allocated() - self.base) / 2**20
+
+
 def measure(fn, logits, ref, repeats: int) -> dict:
     z = logits.clone().requires_grad_()
+    peak = PeakCUDA if z.device.type == "cuda" else PeakRSS
 
     def once():
         fn(z, ref).sum().backward()
@@ -133,9 +155,11 @@ def measure(fn, logits, ref, repeats: int) -> dict:
     times, extra = [], 0.0
     for _ in range(repeats):
         z.grad = None  # the gradient the call allocates counts in its peak
-        with PeakRSS() as mem:
+        with peak() as mem:  # synchronizes a GPU at both ends, so the time is the work's
             start = time.perf_counter()
             once()
+            if z.device.type == "cuda":
+                torch.cuda.synchronize()
             times.append(time.perf_counter() - start)
         extra = max(extra, mem.extra_mb)
     return {"seconds": min(times), "peak_extra_mb": extra}
@@ -162,9 +186,17 @@ def regularizers(vocab_size: int):
 
 
 def git_state() -> dict:
+    """The commit measured (``VOCABMETRIC_COMMIT`` where the copy has no .git, as on a
+    device machine) and whether the regularizers had uncommitted changes."""
     root = Path(__file__).resolve().parents[1]
-    run = lambda *a: subprocess.run(["git", *a], cwd=root, capture_output=True, text=True).stdout.strip()  # noqa: E731
-    return {"commit": run("rev-parse", "HEAD"),
+
+    def run(*a):
+        try:
+            return subprocess.run(["git", *a], cwd=root, capture_output=True, text=True).stdout.strip()
+        except OSError:  # no git
+            return ""
+
+    return {"commit": run("rev-parse", "HEAD") or os.environ.get("VOCABMETRIC_COMMIT", "unknown"),
             "uncommitted_regularizer_changes": run("status", "--porcelain", "vocabmetric/regularizers")}
 
 
@@ -178,29 +210,34 @@ def main(argv=None) -> None:
                         help="run only these regularizers (full_kl, the baseline, always runs)")
     parser.add_argument("--name", default="regularizers", help="results file name (default: regularizers)")
     parser.add_argument("--malloc", choices=("release", "default"), default="release",
-                        help="release (default): glibc returns every block over 1 MB to the OS when freed, so "
+                        help="CPU only. release (default): glibc returns every block over 1 MB to the OS when freed, so "
                              "peak RSS per call is meaningful, but every large tensor page-faults anew and "
                              "full_kl runs 2-3x slower than in a plain process; default: glibc as a training "
                              "process has it (times as users see them; memory columns then read low)")
+    parser.add_argument("--device", default="cpu", help="cpu (default) or cuda")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="the logits' dtype")
     args = parser.parse_args(argv)
-    if argv is None and args.malloc == "release" and "MALLOC_MMAP_THRESHOLD_" not in os.environ:
+    if args.device != "cpu" and not torch.cuda.is_available():
+        parser.error(f"--device {args.device}: no CUDA device here")
+    if argv is None and args.device == "cpu" and args.malloc == "release" and "MALLOC_MMAP_THRESHOLD_" not in os.environ:
         # A fixed threshold makes glibc return every large block to the OS when freed, so
         # RSS follows the live tensors and its peak per call is meaningful.
         os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, "MALLOC_MMAP_THRESHOLD_": "1048576"})
     vocab_sizes = args.vocab or ((50257,) if args.quick else VOCAB_SIZES)
-    positions = args.positions or ((64,) if args.quick else POSITIONS)
+    positions = args.positions or ((64,) if args.quick else GPU_POSITIONS if args.device != "cpu" else POSITIONS)
+    meta = {"device": args.device, "dtype": args.dtype}
     rows = []
     for vocab_size in vocab_sizes:
         regs = regularizers(vocab_size)
         for n in positions:
-            logits, ref = peaky_logits(n, vocab_size)
+            logits, ref = (t.to(args.device, getattr(torch, args.dtype)) for t in peaky_logits(n, vocab_size))
             base = None
             for name, fn in regs.items():
                 if args.only and name != "full_kl" and name not in args.only:
                     continue
                 row = {"V": vocab_size, "N": n, "regularizer": name}
-                if _skip(name, vocab_size, n):
-                    rows.append({**row, "skipped": _skip(name, vocab_size, n)})
+                if _skip(name, vocab_size, n, args.device):
+                    rows.append({**row, "skipped": _skip(name, vocab_size, n, args.device)})
                     print(row, "skipped", flush=True)
                     continue
                 result = measure(fn, logits, ref, args.repeats if n <= 64 else 1)
@@ -214,11 +251,12 @@ def main(argv=None) -> None:
                 result["memory_ratio"] = result["peak_extra_mb"] / max(base["peak_extra_mb"], 1e-9)
                 rows.append({**row, **result})
                 print(rows[-1], flush=True)
-                _write(rows, args.name)  # after every row, so an interrupted run keeps what it measured
+                _write(rows, args.name, meta)  # after every row, so an interrupted run keeps what it measured
 
 
-def _write(rows: list, name: str = "regularizers") -> None:
-    payload = {"name": name, "machine": machine_info(), "git": git_state(),
+def _write(rows: list, name: str = "regularizers", meta: dict | None = None) -> None:
+    meta = meta or {"device": "cpu", "dtype": "float32"}
+    payload = {"name": name, "machine": machine_info(meta["device"]), "git": git_state(), **meta,
                "malloc": "release (MALLOC_MMAP_THRESHOLD_=1 MB)" if os.environ.get("MALLOC_MMAP_THRESHOLD_") else "glibc default",
                "torch_threads": torch.get_num_threads(), "rows": rows,
                "note": "CPU shared with other jobs: wall-clock times are noisy, compare the ratios "
@@ -227,12 +265,16 @@ def _write(rows: list, name: str = "regularizers") -> None:
 
 
 def table(rows: list, payload: dict) -> str:
+    gpu = payload["machine"].get("gpu")
+    where = (f"GPU: {gpu}, {payload.get('dtype', 'float32')} logits; memory is the CUDA allocator's peak above "
+             "the level before the call" if gpu else
+             f"{payload['torch_threads']} threads; malloc {payload.get('malloc', 'release (MALLOC_MMAP_THRESHOLD_=1 MB)')}")
     lines = [
-        "# Regularizers: forward+backward beside full_kl (CPU)", "",
+        f"# Regularizers: forward+backward beside full_kl ({'GPU' if gpu else 'CPU'})", "",
         f"Machine: {payload['machine']['cpu']}, {payload['machine']['cores']} cores, torch "
-        f"{payload['machine'].get('torch')}, {payload['torch_threads']} threads; malloc "
-        f"{payload.get('malloc', 'release (MALLOC_MMAP_THRESHOLD_=1 MB)')}; commit "
+        f"{payload['machine'].get('torch')}; {where}; commit "
         f"{payload['git']['commit'][:10]}{' (sinkhorn.py had uncommitted changes)' if payload['git']['uncommitted_regularizer_changes'] else ''}.",
+        "Read the ratios (same run)." if gpu else
         "Shared machine: times are noisy, read the ratios (same run). Memory: peak RSS above the level before the call.", "",
         "| V | N | regularizer | time (s) | × full_kl | peak extra (MB) | × full_kl | kernel applications | per application, × full_kl |",
         "|---:|---:|---|---:|---:|---:|---:|---:|---:|",

@@ -68,11 +68,15 @@ from ..errors import VocabMetricError
 from ..operator import CostOperator
 from ._inputs import Reference, check_finite, check_width, reference_probs
 from ._numba import compile_once, prefetch, run_rows
+from ._triton import sparse_lse_kernel
 
 LOG = logging.getLogger(__name__)
 
 #: Default scratch memory for one chunk of positions (the gathered (rows, V, width) block).
 CHUNK_BYTES = 128 * 2**20
+#: The same on a GPU, for the Triton kernel's (V,)-vectors per position: large chunks keep
+#: it busy, and every chunk pays the solver's per-iteration launches and syncs.
+GPU_CHUNK_BYTES = 4 * 2**30
 
 _NEG_INF = float("-inf")
 
@@ -105,7 +109,8 @@ class _SparseLogKernel:
     """``h ↦ log Σ_j exp(h_j − C_ij/ε)`` for a symmetric truncated cost, O(V·k) per row.
 
     The operator is held once, as a CSR table of each row's entries below the cap (itself
-    first, cost 0); the fused CPU path reads it as is. The torch path builds from it, on
+    first, cost 0); the fused CPU path (numba) and the GPU path (Triton, exact log domain)
+    read it as is. The torch path (any device, when neither is there) builds from it, on
     first use, ELL tables, one per bucket of rows of similar degree, whose padding slots
     point at the row itself with weight −inf. The per-ε weights
     ``−c/ε + log1mexp((cap − c)/ε)`` are cached, so an ε schedule is paid once per module.
@@ -126,6 +131,7 @@ class _SparseLogKernel:
         self._tokens = np.arange(V, dtype=np.int32)  # the fused path's rows, all tokens
         self._weights: dict[float, tuple] = {}  # and its (log-weight, weight) pairs per ε
         self._buffers: torch.Tensor | None = None  # its scratch during one forward
+        self._device_tables: dict = {}  # the GPU path's CSR tensors and per-ε log-weights
 
     @functools.cached_property
     def buckets(self) -> list[tuple[torch.Tensor | None, torch.Tensor, torch.Tensor, int]]:
@@ -172,7 +178,34 @@ class _SparseLogKernel:
         """The log-kernel of ``h (n, V)``; ``out`` (may be ``h`` itself) receives it if given."""
         if h.device.type == "cpu" and _numba_sparse_lse() is not None:
             return self._fused(h, eps, out)
+        if h.device.type == "cuda" and sparse_lse_kernel() is not None:
+            return self._triton(h, eps, out)
         return self._gathered(h, eps, out)
+
+    def _triton(self, h: torch.Tensor, eps: float, out: torch.Tensor | None = None) -> torch.Tensor:
+        """The GPU path: the Triton kernel over the CSR table (see :mod:`._triton`), on a
+        transposed copy ``(V, n)`` so each neighbour read is contiguous across positions."""
+        indptr, nbr, log_k = self._csr_tensors(h.device, eps)
+        h = h.detach().to(self.dtype)
+        dense = torch.logsumexp(h, -1).sub_(self.cap / eps)  # −inf for a row of only −inf
+        out_t = sparse_lse_kernel()(h.t().contiguous(), indptr, nbr, log_k, dense)
+        if out is None or out.dtype != self.dtype or not out.is_contiguous():
+            return out_t.t().contiguous()
+        return out.copy_(out_t.t())
+
+    def _csr_tensors(self, device, eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(indptr, nbr, log_k)`` on ``device``; ``log_k`` in the compute dtype, per ε."""
+        key = str(device)
+        if key not in self._device_tables:
+            indptr, nbr, _ = self._csr
+            self._device_tables = {key: (torch.as_tensor(indptr, device=device),
+                                         torch.as_tensor(nbr, device=device), {})}
+        indptr, nbr, per_eps = self._device_tables[key]
+        if eps not in per_eps:
+            per_eps[eps] = torch.as_tensor(self._csr_weights(eps)[0], device=device).to(self.dtype)
+            if len(per_eps) > 64:  # schedules are short; keep memory bounded anyway
+                per_eps.pop(next(iter(per_eps)))
+        return indptr, nbr, per_eps[eps]
 
     def _gathered(self, h: torch.Tensor, eps: float, out: torch.Tensor | None = None) -> torch.Tensor:
         """The torch path (any device): gather each bucket's ``[n, members, w]`` block."""
@@ -595,7 +628,8 @@ class SinkhornDivergence(nn.Module):
         Ratio of the geometric ε annealing from ``cap`` down to ``eps`` (0 disables it).
     chunk_size : int, optional
         Positions solved together; default: as many as fit ``CHUNK_BYTES`` (128 MiB) of
-        scratch, so extra memory is O(chunk·V·k), never O(N·V·k).
+        scratch (``GPU_CHUNK_BYTES``, 4 GiB, on a GPU), so extra memory is O(chunk·V·k),
+        never O(N·V·k).
 
     Shapes
     ------
@@ -731,17 +765,20 @@ class SinkhornDivergence(nn.Module):
             value = torch.empty(n, dtype=dtype, device=p.device)
             grad = torch.empty_like(flat_p)
             item = flat_p.element_size()
+            budget = GPU_CHUNK_BYTES if p.device.type == "cuda" else CHUNK_BYTES
             if self.support is None:
                 kernel = self._kernel(p.device, dtype)
-                if p.device.type == "cpu" and _numba_sparse_lse() is not None:
-                    # the fused kernel: ~16 (V,) vectors per row (4 stacked problems' potentials,
-                    # weights and transposed copies); more rows per call amortize its table reads
-                    chunk = self.chunk_size or max(1, int(CHUNK_BYTES // (16 * V * item)))
+                if (p.device.type == "cpu" and _numba_sparse_lse() is not None) or (
+                        p.device.type == "cuda" and sparse_lse_kernel() is not None):
+                    # the fused kernels: ~16 (V,) vectors per row (4 stacked problems' potentials,
+                    # weights and transposed copies); more rows per call amortize table reads
+                    per_row = 16 * V * item
                 else:  # 4 stacked problems while annealing, each a (V, width) gathered block
-                    chunk = self.chunk_size or max(1, int(CHUNK_BYTES // (4 * V * kernel.width * item)))
+                    per_row = 4 * V * kernel.width * item
             else:
                 s = 2 * min(self.support, V) + 1
-                chunk = self.chunk_size or max(1, CHUNK_BYTES // (4 * s * s * item + 2 * V * 8))
+                per_row = 4 * s * s * item + 2 * V * 8
+            chunk = self.chunk_size or max(1, int(budget // per_row))
             try:
                 for lo in range(0, n, chunk):
                     part = slice(lo, lo + chunk)

@@ -1,0 +1,116 @@
+"""The regularizers on a GPU give what they give on CPU, and the Triton kernel that the
+full-vocabulary Sinkhorn runs there equals the torch path.
+
+Tests marked ``gpu`` need a CUDA device and are left out of ``make test``
+(``pytest -m gpu tests/test_gpu.py`` runs them). The Triton kernel's test runs on CPU too,
+through Triton's interpreter, wherever Triton is installed.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from vocabmetric import CostOperator, TreeMetric
+from vocabmetric.regularizers import SinkhornDivergence, SlicedWasserstein, TreeWasserstein, full_kl
+from vocabmetric.regularizers import _triton
+from vocabmetric.regularizers.sinkhorn import _SparseLogKernel
+
+CUDA = torch.cuda.is_available()
+gpu = pytest.mark.gpu
+needs_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
+
+
+def random_operator(vocab_size: int, k: int, seed: int = 0) -> CostOperator:
+    """k distinct random neighbours per token (one slot empty), symmetrized: uneven degrees."""
+    rng = np.random.default_rng(seed)
+    idx = np.stack([rng.choice(np.delete(np.arange(vocab_size), i), k, replace=False) for i in range(vocab_size)])
+    idx[:, -1] = -1
+    return CostOperator(idx, rng.uniform(0.1, 1.0, (vocab_size, k)), cap=1.0).symmetrized()
+
+
+@pytest.fixture
+def triton_kernel(monkeypatch):
+    """The Triton kernel on the GPU, or through Triton's interpreter on CPU tensors."""
+    if not CUDA:  # before Triton's first import: it decides then how to run its own helpers
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+    pytest.importorskip("triton")
+    _triton.sparse_lse_kernel.cache_clear()
+    yield "cuda" if CUDA else "cpu"
+    _triton.sparse_lse_kernel.cache_clear()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_triton_kernel_equals_the_gathered_torch_path(triton_kernel, dtype):
+    """Same log-kernel, −inf rows and entries included, at an ε where the dense term is
+    e^-90 below the sparse one (the log-domain case)."""
+    device = triton_kernel
+    kernel = _SparseLogKernel(random_operator(120, k=6), device, dtype)
+    h = torch.randn(3, 120, dtype=dtype, generator=torch.Generator().manual_seed(3)).to(device) * 4
+    h[0, :30] = float("-inf")
+    h[1] = float("-inf")
+    for eps in (0.5, 1 / 90):
+        fast, gathered = kernel._triton(h, eps), kernel._gathered(h, eps)
+        assert torch.equal(torch.isneginf(fast), torch.isneginf(gathered))
+        finite = torch.isfinite(gathered)
+        tol = 1e-12 if dtype == torch.float64 else 1e-5
+        torch.testing.assert_close(fast[finite], gathered[finite], rtol=tol, atol=tol)
+
+
+def _value_and_grad(reg, z, r):
+    z = z.clone().requires_grad_()
+    value = reg(z, r)
+    value.sum().backward()
+    return value.detach().cpu(), z.grad.cpu()
+
+
+def _inputs(vocab_size, n=4, dtype=torch.float64, seed=1):
+    gen = torch.Generator().manual_seed(seed)
+    z = torch.randn(n, vocab_size, generator=gen, dtype=dtype) * 3
+    return z, z + torch.randn(n, vocab_size, generator=gen, dtype=dtype)
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("support", [None, 16])
+def test_sinkhorn_on_cuda_equals_cpu(support):
+    reg = SinkhornDivergence(random_operator(300, k=8), eps=0.1, tol=1e-10, max_iter=3000, support=support)
+    z, r = _inputs(300)
+    v_cpu, g_cpu = _value_and_grad(reg, z, r)
+    v_gpu, g_gpu = _value_and_grad(reg, z.cuda(), r.cuda())
+    torch.testing.assert_close(v_gpu, v_cpu, rtol=1e-8, atol=1e-10)
+    torch.testing.assert_close(g_gpu, g_cpu, rtol=1e-6, atol=1e-9)
+
+
+@gpu
+@needs_cuda
+def test_tree_sliced_and_full_kl_on_cuda_equal_cpu():
+    V = 300
+    rng = np.random.default_rng(0)
+    # tokens 0..V-1 are leaves; node V + g is the parent of tokens 4g..4g+3; its parent the root
+    parent = np.concatenate([V + np.arange(V) // 4, np.full(V // 4, V + V // 4), [-1]])
+    tree = TreeMetric(parent, np.append(rng.uniform(0.1, 1.0, len(parent) - 1), 0.0), np.arange(V))
+    emb = rng.standard_normal((V, 8)).astype(np.float32)
+    regs = [TreeWasserstein(tree), SlicedWasserstein(emb, n_projections=8), full_kl]
+    z, r = _inputs(V)
+    for reg in regs:
+        v_cpu, g_cpu = _value_and_grad(reg, z, r)
+        v_gpu, g_gpu = _value_and_grad(reg, z.cuda(), r.cuda())
+        torch.testing.assert_close(v_gpu, v_cpu, rtol=1e-9, atol=1e-12)
+        torch.testing.assert_close(g_gpu, g_cpu, rtol=1e-7, atol=1e-12)
+
+
+@gpu
+@needs_cuda
+def test_bf16_logits_on_cuda_give_the_float32_result():
+    """bf16 logits are computed in float32: the result equals the float32 run on the same
+    (bf16-rounded) logits, rounded to bf16."""
+    op = random_operator(2000, k=16)
+    z, r = (t.float().cuda().bfloat16() for t in _inputs(2000, n=8, dtype=torch.float32))
+    for reg in (SinkhornDivergence(op, eps=0.1, tol=1e-6), SinkhornDivergence(op, eps=0.1, support=32, tol=1e-6)):
+        v16, g16 = _value_and_grad(reg, z, r)
+        v32, g32 = _value_and_grad(reg, z.float(), r.float())
+        assert v16.dtype == g16.dtype == torch.bfloat16
+        torch.testing.assert_close(v16.float(), v32, rtol=1e-2, atol=1e-3)
+        torch.testing.assert_close(g16.float(), g32, rtol=2e-2, atol=1e-4)
