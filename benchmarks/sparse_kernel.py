@@ -15,8 +15,14 @@ as ``regularizers.py`` (k = 32, about 64 entries per row after symmetrization):
 
 It bounds what the CPU allows: a full Sinkhorn iteration is two such applications.
 
+With ``--device cuda`` the same on a GPU: the Triton kernel (``_SparseLogKernel._triton``,
+exact log domain) at its default tile and at a few other (positions per program, entries
+per tile) shapes, cuSPARSE's SpMM (``torch.sparse.mm``, the product alone) and the gathered
+torch path; times between ``torch.cuda.synchronize()`` calls.
+
     .venv/bin/python benchmarks/sparse_kernel.py              # V = 100277, N = 64
     .venv/bin/python benchmarks/sparse_kernel.py --vocab 50257 --positions 64 256
+    python benchmarks/sparse_kernel.py --device cuda --positions 64 1024 8192 --name sparse_kernel_cuda
 """
 
 from __future__ import annotations
@@ -37,20 +43,28 @@ from vocabmetric.regularizers import full_kl  # noqa: E402
 from vocabmetric.regularizers.sinkhorn import _SparseLogKernel  # noqa: E402
 
 
-def best_of(fn, repeats: int) -> float:
-    fn()  # warm-up: numba compilation, per-ε tables
+def best_of(fn, repeats: int, cuda: bool = False) -> float:
+    fn()  # warm-up: numba/Triton compilation, per-ε tables
     times = []
     for _ in range(repeats):
+        if cuda:
+            torch.cuda.synchronize()
         start = time.perf_counter()
         fn()
+        if cuda:
+            torch.cuda.synchronize()
         times.append(time.perf_counter() - start)
     return min(times)
 
 
-def run(vocab_size: int, n: int, eps: float, repeats: int) -> list[dict]:
+#: (positions per program, entries per tile) shapes of the Triton kernel timed beside its default
+TRITON_SHAPES = ((32, 16), (64, 8), (64, 32), (128, 16))
+
+
+def run(vocab_size: int, n: int, eps: float, repeats: int, device: str = "cpu") -> list[dict]:
     op = random_neighbour_operator(vocab_size).symmetrized()
-    kernel = _SparseLogKernel(op, "cpu", torch.float32)
-    logits, ref = peaky_logits(n, vocab_size)
+    kernel = _SparseLogKernel(op, device, torch.float32)
+    logits, ref = (t.to(device) for t in peaky_logits(n, vocab_size))
     h = torch.log_softmax(logits, -1)
     z = logits.clone().requires_grad_()
 
@@ -63,18 +77,30 @@ def run(vocab_size: int, n: int, eps: float, repeats: int) -> list[dict]:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # "sparse CSR support is in beta"
         S = torch.sparse_csr_tensor(torch.from_numpy(indptr), torch.from_numpy(nbr).long(),
-                                    torch.from_numpy(weights), size=(vocab_size, vocab_size))
-    E = torch.rand(vocab_size, n)
-    cases = {
-        "full_kl forward+backward": kl,
-        "fused log-kernel (vocabmetric, CPU)": lambda: kernel._fused(h, eps),
-        "torch.sparse.mm CSR x dense (MKL), product only": lambda: torch.sparse.mm(S, E),
-        "gathered log-kernel (torch path, any device)": lambda: kernel._gathered(h, eps),
-    }
+                                    torch.from_numpy(weights), size=(vocab_size, vocab_size), device=device)
+    E = torch.rand(vocab_size, n, device=device)
+    cuda = device.startswith("cuda")
+    cases = {"full_kl forward+backward": kl}
+    if cuda:
+        from vocabmetric.regularizers import _triton
+
+        cases["Triton log-kernel (vocabmetric, GPU)"] = lambda: kernel._triton(h, eps)
+        h_t = h.t().contiguous()
+        dense = torch.logsumexp(h, -1)
+        tables = kernel._csr_tensors(h.device, eps)
+        for block, tile in TRITON_SHAPES:
+            cases[f"Triton kernel alone, {block} positions x {tile} entries per program"] = (
+                lambda b=block, t=tile: _triton.sparse_lse_kernel()(h_t, *tables, dense, block=b, tile=t))
+        cases[f"Triton kernel alone, default {_triton.BLOCK_ROWS} x {_triton.TILE}"] = (
+            lambda: _triton.sparse_lse_kernel()(h_t, *tables, dense))
+    else:
+        cases["fused log-kernel (vocabmetric, CPU)"] = lambda: kernel._fused(h, eps)
+    cases[f"torch.sparse.mm CSR x dense ({'cuSPARSE' if cuda else 'MKL'}), product only"] = lambda: torch.sparse.mm(S, E)
+    cases["gathered log-kernel (torch path, any device)"] = lambda: kernel._gathered(h, eps)
     base = None
     rows = []
     for name, fn in cases.items():
-        seconds = best_of(fn, repeats)
+        seconds = best_of(fn, repeats, cuda)
         base = base or seconds
         rows.append({"V": vocab_size, "N": n, "case": name, "seconds": seconds, "ratio_to_full_kl": seconds / base,
                      "stored_entries": int(len(nbr))})
@@ -89,18 +115,23 @@ def main(argv=None) -> None:
     parser.add_argument("--positions", type=int, nargs="*", default=[64])
     parser.add_argument("--eps", type=float, default=0.1, help="ε of the kernel (cap = 1.5)")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--device", default="cpu", help="cpu (default) or cuda")
+    parser.add_argument("--name", default="sparse_kernel", help="results file name")
     args = parser.parse_args(argv)
-    rows = [row for v in args.vocab for n in args.positions for row in run(v, n, args.eps, args.repeats)]
-    payload = {"name": "sparse_kernel", "machine": machine_info(), "git": git_state(),
+    rows = [row for v in args.vocab for n in args.positions for row in run(v, n, args.eps, args.repeats, args.device)]
+    payload = {"name": args.name, "machine": machine_info(args.device), "git": git_state(), "device": args.device,
                "torch_threads": torch.get_num_threads(), "rows": rows}
-    lines = ["# One Sinkhorn kernel application beside MKL's SpMM and full_kl (CPU)", "",
+    gpu = payload["machine"].get("gpu")
+    lines = [f"# One Sinkhorn kernel application beside {'cuSPARSE' if gpu else 'MKL'}'s SpMM and full_kl "
+             f"({'GPU' if gpu else 'CPU'})", "",
              f"Machine: {payload['machine']['cpu']}, {payload['machine']['cores']} cores, "
-             f"{payload['torch_threads']} threads; commit {payload['git']['commit'][:10]}. Best of "
+             f"{'GPU ' + gpu if gpu else str(payload['torch_threads']) + ' threads'}; commit "
+             f"{payload['git']['commit'][:10]}. Best of "
              f"{args.repeats} after a warm-up; ratios are to full_kl forward+backward in the same run.", "",
              "| V | N | stored entries | case | time (s) | × full_kl |", "|---:|---:|---:|---|---:|---:|"]
     lines += [f"| {r['V']} | {r['N']} | {r['stored_entries']} | {r['case']} | {r['seconds']:.4f} | "
               f"{r['ratio_to_full_kl']:.2f} |" for r in rows]
-    write_results("sparse_kernel", payload, "\n".join(lines) + "\n")
+    write_results(args.name, payload, "\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":

@@ -42,10 +42,14 @@ def triton_kernel(monkeypatch):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_triton_kernel_equals_the_gathered_torch_path(triton_kernel, dtype):
+@pytest.mark.parametrize("block, tile", [(_triton.BLOCK_ROWS, _triton.TILE), (2, 4)])
+def test_triton_kernel_equals_the_gathered_torch_path(triton_kernel, monkeypatch, dtype, block, tile):
     """Same log-kernel, −inf rows and entries included, at an ε where the dense term is
-    e^-90 below the sparse one (the log-domain case)."""
+    e^-90 below the sparse one (the log-domain case); with tiles of 4 entries (rows of up
+    to 13 take several) and blocks of 2 positions (3 positions take two)."""
     device = triton_kernel
+    monkeypatch.setattr(_triton, "BLOCK_ROWS", block)
+    monkeypatch.setattr(_triton, "TILE", tile)
     kernel = _SparseLogKernel(random_operator(120, k=6), device, dtype)
     h = torch.randn(3, 120, dtype=dtype, generator=torch.Generator().manual_seed(3)).to(device) * 4
     h[0, :30] = float("-inf")

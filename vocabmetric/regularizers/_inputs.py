@@ -96,3 +96,15 @@ def reference_probs(ref: Reference, logits: torch.Tensor, where: str) -> torch.T
     q = rest.expand(*logits.shape[:-1], V).clone()
     q.scatter_(-1, ids, top)
     return q / q.sum(-1, keepdim=True)
+
+
+#: Elements per chunk of positions for the closed-form regularizers and full_kl: a few
+#: float32 temporaries of this size (16 MiB each on CPU) stay small beside N·V inputs yet
+#: amortize the per-chunk overhead. A GPU gets 16× more (256 MiB): there every op of a
+#: small chunk is launch-bound.
+CHUNK_ELEMENTS = {"cpu": 1 << 22, "cuda": 1 << 26}
+
+
+def chunk_rows(vocab_size: int, device: torch.device, chunk_size: int | None = None) -> int:
+    """Positions per chunk: ``chunk_size`` if given, else ``CHUNK_ELEMENTS[device] // V``."""
+    return chunk_size or max(1, CHUNK_ELEMENTS.get(device.type, CHUNK_ELEMENTS["cpu"]) // max(vocab_size, 1))

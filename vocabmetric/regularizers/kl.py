@@ -26,16 +26,11 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from ..errors import ConfigError, VocabMetricError
-from ._inputs import check_finite, raise_bad_logits
+from ._inputs import check_finite, chunk_rows, raise_bad_logits
 
 ESTIMATORS = ("k1", "k2", "k3", "abs", "k1+", "k3+")
 AGGREGATIONS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum")
 DIRECTIONS = ("reverse", "forward")
-
-# Elements per chunk of full_kl: a few float32 temporaries of this size (~16 MiB each)
-# stay small beside N·V inputs yet amortize the per-chunk overhead.
-_CHUNK_ELEMENTS = 1 << 22
-
 
 # --------------------------------------------------------------------------------------
 # sampled-token estimators
@@ -326,7 +321,7 @@ def full_kl(
     lead = logits.shape[:-1]
     flat = logits.reshape(-1, vocab_size)
     ref_flat = ref_logits.detach().reshape(-1, vocab_size)
-    rows = chunk_size or max(1, _CHUNK_ELEMENTS // max(vocab_size, 1))
+    rows = chunk_rows(vocab_size, flat.device, chunk_size)
     kl = _FullKL.apply(flat, ref_flat, direction == "reverse", rows)
     if torch.isnan(kl).any():
         raise_bad_logits([(flat, "logits"), (ref_flat, "ref_logits")], where, "KL")

@@ -44,15 +44,11 @@ from torch.autograd.function import once_differentiable
 
 from ..errors import VocabMetricError
 from ..operator import TreeMetric
-from ._inputs import Reference, raise_bad_logits, reference_probs
+from ._inputs import Reference, chunk_rows, raise_bad_logits, reference_probs
 from ._numba import compile_once, run_rows
 
 BACKENDS = ("auto", "numba", "torch")
 
-# Elements per chunk of positions (as full_kl): p and q of a chunk are 16 MiB each in fp32.
-# Fewer, larger chunks matter on a shared CPU: torch's OpenMP workers spin after every op
-# and steal the cores from the kernel threads, once per chunk.
-_CHUNK_ELEMENTS = 1 << 22
 
 
 class TreeLayout:
@@ -286,7 +282,8 @@ def solve_by_chunks(logits: torch.Tensor, ref: Reference, chunk, *, chunk_size: 
                     where: str) -> torch.Tensor:
     """Per-position values ``[...]`` of a closed-form regularizer, with its gradient.
 
-    Positions are taken ``chunk_size`` at a time (default: about 4M elements a chunk):
+    Positions are taken ``chunk_size`` at a time (default: about 4M elements a chunk on CPU, 64M on a GPU; see
+    :data:`._inputs.CHUNK_ELEMENTS`):
     ``p = softmax(logits)`` and the reference ``q``
     are written into two reused ``(chunk, V)`` buffers, and ``chunk(p, q, value_out, dz_out)``
     fills the chunk's values and (when a gradient is wanted; else ``dz_out`` is None) its
@@ -294,7 +291,7 @@ def solve_by_chunks(logits: torch.Tensor, ref: Reference, chunk, *, chunk_size: 
     back to its input by :func:`raise_bad_inputs` (no upfront pass over the logits).
     """
     vocab_size = logits.shape[-1]
-    rows = chunk_size or max(1, _CHUNK_ELEMENTS // max(vocab_size, 1))
+    rows = chunk_rows(vocab_size, logits.device, chunk_size)
     flat_ref = flatten_reference(ref, logits, where)
     want_grad = torch.is_grad_enabled() and logits.requires_grad
 
