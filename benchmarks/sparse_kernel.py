@@ -16,8 +16,8 @@ as ``regularizers.py`` (k = 32, about 64 entries per row after symmetrization):
 It bounds what the CPU allows: a full Sinkhorn iteration is two such applications.
 
 With ``--device cuda`` the same on a GPU: the Triton kernel (``_SparseLogKernel._triton``,
-exact log domain) at its default tile and at a few other (positions per program, entries
-per tile) shapes, cuSPARSE's SpMM (``torch.sparse.mm``, the product alone) and the gathered
+exact log domain) at its default tile (and, with ``--sweep``, at 18 other shapes: positions
+per program, entries per tile, warps; the default was chosen so), cuSPARSE's SpMM (``torch.sparse.mm``, the product alone) and the gathered
 torch path; times between ``torch.cuda.synchronize()`` calls.
 
     .venv/bin/python benchmarks/sparse_kernel.py              # V = 100277, N = 64
@@ -57,11 +57,11 @@ def best_of(fn, repeats: int, cuda: bool = False) -> float:
     return min(times)
 
 
-#: (positions per program, entries per tile) shapes of the Triton kernel timed beside its default
-TRITON_SHAPES = ((32, 16), (64, 8), (64, 32), (128, 16))
+#: (positions per program, entries per tile, warps) shapes of the Triton kernel timed beside its default
+TRITON_SHAPES = tuple((b, t, w) for b in (32, 64, 128) for t in (16, 32, 64) for w in (4, 8))
 
 
-def run(vocab_size: int, n: int, eps: float, repeats: int, device: str = "cpu") -> list[dict]:
+def run(vocab_size: int, n: int, eps: float, repeats: int, device: str = "cpu", sweep: bool = False) -> list[dict]:
     op = random_neighbour_operator(vocab_size).symmetrized()
     kernel = _SparseLogKernel(op, device, torch.float32)
     logits, ref = (t.to(device) for t in peaky_logits(n, vocab_size))
@@ -88,15 +88,16 @@ def run(vocab_size: int, n: int, eps: float, repeats: int, device: str = "cpu") 
         h_t = h.t().contiguous()
         dense = torch.logsumexp(h, -1)
         tables = kernel._csr_tensors(h.device, eps)
-        for block, tile in TRITON_SHAPES:
-            cases[f"Triton kernel alone, {block} positions x {tile} entries per program"] = (
-                lambda b=block, t=tile: _triton.sparse_lse_kernel()(h_t, *tables, dense, block=b, tile=t))
-        cases[f"Triton kernel alone, default {_triton.BLOCK_ROWS} x {_triton.TILE}"] = (
+        for block, tile, warps in TRITON_SHAPES if sweep else ():
+            cases[f"Triton kernel alone, {block} positions x {tile} entries, {warps} warps"] = (
+                lambda b=block, t=tile, w=warps: _triton.sparse_lse_kernel()(h_t, *tables, dense, block=b, tile=t, warps=w))
+        cases[f"Triton kernel alone, default {_triton.BLOCK_ROWS} x {_triton.TILE}, {_triton.WARPS} warps"] = (
             lambda: _triton.sparse_lse_kernel()(h_t, *tables, dense))
     else:
         cases["fused log-kernel (vocabmetric, CPU)"] = lambda: kernel._fused(h, eps)
     cases[f"torch.sparse.mm CSR x dense ({'cuSPARSE' if cuda else 'MKL'}), product only"] = lambda: torch.sparse.mm(S, E)
-    cases["gathered log-kernel (torch path, any device)"] = lambda: kernel._gathered(h, eps)
+    if not cuda or n * vocab_size * kernel.width * 4 < 2**34:  # its (n, V, width) block: 94 GB at N = 8192
+        cases["gathered log-kernel (torch path, any device)"] = lambda: kernel._gathered(h, eps)
     base = None
     rows = []
     for name, fn in cases.items():
@@ -117,8 +118,10 @@ def main(argv=None) -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     parser.add_argument("--name", default="sparse_kernel", help="results file name")
+    parser.add_argument("--sweep", action="store_true", help="GPU: time the Triton kernel at every shape of TRITON_SHAPES")
     args = parser.parse_args(argv)
-    rows = [row for v in args.vocab for n in args.positions for row in run(v, n, args.eps, args.repeats, args.device)]
+    rows = [row for v in args.vocab for n in args.positions
+            for row in run(v, n, args.eps, args.repeats, args.device, args.sweep)]
     payload = {"name": args.name, "machine": machine_info(args.device), "git": git_state(), "device": args.device,
                "torch_threads": torch.get_num_threads(), "rows": rows}
     gpu = payload["machine"].get("gpu")

@@ -15,7 +15,8 @@ import torch
 #: Positions per program (one lane each) and stored entries read at once per program: a
 #: tile of TILE neighbour rows × BLOCK_ROWS positions keeps TILE coalesced reads in flight.
 BLOCK_ROWS = 64
-TILE = 16
+TILE = 32
+WARPS = 4
 
 
 @functools.cache
@@ -70,11 +71,12 @@ def sparse_lse_kernel():
         tl.store(out_t + i.to(tl.int64) * n + r, ref + tl.log(total), mask=lane)
 
     def run(h_t: torch.Tensor, indptr: torch.Tensor, nbr: torch.Tensor, log_k: torch.Tensor,
-            dense: torch.Tensor, *, block: int = BLOCK_ROWS, tile: int = TILE) -> torch.Tensor:
+            dense: torch.Tensor, *, block: int = BLOCK_ROWS, tile: int = TILE, warps: int = WARPS) -> torch.Tensor:
         V, n = h_t.shape
         out_t = torch.empty_like(h_t)
         if n:
-            _lse_rows[(V, triton.cdiv(n, block))](h_t, indptr, nbr, log_k, dense, out_t, n, BLOCK=block, TILE=tile)
+            _lse_rows[(V, triton.cdiv(n, block))](h_t, indptr, nbr, log_k, dense, out_t, n, BLOCK=block, TILE=tile,
+                                                  num_warps=warps)
         return out_t
 
     return run
