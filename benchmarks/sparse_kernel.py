@@ -93,6 +93,9 @@ def run(vocab_size: int, n: int, eps: float, repeats: int, device: str = "cpu", 
                 lambda b=block, t=tile, w=warps: _triton.sparse_lse_kernel()(h_t, *tables, dense, block=b, tile=t, warps=w))
         cases[f"Triton kernel alone, default {_triton.BLOCK_ROWS} x {_triton.TILE}, {_triton.WARPS} warps"] = (
             lambda: _triton.sparse_lse_kernel()(h_t, *tables, dense))
+        out = torch.empty_like(h)
+        cases["Triton kernel alone, default, writing (N, V) position-major"] = (
+            lambda: _triton.sparse_lse_kernel()(h_t, *tables, dense, out.t()))
     else:
         cases["fused log-kernel (vocabmetric, CPU)"] = lambda: kernel._fused(h, eps)
     cases[f"torch.sparse.mm CSR x dense ({'cuSPARSE' if cuda else 'MKL'}), product only"] = lambda: torch.sparse.mm(S, E)

@@ -184,14 +184,16 @@ class _SparseLogKernel:
 
     def _triton(self, h: torch.Tensor, eps: float, out: torch.Tensor | None = None) -> torch.Tensor:
         """The GPU path: the Triton kernel over the CSR table (see :mod:`._triton`), on a
-        transposed copy ``(V, n)`` so each neighbour read is contiguous across positions."""
+        transposed copy ``(V, n)`` so each neighbour read is contiguous across positions;
+        it writes ``out (n, V)`` directly."""
         indptr, nbr, log_k = self._csr_tensors(h.device, eps)
         h = h.detach().to(self.dtype)
         dense = torch.logsumexp(h, -1).sub_(self.cap / eps)  # −inf for a row of only −inf
-        out_t = sparse_lse_kernel()(h.t().contiguous(), indptr, nbr, log_k, dense)
+        h_t = h.t().contiguous()  # may be ``out``'s storage: copied before the kernel writes
         if out is None or out.dtype != self.dtype or not out.is_contiguous():
-            return out_t.t().contiguous()
-        return out.copy_(out_t.t())
+            out = torch.empty_like(h)
+        sparse_lse_kernel()(h_t, indptr, nbr, log_k, dense, out.t())
+        return out
 
     def _csr_tensors(self, device, eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``(indptr, nbr, log_k)`` on ``device``; ``log_k`` in the compute dtype, per ε."""
