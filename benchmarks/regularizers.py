@@ -196,7 +196,7 @@ def git_state() -> dict:
         except OSError:  # no git
             return ""
 
-    return {"commit": run("rev-parse", "HEAD") or os.environ.get("VOCABMETRIC_COMMIT", "unknown"),
+    return {"commit": os.environ.get("VOCABMETRIC_COMMIT") or run("rev-parse", "HEAD") or "unknown",
             "uncommitted_regularizer_changes": run("status", "--porcelain", "vocabmetric/regularizers")}
 
 

@@ -85,7 +85,7 @@ def run(vocab_size: int, n: int, eps: float, repeats: int, device: str = "cpu", 
         from vocabmetric.regularizers import _triton
 
         cases["Triton log-kernel (vocabmetric, GPU)"] = lambda: kernel._triton(h, eps)
-        h_t = h.t().contiguous()
+        h_t = _triton.padded_transpose(h)
         dense = torch.logsumexp(h, -1)
         tables = kernel._csr_tensors(h.device, eps)
         for block, tile, warps in TRITON_SHAPES if sweep else ():

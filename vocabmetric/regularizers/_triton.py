@@ -21,11 +21,23 @@ TILE = 64
 WARPS = 4
 
 
+def padded_transpose(h: torch.Tensor) -> torch.Tensor:
+    """``h (n, V)`` → a fresh ``(V, n)`` view whose rows start every 16 elements (64 bytes in
+    float32), never sharing storage with ``h``. Unaligned rows (n = 669, say) cost the
+    kernel its vectorized loads."""
+    n, V = h.shape
+    padded = -(-n // 16) * 16
+    out = torch.empty((V, padded), dtype=h.dtype, device=h.device)[:, :n]
+    return out.copy_(h.t())
+
+
 @functools.cache
 def sparse_lse_kernel():
     """``f(h_t, indptr, nbr, log_k, dense) -> out_t``, or None without Triton.
 
-    Shapes: ``h_t (V, n)`` log-weights with positions as the contiguous inner axis;
+    Shapes: ``h_t (V, n)`` log-weights with positions as the contiguous inner axis (a
+    row stride that is a multiple of 16 elements lets every read be vectorized: see
+    :func:`padded_transpose`);
     ``indptr (V + 1,)``, ``nbr (nnz,)`` and ``log_k (nnz,)`` the CSR table of log kernel
     weights; ``dense (n,)`` a per-position term joined to every token. Returns
     ``out_t (V, n)`` — written into ``out_t`` if given, any strides (``out.t()`` of an
@@ -48,7 +60,8 @@ def sparse_lse_kernel():
         return None
 
     @triton.jit
-    def _lse_rows(h_t, indptr, nbr, log_k, dense, out_t, n, out_si, out_sr, BLOCK: tl.constexpr, TILE: tl.constexpr):
+    def _lse_rows(h_t, indptr, nbr, log_k, dense, out_t, n, h_s, out_si, out_sr,
+                  BLOCK: tl.constexpr, TILE: tl.constexpr):
         i = tl.program_id(0)
         r = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
         lane = r < n
@@ -61,7 +74,7 @@ def sparse_lse_kernel():
             real = t < end
             j = tl.load(nbr + t, mask=real, other=0).to(tl.int64)
             w = tl.load(log_k + t, mask=real, other=float("-inf"))
-            x = tl.load(h_t + j[:, None] * n + r[None, :], mask=real[:, None] & lane[None, :],
+            x = tl.load(h_t + j[:, None] * h_s + r[None, :], mask=real[:, None] & lane[None, :],
                         other=float("-inf")) + w[:, None]
             new = tl.maximum(top, tl.max(x, 0))
             ref = tl.where(new == float("-inf"), 0.0, new)  # exp(−inf − 0) = 0: a lane of only −inf
@@ -77,10 +90,12 @@ def sparse_lse_kernel():
             dense: torch.Tensor, out_t: torch.Tensor | None = None, *, block: int = BLOCK_ROWS, tile: int = TILE,
             warps: int = WARPS) -> torch.Tensor:
         V, n = h_t.shape
+        if h_t.stride(1) != 1:
+            raise ValueError(f"sparse_lse: h_t must have contiguous rows, got strides {h_t.stride()}")
         out_t = torch.empty_like(h_t) if out_t is None else out_t
         if n:
-            _lse_rows[(V, triton.cdiv(n, block))](h_t, indptr, nbr, log_k, dense, out_t, n, *out_t.stride(),
-                                                  BLOCK=block, TILE=tile, num_warps=warps)
+            _lse_rows[(V, triton.cdiv(n, block))](h_t, indptr, nbr, log_k, dense, out_t, n, h_t.stride(0),
+                                                  *out_t.stride(), BLOCK=block, TILE=tile, num_warps=warps)
         return out_t
 
     return run

@@ -68,7 +68,7 @@ from ..errors import VocabMetricError
 from ..operator import CostOperator
 from ._inputs import Reference, check_finite, check_width, reference_probs
 from ._numba import compile_once, prefetch, run_rows
-from ._triton import sparse_lse_kernel
+from ._triton import padded_transpose, sparse_lse_kernel
 
 LOG = logging.getLogger(__name__)
 
@@ -189,7 +189,7 @@ class _SparseLogKernel:
         indptr, nbr, log_k = self._csr_tensors(h.device, eps)
         h = h.detach().to(self.dtype)
         dense = torch.logsumexp(h, -1).sub_(self.cap / eps)  # −inf for a row of only −inf
-        h_t = h.t().contiguous()  # may be ``out``'s storage: copied before the kernel writes
+        h_t = padded_transpose(h)  # a copy: ``out`` may be ``h`` itself
         if out is None or out.dtype != self.dtype or not out.is_contiguous():
             out = torch.empty_like(h)
         sparse_lse_kernel()(h_t, indptr, nbr, log_k, dense, out.t())
