@@ -9,7 +9,7 @@ STAMP  := $(VENV)/.installed
 TORCH  ?= torch==2.13.0
 OUT    ?= runs/demo
 
-.PHONY: install run test test-slow bench browser clean
+.PHONY: install run test test-slow test-gpu bench bench-gpu browser clean
 
 install: $(STAMP)
 
@@ -54,6 +54,19 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/sinkhorn_vs_pot.py
 	$(BIN)/python benchmarks/trl_step.py
 	$(BIN)/python benchmarks/penalty_experiment.py
+
+# On a CUDA machine, with its own python (GPU_PYTHON) that holds a CUDA torch and Triton:
+# the gpu-marked tests, then the GPU benchmarks (benchmarks/results/*_cuda*).
+GPU_PYTHON ?= python3
+test-gpu:
+	$(GPU_PYTHON) -m pytest -q -m "gpu or not gpu" tests/test_gpu.py
+
+bench-gpu:
+	$(GPU_PYTHON) benchmarks/sparse_kernel.py --device cuda --positions 64 1024 8192 --name sparse_kernel_cuda
+	$(GPU_PYTHON) benchmarks/sparse_kernel.py --device cuda --positions 1024 8192 --sweep --name sparse_kernel_cuda_sweep
+	$(GPU_PYTHON) benchmarks/regularizers.py --device cuda --vocab 100277 --repeats 2 --name regularizers_cuda
+	$(GPU_PYTHON) benchmarks/regularizers.py --device cuda --dtype bfloat16 --vocab 100277 --positions 1024 8192 \
+		--repeats 2 --only tree "sliced L=16" "sinkhorn support m=64" "sinkhorn full (10 iterations)" --name regularizers_cuda_bf16
 
 clean:
 	rm -rf $(VENV) runs build *.egg-info

@@ -196,7 +196,9 @@ def git_state() -> dict:
         except OSError:  # no git
             return ""
 
-    return {"commit": os.environ.get("VOCABMETRIC_COMMIT") or run("rev-parse", "HEAD") or "unknown",
+    if os.environ.get("VOCABMETRIC_COMMIT"):  # a copy whose .git, if any, is not the tree's
+        return {"commit": os.environ["VOCABMETRIC_COMMIT"], "uncommitted_regularizer_changes": ""}
+    return {"commit": run("rev-parse", "HEAD") or "unknown",
             "uncommitted_regularizer_changes": run("status", "--porcelain", "vocabmetric/regularizers")}
 
 
