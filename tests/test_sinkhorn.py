@@ -186,6 +186,30 @@ def test_fused_cpu_kernel_equals_the_gathered_torch_path(dtype):
                                    atol=1e-12 if dtype == torch.float64 else 1e-5)
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_support_kernel_equals_the_log_domain_sum(dtype):
+    """The support mode's linear-domain batched product, for one problem, stacked copies
+    and an arbitrary subset of positions, equals logsumexp(h − C/ε) — also at ε = cap/90,
+    where sums fall below float32's range and positions are recomputed in the log domain."""
+    from vocabmetric.regularizers.sinkhorn import _DenseLogKernel
+
+    gen = torch.Generator().manual_seed(5)
+    r, s = 4, 9
+    x = torch.rand(r, s, 3, generator=gen, dtype=torch.float64)
+    cost = torch.cdist(x, x).clamp(max=CAP)  # symmetric, 0 on the diagonal
+    kernel = _DenseLogKernel(cost.to(dtype))
+    h = torch.randn(2 * r, s, generator=gen, dtype=torch.float64) * 3
+    h[0, :4] = float("-inf")
+    h[5] *= 60  # most terms e^-100 or more below the largest
+    for eps in (0.5, 0.05, CAP / 90):
+        for rows in (None, torch.arange(r).repeat(2), torch.tensor([3, 0, 0, 2, 1, 3, 2, 1])):
+            source = torch.arange(r).repeat(2) if rows is None else rows
+            want = torch.logsumexp(h[:, None, :] - cost[source] / eps, -1)
+            got = kernel(h.to(dtype), eps, rows)
+            tol = 1e-12 if dtype == torch.float64 else 2e-5
+            torch.testing.assert_close(got.double(), want, rtol=tol, atol=tol)
+
+
 def test_chunks_give_the_same_values_and_gradients_as_one_solve(op):
     """Chunks of 3, 3 and 1 positions (the fused kernel's scratch reused at three sizes)
     match one solve of all 7, value and gradient, and a second call matches the first."""

@@ -62,13 +62,13 @@ from typing import Any, Callable
 import numpy as np
 import torch
 from torch import nn
-from torch.autograd.function import once_differentiable
 
 from ..errors import VocabMetricError
 from ..operator import CostOperator
-from ._inputs import Reference, check_finite, check_width, reference_probs
+from ._inputs import Reference, check_width
 from ._numba import compile_once, prefetch, run_rows
 from ._triton import padded_transpose, sparse_lse_kernel
+from .tree import solve_by_chunks
 
 LOG = logging.getLogger(__name__)
 
@@ -373,22 +373,47 @@ _FLOOR = -80.0
 
 class _DenseLogKernel:
     """``h ↦ log Σ_j exp(h_j − C_ij/ε)`` for a batch of small dense costs ``(r, s, s)``;
-    ``rows`` picks each input row's cost matrix."""
+    ``rows`` picks each input row's cost matrix.
+
+    In the linear domain, as the fused sparse kernel: with ``m = max_j h_j``,
+    ``E = exp(h − m)`` and ``K = exp(−C/ε)`` (cached per ε, both raised to ``floor``
+    before ``exp``), ``log(K E) + m`` is one batched matrix-vector product per position —
+    s² multiply-adds, no ``exp`` — instead of s² exps. Where a sum is at most ``e^accept``
+    (every term far below the row's largest, ``cap/ε`` beyond the dtype's range) the
+    position is recomputed in the log domain. Stacked problems (``rows`` = 0..r−1 repeated,
+    as the solver stacks them) share one product with k columns, without copying K.
+    """
 
     def __init__(self, cost: torch.Tensor):
         self.cost = cost
-        self._scaled: dict[float, torch.Tensor] = {}
+        self._scaled: dict[float, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def __call__(self, h: torch.Tensor, eps: float, rows: torch.Tensor | None = None,
                  out: torch.Tensor | None = None) -> torch.Tensor:
-        if eps not in self._scaled:  # −C/ε, once per ε of the schedule
-            self._scaled = {eps: self.cost / -eps}
-        scaled = self._scaled[eps]
-        # one gathered copy, then in place: no (n, s, s) temporaries beyond it, and the
-        # clamped logsumexp keeps exp off its slow path for −inf weights
-        block = scaled.index_select(0, rows) if rows is not None else scaled.clone()
-        block += h[:, None, :]
-        return _lse_(block)
+        floor, accept = _FUSED_RANGE[h.dtype] if h.dtype in _FUSED_RANGE else _FUSED_RANGE[torch.float32]
+        if eps not in self._scaled:  # −C/ε and K, once per ε of the schedule
+            scaled = self.cost / -eps
+            self._scaled = {eps: (scaled, scaled.clamp(min=floor).exp_())}
+        scaled, kernel = self._scaled[eps]
+        r, s = kernel.shape[0], kernel.shape[-1]
+        n = h.shape[0]
+        top = h.amax(-1, keepdim=True)
+        top = torch.where(torch.isfinite(top), top, 0.0)
+        e = torch.sub(h, top).clamp_(min=floor).exp_()
+        if rows is None or (n % r == 0 and torch.equal(rows, torch.arange(r, device=rows.device).repeat(n // r))):
+            k = n // r  # stacked copies of the r positions: K (r, s, s) @ E (r, s, k)
+            lin = torch.bmm(kernel, e.view(k, r, s).permute(1, 2, 0)).permute(2, 0, 1).reshape(n, s)
+        else:
+            lin = torch.bmm(kernel.index_select(0, rows), e.unsqueeze(-1)).squeeze(-1)
+        low = (lin <= math.exp(accept)).any(-1)
+        result = lin.log_().add_(top)
+        if low.any():  # those positions in the log domain: one gathered (m, s, s) block
+            pick = low.nonzero()[:, 0]
+            source = rows if rows is not None else torch.arange(r, device=h.device).repeat(n // r)
+            block = scaled.index_select(0, source[pick])
+            block += h[pick, None, :]
+            result[pick] = _lse_(block)
+        return result
 
 
 # -- the solver ----------------------------------------------------------------------------
@@ -555,13 +580,13 @@ def _support_problem(p, q, m, op_index, op_costs, cap, embeddings):
         pts = embeddings[ids].to(p.dtype)
         inner = torch.cdist(pts, pts).clamp(max=cap)
     else:
-        # slot of each support token in a (rows, V + 1) map; column V collects duplicates
-        # and empty neighbour slots, so a single scatter builds the sub-matrix
-        slot = torch.full((rows, V + 1), -1, dtype=torch.int64, device=p.device)
-        slot.scatter_(1, torch.where(dup, V, ids), torch.arange(s1, device=p.device).expand(rows, s1))
-        slot[:, V] = -1
+        # each stored neighbour's slot in the (sorted) support, by binary search: the first
+        # of equal ids is the one that is not a duplicate; -1 where it is not in the support
         nb = op_index[ids]  # (rows, s1, k), -1 = empty
-        nb_slot = slot.gather(1, torch.where(nb >= 0, nb, V).view(rows, -1)).view(nb.shape)
+        flat = nb.view(rows, -1)
+        at = torch.searchsorted(ids, flat).clamp_(max=s1 - 1)
+        found = (ids.gather(1, at) == flat) & (flat >= 0)
+        nb_slot = torch.where(found, at, -1).view(nb.shape)
         inner = torch.full((rows, s1, s1 + 1), cap, dtype=p.dtype, device=p.device)
         inner.scatter_(2, torch.where(nb_slot >= 0, nb_slot, s1), op_costs[ids].to(p.dtype))
         inner = inner[:, :, :s1]
@@ -571,27 +596,7 @@ def _support_problem(p, q, m, op_index, op_costs, cap, embeddings):
     return a, b, cost, ids, dup
 
 
-# -- the autograd function -----------------------------------------------------------------
-class _SinkhornFunction(torch.autograd.Function):
-    """Value of ``run(p)``; backward ``p ⊙ (h − ⟨p, h⟩)`` from its potential h (no graph
-    through the solver: the envelope theorem makes h the gradient with respect to p)."""
-
-    @staticmethod
-    def forward(ctx, logits, run):
-        p = torch.softmax(logits.detach().to(run.dtype), -1)
-        value, h = run(p)
-        h = torch.where(p > 0, h, 0.0)  # a zero-mass token gets no gradient, even if h is huge
-        ctx.save_for_backward(p * (h - (p * h).sum(-1, keepdim=True)))
-        ctx.logits_dtype = logits.dtype
-        return value.to(logits.dtype)
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad_value):
-        (dz,) = ctx.saved_tensors
-        return (grad_value[..., None].to(dz.dtype) * dz).to(ctx.logits_dtype), None
-
-
+# -- the module ----------------------------------------------------------------------------
 class SinkhornDivergence(nn.Module):
     """Debiased Sinkhorn divergence ``S_ε(p, q)`` per position, on a truncated ground cost.
 
@@ -749,59 +754,54 @@ class SinkhornDivergence(nn.Module):
         where = "SinkhornDivergence"
         check_width(self.vocab_size, logits, where)
         self.op.check_vocab(logits.shape[-1], fingerprint, what=where)
-        check_finite(logits, "policy logits", where)
-        if torch.isposinf(logits).any():
-            raise VocabMetricError(f"{where}: policy logits contain +inf; logits must be finite or -inf")
+        # NaN or +inf inputs make the value NaN, and solve_by_chunks names them then: valid
+        # inputs pay no extra pass (a NaN position leaves the solver at its first check)
         dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
-        q = reference_probs(ref, logits, where).to(dtype)
         V = self.vocab_size
-        flat_q = q.reshape(-1, V)
-        flat_q = flat_q / flat_q.sum(-1, keepdim=True)  # p and q must carry the same mass exactly
-        lead = logits.shape[:-1]
         eps_list = _eps_schedule(self.eps, self.op.cap, self.eps_scaling)
+        item = torch.finfo(dtype).bits // 8
+        budget = GPU_CHUNK_BYTES if logits.device.type == "cuda" else CHUNK_BYTES
+        kernel = None
+        if self.support is None:
+            kernel = self._kernel(logits.device, dtype)
+            if (logits.device.type == "cpu" and _numba_sparse_lse() is not None) or (
+                    logits.device.type == "cuda" and sparse_lse_kernel() is not None):
+                # the fused kernels: ~16 (V,) vectors per row (4 stacked problems' potentials,
+                # weights and transposed copies); more rows per call amortize table reads
+                per_row = 16 * V * item
+            else:  # 4 stacked problems while annealing, each a (V, width) gathered block
+                per_row = 4 * V * kernel.width * item
+        else:
+            s = 2 * min(self.support, V) + 1
+            per_row = 4 * s * s * item + 4 * V * item  # 4 problems' costs; the chunk's (V,) rows
         infos: list[dict] = []
+        scratch: dict = {}
 
-        def run(p: torch.Tensor):
-            flat_p = p.reshape(-1, V)
-            n = flat_p.shape[0]
-            value = torch.empty(n, dtype=dtype, device=p.device)
-            grad = torch.empty_like(flat_p)
-            item = flat_p.element_size()
-            budget = GPU_CHUNK_BYTES if p.device.type == "cuda" else CHUNK_BYTES
+        def chunk(p, q, value_out, dz_out) -> None:
+            q = q.div_(q.sum(-1, keepdim=True))  # p and q must carry the same mass exactly
             if self.support is None:
-                kernel = self._kernel(p.device, dtype)
-                if (p.device.type == "cpu" and _numba_sparse_lse() is not None) or (
-                        p.device.type == "cuda" and sparse_lse_kernel() is not None):
-                    # the fused kernels: ~16 (V,) vectors per row (4 stacked problems' potentials,
-                    # weights and transposed copies); more rows per call amortize table reads
-                    per_row = 16 * V * item
-                else:  # 4 stacked problems while annealing, each a (V, width) gathered block
-                    per_row = 4 * V * kernel.width * item
-            else:
-                s = 2 * min(self.support, V) + 1
-                per_row = 4 * s * s * item + 2 * V * 8
-            chunk = self.chunk_size or max(1, int(budget // per_row))
-            try:
-                for lo in range(0, n, chunk):
-                    part = slice(lo, lo + chunk)
-                    pc, qc = flat_p[part], flat_q[part]
-                    if self.support is None:
-                        solver = _Solver(kernel, eps_list, self.max_iter, self.tol)
-                        value[part], grad[part], info = _solve_chunk(solver, pc, qc, self.debias)
-                    else:
-                        value[part], grad[part], info = self._support_chunk(pc, qc, eps_list)
-                    infos.append(info)
-            finally:
-                if self.support is None:
-                    kernel.release()
-            return value.view(lead), grad.view(*lead, V)
+                value, h, info = _solve_chunk(_Solver(kernel, eps_list, self.max_iter, self.tol), p, q, self.debias)
+            else:  # the potential goes to a (chunk, V) buffer reused across chunks
+                if scratch.get("h") is None or scratch["h"].shape[0] < p.shape[0]:
+                    scratch["h"] = torch.empty_like(p)
+                value, h, info = self._support_chunk(p, q, eps_list, scratch["h"][: p.shape[0]])
+            infos.append(info)
+            value_out.copy_(value)
+            if dz_out is not None:  # ∂S/∂z = p ⊙ (h − ⟨p, h⟩); a zero-mass token gets none, even if h is huge
+                h = h.masked_fill_(p <= 0, 0.0)  # h is the chunk's own: in place
+                mean = torch.einsum("ij,ij->i", p, h)
+                torch.mul(h.sub_(mean[:, None]), p, out=dz_out)
 
-        run.dtype = dtype
-        out = _SinkhornFunction.apply(logits, run)
+        try:
+            out = solve_by_chunks(logits, ref, chunk, chunk_size=self.chunk_size or max(1, int(budget // per_row)),
+                                  dtype=dtype, where=where)
+        finally:
+            if kernel is not None:
+                kernel.release()
         self.last_info = {key: max(i[key] for i in infos) for key in infos[0]} if infos else {}
         self.last_info.update(chunks=len(infos), eps=self.eps, mode="full" if self.support is None else "support")
         self._warn_unconverged()
-        return out
+        return out.to(logits.dtype)
 
     def _warn_unconverged(self) -> None:
         """Say once per instance when ``max_iter`` ended the loop far from ``tol``: the value
@@ -813,14 +813,17 @@ class SinkhornDivergence(nn.Module):
                         "(tol %g); the value may be off by up to ≈ %.2g × cap. Raise max_iter or eps "
                         "(last_info has the errors; this is said once)", self.max_iter, err, self.tol, err)
 
-    def _support_chunk(self, p, q, eps_list):
+    def _support_chunk(self, p, q, eps_list, out):
+        """Value, potential on the whole vocabulary (written into ``out``, (rows, V)) and info."""
         emb = None if self.embeddings is None else self.embeddings.to(p.device)
         index, costs = self._torch_table(p.device)
         a, b, cost, ids, dup = _support_problem(p, q, self.support, index, costs, self.op.cap, emb)
         solver = _Solver(_DenseLogKernel(cost), eps_list, self.max_iter, self.tol)
         value, f_small, info = _solve_chunk(solver, a, b, self.debias)
-        V = p.shape[1]
-        # tokens outside the support sit in the rest bin: their potential is the bin's
-        grad = f_small[:, -1:].expand(-1, V + 1).clone()
-        grad.scatter_(1, torch.where(dup, V, ids), f_small[:, :-1])
-        return value, grad[:, :V], info
+        # tokens outside the support sit in the rest bin: their potential is the bin's; a
+        # duplicate (zero-mass) point follows its original in the sorted support and writes
+        # the original's potential again
+        grad = out.copy_(f_small[:, -1:].expand(-1, p.shape[1]))
+        f_ids = f_small[:, :-1]
+        grad.scatter_(1, ids, torch.where(dup, f_ids.roll(1, -1), f_ids))
+        return value, grad, info
