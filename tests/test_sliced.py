@@ -162,3 +162,23 @@ def test_moving_mass_to_a_near_token_costs_less_than_to_a_far_one(small_store):
     emb = small_store.embeddings(normalized=True).astype(np.float64)
     expected = [0.3 * np.abs((emb[a] - emb[t]) @ reg.directions_.T).mean() for t in (near, far)]
     np.testing.assert_allclose(w.numpy(), expected, rtol=1e-9)
+
+
+def test_numba_blocks_of_positions_equal_the_torch_backend():
+    """37 positions: the CPU kernel's blocks of 16 (the last one 5, padded) give the torch
+    backend's values and gradients, untrained tokens included."""
+    from vocabmetric.regularizers.sliced import ROWS_AT_ONCE
+
+    emb, usable = points(3, vocab_size=40, untrained=0.2)
+    n = 2 * ROWS_AT_ONCE + 5
+    gen = torch.Generator().manual_seed(4)
+    z, r = torch.randn(n, 40, generator=gen) * 3, torch.randn(n, 40, generator=gen) * 3
+    results = []
+    for backend in ("numba", "torch"):
+        reg = SlicedWasserstein(emb, n_projections=6, usable=usable, backend=backend)
+        zz = z.clone().requires_grad_()
+        value = reg(zz, r)
+        value.sum().backward()
+        results.append((value.detach(), zz.grad))
+    torch.testing.assert_close(results[0][0], results[1][0], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(results[0][1], results[1][1], rtol=1e-4, atol=1e-6)

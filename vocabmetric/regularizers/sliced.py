@@ -48,51 +48,89 @@ from torch import nn
 from ..errors import VocabMetricError
 from ..operator import check_fingerprint
 from ._inputs import Reference, check_width
-from ._numba import compile_once, run_rows
+from ._numba import compile_once, prefetch, run_rows
 from .tree import BACKENDS, solve_by_chunks
+
+#: Positions swept together by the CPU kernel: their values at one token are contiguous, so
+#: each step of the sorted order is one short vector load and SIMD work across positions,
+#: and the R running sums are independent chains instead of one serial chain.
+ROWS_AT_ONCE = 16
+
 
 @compile_once
 def _numba_kernel(numba):
-    """The per-position pass (cached on disk; serial and GIL-free)."""
+    """The CPU kernel (cached on disk; serial and GIL-free: :func:`~._numba.run_rows` gives
+    each thread a range of positions).
 
-    @numba.njit(cache=True, nogil=True)
-    def sliced_rows(p, q, value, dz, order, gaps, untrained, want_grad):
+    For blocks of ``ROWS_AT_ONCE`` positions: ``d = (p − q)ᵀ`` and the gradient ``g`` are
+    (V, R) scratch; along each direction's sorted order σ, with ``C_j = Σ_{k ≤ j} d_σ(k)``,
+    the value gains ``gap_j·|C_j|`` and ``g_σ(j) −= Σ_{k < j} gap_k·sign(C_k)``; the rows of
+    the next tokens in the order are prefetched 8 steps ahead. Finally
+    ``∂SW/∂z = p ⊙ (g − ⟨p, g⟩) / L``. O(V·L) per position.
+    """
+    fetch = prefetch()
+    ahead = 8
+
+    @numba.njit(cache=True, nogil=True, boundscheck=False, fastmath={"contract"})
+    def sliced_rows(p, q, value, dz, order, gaps, untrained, want_grad, rows_at_once):
         n, vocab_size = p.shape
         n_dir, n_sorted = order.shape
-        diff = np.empty(vocab_size, dtype=p.dtype)
-        grad = np.empty(vocab_size, dtype=p.dtype)
-        for r in range(n):
+        d = np.empty((vocab_size, rows_at_once), dtype=p.dtype)
+        g = np.empty((vocab_size, rows_at_once), dtype=p.dtype)
+        cdf = np.empty(rows_at_once, dtype=np.float64)
+        acc = np.empty(rows_at_once, dtype=np.float64)
+        total = np.empty(rows_at_once, dtype=np.float64)
+        shift = np.empty(rows_at_once, dtype=np.float64)
+        R = rows_at_once
+        for lo in range(0, n, R):
+            m = min(R, n - lo)
             for i in range(vocab_size):
-                diff[i] = p[r, i] - q[r, i]
-                grad[i] = 0.0
-            total = 0.0
-            shift = 0.0  # g of the untrained point: it lies after every gap
+                for r in range(m):
+                    d[i, r] = p[lo + r, i] - q[lo + r, i]
+                for r in range(m, R):  # padding lanes: no mass, results ignored
+                    d[i, r] = 0.0
+                for r in range(R):
+                    g[i, r] = 0.0
+            total[:] = 0.0
+            shift[:] = 0.0  # g of the untrained point: it lies after every gap
             for ell in range(n_dir):
-                cdf = 0.0  # Σ_{k ≤ j} (p − q)_σ(k)
-                acc = 0.0  # Σ_{k < j} gap_k·sign(C_k): g(σ(j)) up to a constant
-                if want_grad:
-                    for j in range(n_sorted):
-                        k = order[ell, j]
-                        grad[k] -= acc
-                        cdf += diff[k]
-                        gap = gaps[ell, j]
-                        total += gap * abs(cdf)
-                        acc += gap * (np.float64(cdf > 0) - np.float64(cdf < 0))
-                    shift -= acc
-                else:
-                    for j in range(n_sorted):
-                        cdf += diff[order[ell, j]]
-                        total += gaps[ell, j] * abs(cdf)
-            value[r] = total / n_dir
+                cdf[:] = 0.0  # Σ_{k ≤ j} (p − q)_σ(k)
+                acc[:] = 0.0  # Σ_{k < j} gap_k·sign(C_k): g(σ(j)) up to a constant
+                for j in range(n_sorted):
+                    if j + ahead < n_sorted:
+                        nxt = order[ell, j + ahead]
+                        fetch(d, nxt, 0)
+                        if want_grad:
+                            fetch(g, nxt, 0)
+                    k = order[ell, j]
+                    gap = gaps[ell, j]
+                    if want_grad:
+                        for r in range(R):
+                            c = cdf[r] + d[k, r]
+                            cdf[r] = c
+                            total[r] += gap * abs(c)
+                            g[k, r] -= acc[r]
+                            acc[r] += gap * (np.float64(c > 0) - np.float64(c < 0))
+                    else:
+                        for r in range(R):
+                            c = cdf[r] + d[k, r]
+                            cdf[r] = c
+                            total[r] += gap * abs(c)
+                for r in range(R):
+                    shift[r] -= acc[r]
+            for r in range(m):
+                value[lo + r] = total[r] / n_dir
             if not want_grad:
                 continue
             for u in untrained:
-                grad[u] += shift
-            mean = 0.0
-            for i in range(vocab_size):
-                mean += p[r, i] * grad[i]
-            for i in range(vocab_size):
-                dz[r, i] = p[r, i] * (grad[i] - mean) / n_dir
+                for r in range(R):
+                    g[u, r] += shift[r]
+            for r in range(m):
+                mean = 0.0
+                for i in range(vocab_size):
+                    mean += p[lo + r, i] * g[i, r]
+                for i in range(vocab_size):
+                    dz[lo + r, i] = p[lo + r, i] * (g[i, r] - mean) / n_dir
 
     return sliced_rows
 
@@ -270,7 +308,7 @@ class SlicedWasserstein(nn.Module):
                 want_grad = dz_out is not None
                 dz_rows = dz_out.numpy() if want_grad else np.empty((p.shape[0], 0), dtype=p.numpy().dtype)
                 run_rows(_numba_kernel(), (p.numpy(), q.numpy(), value_out.numpy(), dz_rows),
-                         (self.order_, gaps, self.untrained_, want_grad))
+                         (self.order_, gaps, self.untrained_, want_grad, ROWS_AT_ONCE))
             else:
                 _chunk_torch(tables, p, q, value_out, dz_out)
 
