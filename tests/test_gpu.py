@@ -91,6 +91,14 @@ def _value_and_grad(reg, z, r):
     return value.detach().cpu(), z.grad.cpu()
 
 
+def _assert_cuda_equals_cpu(reg, z, r, tol):
+    """Value and gradient on CUDA equal CPU's: ``tol = (rtol, atol)`` of the value, then of the gradient."""
+    v_cpu, g_cpu = _value_and_grad(reg, z, r)
+    v_gpu, g_gpu = _value_and_grad(reg, z.cuda(), r.cuda())
+    torch.testing.assert_close(v_gpu, v_cpu, rtol=tol[0], atol=tol[1])
+    torch.testing.assert_close(g_gpu, g_cpu, rtol=tol[2], atol=tol[3])
+
+
 def _inputs(vocab_size, n=4, dtype=torch.float64, seed=1):
     gen = torch.Generator().manual_seed(seed)
     z = torch.randn(n, vocab_size, generator=gen, dtype=dtype) * 3
@@ -102,11 +110,7 @@ def _inputs(vocab_size, n=4, dtype=torch.float64, seed=1):
 @pytest.mark.parametrize("support", [None, 16])
 def test_sinkhorn_on_cuda_equals_cpu(support):
     reg = SinkhornDivergence(random_operator(300, k=8), eps=0.1, tol=1e-10, max_iter=3000, support=support)
-    z, r = _inputs(300)
-    v_cpu, g_cpu = _value_and_grad(reg, z, r)
-    v_gpu, g_gpu = _value_and_grad(reg, z.cuda(), r.cuda())
-    torch.testing.assert_close(v_gpu, v_cpu, rtol=1e-8, atol=1e-10)
-    torch.testing.assert_close(g_gpu, g_cpu, rtol=1e-6, atol=1e-9)
+    _assert_cuda_equals_cpu(reg, *_inputs(300), tol=(1e-8, 1e-10, 1e-6, 1e-9))
 
 
 @gpu
@@ -121,10 +125,7 @@ def test_tree_sliced_and_full_kl_on_cuda_equal_cpu():
     regs = [TreeWasserstein(tree), SlicedWasserstein(emb, n_projections=8), full_kl]
     z, r = _inputs(V)
     for reg in regs:
-        v_cpu, g_cpu = _value_and_grad(reg, z, r)
-        v_gpu, g_gpu = _value_and_grad(reg, z.cuda(), r.cuda())
-        torch.testing.assert_close(v_gpu, v_cpu, rtol=1e-9, atol=1e-12)
-        torch.testing.assert_close(g_gpu, g_cpu, rtol=1e-7, atol=1e-12)
+        _assert_cuda_equals_cpu(reg, z, r, tol=(1e-9, 1e-12, 1e-7, 1e-12))
 
 
 @gpu
