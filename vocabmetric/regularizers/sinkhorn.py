@@ -29,14 +29,20 @@ Two ways to lay the problem out:
                              LSE_{j∈N(i)} [h_j − c_ij/ε + log1mexp((cap − c_ij)/ε)])
 
   with ``h_j = log w_j`` (``= log q_j + g_j/ε`` in a Sinkhorn update) and N(i) the stored
-  neighbours of i plus i itself (c_ii = 0): one gather over the neighbour table and a few
-  reductions, O(V·k) per position, never O(V²). Rows are grouped by degree so that the
-  padding of a symmetrized kNN table (whose hubs have many more than 2k neighbours) is not
-  paid on every row.
+  neighbours of i plus i itself (c_ii = 0): O(V·k) per position, never O(V²). On CPU a
+  numba kernel does one multiply-add per stored entry (linear domain, log-domain fallback);
+  on CUDA a Triton kernel (:mod:`._triton`) sums exactly in the log domain; elsewhere a torch
+  path gathers rows grouped by degree.
 * **Support** (``support=m``). Per position the support is top-m(p) ∪ top-m(q) plus one
   "rest" bin holding the remaining mass at cost ``cap`` from every other point; the
-  (2m+1)² cost sub-matrix is gathered from the operator (or computed from embeddings).
-  O(m²) per position and iteration: the practical mode for training.
+  (2m+1)² cost sub-matrix is gathered from the operator (or computed from embeddings), and
+  a kernel application is one batched matrix-vector product with ``K = exp(−C/ε)`` (the
+  linear domain, shifted per row; positions whose sums leave the dtype's range are redone
+  in the log domain). O(m²) per position and iteration: the practical mode for training.
+
+Positions are solved in chunks (:func:`~.tree.solve_by_chunks`): ``p``, ``q`` and the
+potential live in reused (chunk, V) buffers, and ``∂S/∂z`` is written per chunk, so no
+temporary spans all N positions.
 
 Solver. The potentials solve, in the log domain (stable in float32 down to ε = 0.01·cap),
 ``f_i = −ε·log Σ_j q_j exp((g_j − C_ij)/ε)`` and ``g_j = −ε·log Σ_i p_i exp((f_i − C_ij)/ε)``.
