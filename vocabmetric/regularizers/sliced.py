@@ -47,7 +47,7 @@ from torch import nn
 
 from ..errors import VocabMetricError
 from ..operator import check_fingerprint
-from ._inputs import Reference, check_width
+from ._inputs import Reference, check_width, chunk_rows
 from ._numba import compile_once, prefetch, run_rows
 from .tree import BACKENDS, solve_by_chunks
 
@@ -125,12 +125,13 @@ def _numba_kernel(numba):
             for u in untrained:
                 for r in range(R):
                     g[u, r] += shift[r]
-            for r in range(m):
-                mean = 0.0
-                for i in range(vocab_size):
-                    mean += p[lo + r, i] * g[i, r]
-                for i in range(vocab_size):
-                    dz[lo + r, i] = p[lo + r, i] * (g[i, r] - mean) / n_dir
+            cdf[:] = 0.0  # now ⟨p, g⟩ per position; tokens outer, so g is read in order
+            for i in range(vocab_size):
+                for r in range(m):
+                    cdf[r] += p[lo + r, i] * g[i, r]
+            for i in range(vocab_size):
+                for r in range(m):
+                    dz[lo + r, i] = p[lo + r, i] * (g[i, r] - cdf[r]) / n_dir
 
     return sliced_rows
 
@@ -312,7 +313,11 @@ class SlicedWasserstein(nn.Module):
             else:
                 _chunk_torch(tables, p, q, value_out, dz_out)
 
-        return solve_by_chunks(logits, ref, chunk, chunk_size=self.chunk_size, dtype=dtype, where=where)
+        chunk_size = self.chunk_size
+        if backend == "numba" and chunk_size is None:  # whole blocks of ROWS_AT_ONCE per thread
+            lanes = ROWS_AT_ONCE * max(1, torch.get_num_threads())
+            chunk_size = max(lanes, chunk_rows(logits.shape[-1], logits.device) // lanes * lanes)
+        return solve_by_chunks(logits, ref, chunk, chunk_size=chunk_size, dtype=dtype, where=where)
 
 
 def _chunk_torch(tables, p, q, value_out, dz_out) -> None:
