@@ -87,7 +87,7 @@ def run(vocab_size: int, n: int, eps: float, repeats: int, device: str = "cpu", 
         cases["Triton log-kernel (vocabmetric, GPU)"] = lambda: kernel._triton(h, eps)
         h_t = _triton.padded_transpose(h)
         dense = torch.logsumexp(h, -1)
-        tables = kernel._csr_tensors(h.device, eps)
+        tables = kernel._csr_tensors(eps)
         for block, tile, warps in TRITON_SHAPES if sweep else ():
             cases[f"Triton kernel alone, {block} positions x {tile} entries, {warps} warps"] = (
                 lambda b=block, t=tile, w=warps: _triton.sparse_lse_kernel()(h_t, *tables, dense, block=b, tile=t, warps=w))

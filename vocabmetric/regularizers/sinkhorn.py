@@ -102,6 +102,16 @@ def _degree_widths(width: int) -> list[int]:
     return sorted({min(x, width) for x in out})
 
 
+def _per_eps(cache: dict, eps: float, make: Callable) -> Any:
+    """``cache[eps]``, made by ``make()`` on first use; ε schedules are short, and the oldest
+    entry goes beyond 64 to keep memory bounded anyway."""
+    if eps not in cache:
+        cache[eps] = make()
+        if len(cache) > 64:
+            cache.pop(next(iter(cache)))
+    return cache[eps]
+
+
 def _csr_table(index: np.ndarray, costs: np.ndarray, cap: float) -> tuple:
     """``(indptr int64, neighbours int32, costs float64)``: each row's entries of cost
     below ``cap`` (the row itself first), the only ones with a non-zero weight in S."""
@@ -137,7 +147,7 @@ class _SparseLogKernel:
         self._tokens = np.arange(V, dtype=np.int32)  # the fused path's rows, all tokens
         self._weights: dict[float, tuple] = {}  # and its (log-weight, weight) pairs per ε
         self._buffers: torch.Tensor | None = None  # its scratch during one forward
-        self._device_tables: dict = {}  # the GPU path's CSR tensors and per-ε log-weights
+        self._device_log_k: dict[float, torch.Tensor] = {}  # the GPU path's per-ε log-weights
 
     @functools.cached_property
     def buckets(self) -> list[tuple[torch.Tensor | None, torch.Tensor, torch.Tensor, int]]:
@@ -167,32 +177,38 @@ class _SparseLogKernel:
         return sum(len(b[1]) for b in self.buckets) / self.vocab_size
 
     def tables(self, eps: float) -> list[torch.Tensor]:
-        if eps not in self._tables:
-            # padding (cost inf) and the cap itself get weight −inf: exactly 0 in S
-            self._tables[eps] = [
-                torch.nan_to_num(_log1mexp((self.cap - c).clamp_min(0) / eps) - c / eps, nan=_NEG_INF)
-                .to(self.dtype)
-                .contiguous()
-                for _, _, c, _ in self.buckets
-            ]
-            if len(self._tables) > 64:  # schedules are short; keep memory bounded anyway
-                self._tables.pop(next(iter(self._tables)))
-        return self._tables[eps]
+        """The torch path's per-ε log-weights, one (rows, w) table per bucket; padding (cost
+        inf) and the cap itself get weight −inf: exactly 0 in S."""
+        return _per_eps(self._tables, eps, lambda: [
+            torch.nan_to_num(_log1mexp((self.cap - c).clamp_min(0) / eps) - c / eps, nan=_NEG_INF)
+            .to(self.dtype)
+            .contiguous()
+            for _, _, c, _ in self.buckets
+        ])
+
+    @property
+    def path(self) -> str:
+        """The path that runs on this kernel's device: ``"numba"`` (CPU, with numba),
+        ``"triton"`` (CUDA, with Triton) or ``"torch"`` (the gathered blocks, anywhere)."""
+        kind = torch.device(self.device).type
+        if kind == "cpu" and _numba_sparse_lse() is not None:
+            return "numba"
+        if kind == "cuda" and sparse_lse_kernel() is not None:
+            return "triton"
+        return "torch"
 
     def __call__(self, h: torch.Tensor, eps: float, rows: torch.Tensor | None = None,
                  out: torch.Tensor | None = None) -> torch.Tensor:
-        """The log-kernel of ``h (n, V)``; ``out`` (may be ``h`` itself) receives it if given."""
-        if h.device.type == "cpu" and _numba_sparse_lse() is not None:
-            return self._fused(h, eps, out)
-        if h.device.type == "cuda" and sparse_lse_kernel() is not None:
-            return self._triton(h, eps, out)
-        return self._gathered(h, eps, out)
+        """The log-kernel of ``h (n, V)`` (on the kernel's device); ``out`` (may be ``h``
+        itself) receives it if given."""
+        run = {"numba": self._fused, "triton": self._triton}.get(self.path, self._gathered)
+        return run(h, eps, out)
 
     def _triton(self, h: torch.Tensor, eps: float, out: torch.Tensor | None = None) -> torch.Tensor:
         """The GPU path: the Triton kernel over the CSR table (see :mod:`._triton`), on a
         transposed copy ``(V, n)`` so each neighbour read is contiguous across positions;
         it writes ``out (n, V)`` directly."""
-        indptr, nbr, log_k = self._csr_tensors(h.device, eps)
+        indptr, nbr, log_k = self._csr_tensors(eps)
         h = h.detach().to(self.dtype)
         dense = torch.logsumexp(h, -1).sub_(self.cap / eps)  # −inf for a row of only −inf
         h_t = padded_transpose(h)  # a copy: ``out`` may be ``h`` itself
@@ -201,19 +217,17 @@ class _SparseLogKernel:
         sparse_lse_kernel()(h_t, indptr, nbr, log_k, dense, out.t())
         return out
 
-    def _csr_tensors(self, device, eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """``(indptr, nbr, log_k)`` on ``device``; ``log_k`` in the compute dtype, per ε."""
-        key = str(device)
-        if key not in self._device_tables:
-            indptr, nbr, _ = self._csr
-            self._device_tables = {key: (torch.as_tensor(indptr, device=device),
-                                         torch.as_tensor(nbr, device=device), {})}
-        indptr, nbr, per_eps = self._device_tables[key]
-        if eps not in per_eps:
-            per_eps[eps] = torch.as_tensor(self._csr_weights(eps)[0], device=device).to(self.dtype)
-            if len(per_eps) > 64:  # schedules are short; keep memory bounded anyway
-                per_eps.pop(next(iter(per_eps)))
-        return indptr, nbr, per_eps[eps]
+    @functools.cached_property
+    def _device_csr(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The CSR table's ``(indptr, nbr)`` on the kernel's device (the GPU path's)."""
+        indptr, nbr, _ = self._csr
+        return torch.as_tensor(indptr, device=self.device), torch.as_tensor(nbr, device=self.device)
+
+    def _csr_tensors(self, eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(indptr, nbr, log_k)`` on the kernel's device; ``log_k`` in the compute dtype, per ε."""
+        log_k = _per_eps(self._device_log_k, eps, lambda: torch.as_tensor(
+            self._csr_weights(eps)[0], device=self.device).to(self.dtype))
+        return (*self._device_csr, log_k)
 
     def _gathered(self, h: torch.Tensor, eps: float, out: torch.Tensor | None = None) -> torch.Tensor:
         """The torch path (any device): gather each bucket's ``[n, members, w]`` block."""
@@ -285,15 +299,14 @@ class _SparseLogKernel:
     def _csr_weights(self, eps: float) -> tuple[np.ndarray, np.ndarray]:
         """The fused path's per-ε weights: float64 ``log K`` (for the log-domain fallback)
         and ``K = exp(max(log K, floor))`` in the compute dtype, one per CSR entry."""
-        if eps not in self._weights:
+        def make():
             c = self._csr[2]
             log_k = np.nan_to_num(_log1mexp(torch.from_numpy((self.cap - c) / eps)).numpy() - c / eps,
                                   nan=_NEG_INF)
             k = np.exp(np.maximum(log_k, _FUSED_RANGE[self.dtype][0]))
-            self._weights[eps] = (log_k, k.astype(np.float32 if self.dtype == torch.float32 else np.float64))
-            if len(self._weights) > 64:  # schedules are short; keep memory bounded anyway
-                self._weights.pop(next(iter(self._weights)))
-        return self._weights[eps]
+            return log_k, k.astype(np.float32 if self.dtype == torch.float32 else np.float64)
+
+        return _per_eps(self._weights, eps, make)
 
 
 #: The fused kernel's exponent floor and accepted range per compute dtype: e^floor is a
@@ -396,7 +409,7 @@ class _DenseLogKernel:
 
     def __call__(self, h: torch.Tensor, eps: float, rows: torch.Tensor | None = None,
                  out: torch.Tensor | None = None) -> torch.Tensor:
-        floor, accept = _FUSED_RANGE[h.dtype] if h.dtype in _FUSED_RANGE else _FUSED_RANGE[torch.float32]
+        floor, accept = _FUSED_RANGE.get(h.dtype, _FUSED_RANGE[torch.float32])
         if eps not in self._scaled:  # −C/ε and K, once per ε of the schedule
             scaled = self.cost / -eps
             self._scaled = {eps: (scaled, scaled.clamp(min=floor).exp_())}
@@ -770,8 +783,7 @@ class SinkhornDivergence(nn.Module):
         kernel = None
         if self.support is None:
             kernel = self._kernel(logits.device, dtype)
-            if (logits.device.type == "cpu" and _numba_sparse_lse() is not None) or (
-                    logits.device.type == "cuda" and sparse_lse_kernel() is not None):
+            if kernel.path != "torch":
                 # the fused kernels: ~16 (V,) vectors per row (4 stacked problems' potentials,
                 # weights and transposed copies); more rows per call amortize table reads
                 per_row = 16 * V * item

@@ -50,7 +50,6 @@ from ._numba import compile_once, run_rows
 BACKENDS = ("auto", "numba", "torch")
 
 
-
 class TreeLayout:
     """The tree rearranged for the two sweeps (numpy; built once per tree).
 
