@@ -261,6 +261,13 @@ def test_bad_inputs_name_the_regularizer(op):
         reg(bad, r)
     with pytest.raises(VocabMetricError, match="SinkhornDivergence.*reference logits.*NaN"):
         reg(z, bad)
+    bad[0, 3] = float("inf")
+    with pytest.raises(VocabMetricError, match="SinkhornDivergence: policy logits contains \\+inf"):
+        reg(bad, r)
+    empty = z.clone()
+    empty[1] = float("-inf")
+    with pytest.raises(VocabMetricError, match="SinkhornDivergence: policy logits row 1 .* all -inf"):
+        reg(empty, r)
     with pytest.raises(FingerprintMismatch, match="SinkhornDivergence.*199"):
         reg(z[:, :-1], r[:, :-1])
     fp_op = CostOperator(op.indices, op.costs, op.cap, fingerprint="a" * 64)
