@@ -175,3 +175,20 @@ def test_moving_mass_to_a_near_token_costs_less_than_to_a_far_one(small_store):
     w = TreeWasserstein(tree)(logits, ref)
     assert w[0] < w[1]
     np.testing.assert_allclose(w.numpy(), 0.3 * tree.distance(a, np.array([near, far])), rtol=1e-9)
+
+
+def test_backward_twice_with_retain_graph_gives_the_same_gradient():
+    # backward scales the saved ∂W/∂z in place unless the graph is kept: a kept graph must
+    # give the same gradient on its second pass, and equal a fresh graph's
+    rng = np.random.default_rng(3)
+    reg = TreeWasserstein(random_tree(rng, 60, 40, "tokens-are-leaves"))
+    logits, ref = torch.randn(5, 40) * 3, torch.randn(5, 40) * 3
+    z = logits.clone().requires_grad_()
+    value = reg(z, ref)
+    (first,) = torch.autograd.grad(3 * value.sum(), z, retain_graph=True)
+    (second,) = torch.autograd.grad(3 * value.sum(), z)
+    fresh = logits.clone().requires_grad_()
+    (3 * reg(fresh, ref).sum()).backward()
+    assert first.abs().max() > 0
+    torch.testing.assert_close(second, first, rtol=0, atol=0)
+    torch.testing.assert_close(fresh.grad, first, rtol=0, atol=0)

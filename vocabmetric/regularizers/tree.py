@@ -170,8 +170,20 @@ def _chunk_torch(layout: TreeLayout, tables: dict, p, q, value_out, dz_out) -> N
 
 
 # -- autograd --------------------------------------------------------------------------------
+def _graph_kept() -> bool:
+    """Whether the running backward keeps the graph (``retain_graph=True``); True when torch
+    cannot tell (its private probe is missing), which is always safe."""
+    probe = getattr(torch._C._autograd, "_get_current_graph_task_keep_graph", None)
+    return True if probe is None else bool(probe())
+
+
 class ClosedFormFunction(torch.autograd.Function):
-    """Forward returns the value and saves ``∂W/∂z`` computed with it; backward scales it."""
+    """Forward returns the value and saves ``∂W/∂z`` computed with it; backward scales it.
+
+    Backward scales the saved ``∂W/∂z`` in place and hands it on as the gradient when the
+    graph is not kept (autograd frees it next anyway): at N·V = 10⁸ a fresh gradient costs
+    as much as a whole ``full_kl``, in page faults. With ``retain_graph=True`` it allocates.
+    """
 
     @staticmethod
     def forward(ctx, logits, run):
@@ -183,7 +195,10 @@ class ClosedFormFunction(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad_value):
         (dz,) = ctx.saved_tensors
-        return (grad_value[:, None].to(dz.dtype) * dz).to(grad_value.dtype), None
+        scale = grad_value[:, None].to(dz.dtype)
+        if dz.dtype == grad_value.dtype and not _graph_kept():
+            return dz.mul_(scale), None
+        return (scale * dz).to(grad_value.dtype), None
 
 
 class TreeWasserstein(nn.Module):
