@@ -72,6 +72,7 @@ from torch import nn
 from ..errors import VocabMetricError
 from ..operator import CostOperator
 from ._inputs import Reference, check_width
+from ._newton import newton_pair
 from ._numba import compile_once, prefetch, run_rows
 from ._triton import padded_transpose, sparse_lse_kernel
 from .tree import solve_by_chunks
@@ -407,13 +408,22 @@ class _DenseLogKernel:
         self.cost = cost
         self._scaled: dict[float, tuple[torch.Tensor, torch.Tensor]] = {}
 
+    def _per_eps(self, eps: float, floor: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(−C/ε, K)``, made once per ε of the schedule (only the last is kept)."""
+        if eps not in self._scaled:
+            scaled = self.cost / -eps
+            self._scaled = {eps: (scaled, scaled.clamp(min=floor).exp_())}
+        return self._scaled[eps]
+
+    def neg_cost(self, eps: float, rows: torch.Tensor) -> torch.Tensor:
+        """``−C/ε`` of the problems ``rows``: a new ``(len(rows), s, s)`` tensor."""
+        floor = _FUSED_RANGE.get(self.cost.dtype, _FUSED_RANGE[torch.float32])[0]
+        return self._per_eps(eps, floor)[0].index_select(0, rows)
+
     def __call__(self, h: torch.Tensor, eps: float, rows: torch.Tensor | None = None,
                  out: torch.Tensor | None = None) -> torch.Tensor:
         floor, accept = _FUSED_RANGE.get(h.dtype, _FUSED_RANGE[torch.float32])
-        if eps not in self._scaled:  # −C/ε and K, once per ε of the schedule
-            scaled = self.cost / -eps
-            self._scaled = {eps: (scaled, scaled.clamp(min=floor).exp_())}
-        scaled, kernel = self._scaled[eps]
+        scaled, kernel = self._per_eps(eps, floor)
         r, s = kernel.shape[0], kernel.shape[-1]
         n = h.shape[0]
         top = h.amax(-1, keepdim=True)
@@ -525,7 +535,7 @@ class _Solver:
                 break
         return f, float(err.max()) if err.numel() else 0.0
 
-    def pair(self, a, log_a, log_b, g, rows) -> tuple[torch.Tensor, torch.Tensor, float]:
+    def pair(self, a, b, log_a, log_b, g, rows) -> tuple[torch.Tensor, torch.Tensor, float]:
         """Potentials of OT_ε(a, b) by alternating updates from the warm start ``g``.
 
         Returns ``(f, g, error)`` with ``g = T_a(f)`` exactly, so the plan's column
@@ -550,6 +560,23 @@ class _Solver:
         return f, g, float(err.max()) if err.numel() else 0.0
 
 
+class _NewtonSolver(_Solver):
+    """The solver for small dense problems (support mode): the pair OT_ε(a, b) by Newton's
+    method (:func:`~._newton.newton_pair`, 5–10 steps where alternating updates need
+    hundreds); the ε schedule and the symmetric problems, which converge in a few
+    averaged updates, as in :class:`_Solver`. ``lk`` is a :class:`_DenseLogKernel`."""
+
+    def pair(self, a, b, log_a, log_b, g, rows) -> tuple[torch.Tensor, torch.Tensor, float]:
+        eps = self.eps_list[-1]
+        f, g, err, steps = newton_pair(
+            lambda log_w, pot, active: self.transform(log_w, pot, eps, rows[active]),
+            lambda active: self.lk.neg_cost(eps, rows[active]),
+            a, b, log_a, log_b, g, eps, self.tol, self.max_iter,
+        )
+        self.iterations += steps
+        return f, g, float(err.max()) if err.numel() else 0.0
+
+
 def _solve_chunk(solver: _Solver, p: torch.Tensor, q: torch.Tensor, debias: bool):
     """Value and ``∂/∂p`` (up to a constant) of S_ε (or OT_ε) for a chunk of positions."""
     log_p, log_q = _log_probs(p), _log_probs(q)
@@ -568,7 +595,7 @@ def _solve_chunk(solver: _Solver, p: torch.Tensor, q: torch.Tensor, debias: bool
         g = gqq  # warm start from OT(q, q)'s potential: the solution itself when p = q
     else:
         f, g = solver.anneal([log_q, log_p], [zero, zero], [1, 0], rows)
-    f, g, err = solver.pair(p, log_p, log_q, g, rows)
+    f, g, err = solver.pair(p, q, log_p, log_q, g, rows)
     info["marginal_error"] = err
     value = (p * f).sum(-1) + (q * g).sum(-1)
     grad = f
@@ -836,7 +863,7 @@ class SinkhornDivergence(nn.Module):
         emb = None if self.embeddings is None else self.embeddings.to(p.device)
         index, costs = self._torch_table(p.device)
         a, b, cost, ids, dup = _support_problem(p, q, self.support, index, costs, self.op.cap, emb)
-        solver = _Solver(_DenseLogKernel(cost), eps_list, self.max_iter, self.tol)
+        solver = _NewtonSolver(_DenseLogKernel(cost), eps_list, self.max_iter, self.tol)
         value, f_small, info = _solve_chunk(solver, a, b, self.debias)
         # tokens outside the support sit in the rest bin: their potential is the bin's; a
         # duplicate (zero-mass) point follows its original in the sorted support and writes
