@@ -607,11 +607,12 @@ def _solve_chunk(solver: _Solver, p: torch.Tensor, q: torch.Tensor, debias: bool
 
 
 # -- support mode --------------------------------------------------------------------------
-def _support_problem(p, q, m, op_index, op_costs, cap, embeddings):
+def _support_problem(p, q, m, op_index, op_costs, cap, embeddings, slots=None):
     """Masses ``(a, b) (r, s)``, cost ``(r, s, s)``, token ids ``(r, s−1)`` and a duplicate
     mask for the support top-m(p) ∪ top-m(q) + a rest bin (the last point), s = 2m + 1.
 
-    ``op_index (V, k)`` (−1: empty) and ``op_costs`` are the symmetric operator's tables."""
+    ``op_index (V, k)`` (−1: empty) and ``op_costs`` are the symmetric operator's tables;
+    ``slots`` (r, V) int32, all −1 (and left so), is scratch for their lookup."""
     rows, V = p.shape
     m = min(m, V)
     ids = torch.cat([p.topk(m, -1).indices, q.topk(m, -1).indices], -1).sort(-1).values
@@ -626,15 +627,18 @@ def _support_problem(p, q, m, op_index, op_costs, cap, embeddings):
         pts = embeddings[ids].to(p.dtype)
         inner = torch.cdist(pts, pts).clamp(max=cap)
     else:
-        # each stored neighbour's slot in the (sorted) support, by binary search: the first
-        # of equal ids is the one that is not a duplicate; -1 where it is not in the support
-        nb = op_index[ids]  # (rows, s1, k), -1 = empty
-        flat = nb.view(rows, -1)
-        at = torch.searchsorted(ids, flat).clamp_(max=s1 - 1)
-        found = (ids.gather(1, at) == flat) & (flat >= 0)
-        nb_slot = torch.where(found, at, -1).view(nb.shape)
+        # each stored neighbour's slot in the support (the first of equal ids, the one that
+        # is not a duplicate), −1 off it: looked up in the slot map, set here and reset after
+        nb = op_index[ids]  # (rows, s1, k), −1 = empty
+        flat_map = slots.view(-1)
+        at = (ids + V * torch.arange(rows, device=p.device)[:, None])[~dup]
+        flat_map[at] = torch.arange(s1, dtype=torch.int32, device=p.device).expand(rows, -1)[~dup]
+        offset = (V * torch.arange(rows, device=p.device))[:, None, None]
+        slot = flat_map[nb.clamp(min=0) + offset].long()
+        flat_map[at] = -1
+        slot = torch.where((nb >= 0) & (slot >= 0), slot, s1)  # s1: a spare column, dropped
         inner = torch.full((rows, s1, s1 + 1), cap, dtype=p.dtype, device=p.device)
-        inner.scatter_(2, torch.where(nb_slot >= 0, nb_slot, s1), op_costs[ids].to(p.dtype))
+        inner.scatter_(2, slot, op_costs[ids].to(p.dtype))
         inner = inner[:, :, :s1]
     cost = torch.full((rows, s1 + 1, s1 + 1), cap, dtype=p.dtype, device=p.device)
     cost[:, :s1, :s1] = inner
@@ -819,17 +823,19 @@ class SinkhornDivergence(nn.Module):
         else:
             s = 2 * min(self.support, V) + 1
             per_row = 4 * s * s * item + 4 * V * item  # 4 problems' costs; the chunk's (V,) rows
+            if self.embeddings is None:
+                per_row += 4 * V  # the support's slot map (int32)
         infos: list[dict] = []
         scratch: dict = {}
 
         def chunk(p, q, value_out, dz_out) -> None:
             q = q.div_(q.sum(-1, keepdim=True))  # p and q must carry the same mass exactly
-            if self.support is None:
-                value, h, info = _solve_chunk(_Solver(kernel, eps_list, self.max_iter, self.tol), p, q, self.debias)
-            else:  # the potential goes to a (chunk, V) buffer reused across chunks
-                if scratch.get("h") is None or scratch["h"].shape[0] < p.shape[0]:
-                    scratch["h"] = torch.empty_like(p)
-                value, h, info = self._support_chunk(p, q, eps_list, scratch["h"][: p.shape[0]])
+            if self.support is not None:
+                value, info = self._support_chunk(p, q, eps_list, dz_out, scratch)
+                infos.append(info)
+                value_out.copy_(value)
+                return
+            value, h, info = _solve_chunk(_Solver(kernel, eps_list, self.max_iter, self.tol), p, q, self.debias)
             infos.append(info)
             value_out.copy_(value)
             if dz_out is not None:  # ∂S/∂z = p ⊙ (h − ⟨p, h⟩); a zero-mass token gets none, even if h is huge
@@ -858,17 +864,31 @@ class SinkhornDivergence(nn.Module):
                         "(tol %g); the value may be off by up to ≈ %.2g × cap. Raise max_iter or eps "
                         "(last_info has the errors; this is said once)", self.max_iter, err, self.tol, err)
 
-    def _support_chunk(self, p, q, eps_list, out):
-        """Value, potential on the whole vocabulary (written into ``out``, (rows, V)) and info."""
+    def _support_chunk(self, p, q, eps_list, dz_out, scratch):
+        """Value and info of a chunk in support mode; ``∂S/∂z`` into ``dz_out`` (rows, V) if given.
+
+        Every token outside the support sits in the rest bin, so the potential ``h`` on the
+        vocabulary is the bin's there and ``∂S/∂z = p ⊙ (h − ⟨p, h⟩)`` is one scaling of
+        ``p`` plus the support's 2m entries: no (rows, V) potential is built."""
+        rows, V = p.shape
         emb = None if self.embeddings is None else self.embeddings.to(p.device)
+        slots = None
+        if emb is None:  # the slot map, −1 off the support: made once per forward
+            if scratch.get("slots") is None or scratch["slots"].shape[0] < rows:
+                scratch["slots"] = torch.full((rows, V), -1, dtype=torch.int32, device=p.device)
+            slots = scratch["slots"][:rows]
         index, costs = self._torch_table(p.device)
-        a, b, cost, ids, dup = _support_problem(p, q, self.support, index, costs, self.op.cap, emb)
+        a, b, cost, ids, dup = _support_problem(p, q, self.support, index, costs, self.op.cap, emb, slots)
         solver = _NewtonSolver(_DenseLogKernel(cost), eps_list, self.max_iter, self.tol)
         value, f_small, info = _solve_chunk(solver, a, b, self.debias)
-        # tokens outside the support sit in the rest bin: their potential is the bin's; a
-        # duplicate (zero-mass) point follows its original in the sorted support and writes
-        # the original's potential again
-        grad = out.copy_(f_small[:, -1:].expand(-1, p.shape[1]))
-        f_ids = f_small[:, :-1]
-        grad.scatter_(1, ids, torch.where(dup, f_ids.roll(1, -1), f_ids))
-        return value, grad, info
+        if dz_out is not None:
+            # a duplicate (zero-mass) point follows its original in the sorted support and
+            # takes the original's potential; a token without mass gets no gradient
+            rest, f_ids = f_small[:, -1:], f_small[:, :-1]
+            f_ids = torch.where(dup, f_ids.roll(1, -1), f_ids)
+            p_ids = p.gather(1, ids)
+            p_once = torch.where(dup, 0.0, p_ids)
+            mean = rest * (1 - p_once.sum(-1, keepdim=True)) + (p_once * f_ids).sum(-1, keepdim=True)
+            torch.mul(p, rest - mean, out=dz_out)
+            dz_out.scatter_(1, ids, torch.where(p_ids > 0, p_ids * (f_ids - mean), 0.0))
+        return value, info
