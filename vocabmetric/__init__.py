@@ -1,7 +1,15 @@
 """vocabmetric: a ground metric over a tokenizer's whole vocabulary.
 
-This is the public API. Torch is not imported here: ``vocabmetric.regularizers`` is.
+This is the public API. Torch is not imported here: ``vocabmetric.regularizers`` is. The
+building side (pipeline, store, tokenizers: pydantic, zarr, gensim, faiss) is imported on
+first use, so a training job that only needs ``vocabmetric.regularizers`` and an operator
+does not pay for it, nor need it installed.
 """
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
 
 from .errors import (
     ConfigError as ConfigError,
@@ -13,8 +21,35 @@ from .errors import (
     VocabMetricError as VocabMetricError,
 )
 from .operator import CostOperator as CostOperator, TreeMetric as TreeMetric
-from .pipeline import build as build, load_config as load_config
-from .store import MetricStore as MetricStore, Neighbor as Neighbor, open_store as open_store
-from .tokenizers import Tokenizer as Tokenizer, load_tokenizer as load_tokenizer
+
+if TYPE_CHECKING:
+    from .pipeline import build as build, load_config as load_config
+    from .store import MetricStore as MetricStore, Neighbor as Neighbor, open_store as open_store
+    from .tokenizers import Tokenizer as Tokenizer, load_tokenizer as load_tokenizer
 
 __version__ = "0.1.0"
+
+#: Names re-exported from the building side, each from its module, on first access.
+_LAZY = {
+    "build": "pipeline", "load_config": "pipeline",
+    "MetricStore": "store", "Neighbor": "store", "open_store": "store",
+    "Tokenizer": "tokenizers", "load_tokenizer": "tokenizers",
+}
+
+
+__all__ = [
+    "ConfigError", "CorpusError", "FingerprintMismatch", "StoreError", "TokenizerError",
+    "TokenNotFound", "VocabMetricError", "CostOperator", "TreeMetric", *_LAZY,
+]
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _LAZY:
+        raise AttributeError(f"module 'vocabmetric' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_LAZY})
