@@ -40,7 +40,7 @@ Two ways to lay the problem out:
   linear domain, shifted per row; positions whose sums leave the dtype's range are redone
   in the log domain). O(m²) per position and iteration: the practical mode for training.
 
-Positions are solved in chunks (:func:`~.tree.solve_by_chunks`): ``p``, ``q`` and the
+Positions are solved in chunks (:func:`~._chunks.solve_by_chunks`): ``p``, ``q`` and the
 potential live in reused (chunk, V) buffers, and ``∂S/∂z`` is written per chunk, so no
 temporary spans all N positions.
 
@@ -71,11 +71,11 @@ from torch import nn
 
 from ..errors import VocabMetricError
 from ..operator import CostOperator
+from ._chunks import solve_by_chunks
 from ._inputs import Reference, check_width
 from ._newton import newton_pair
 from ._numba import compile_once, prefetch, run_rows
 from ._triton import padded_transpose, sparse_lse_kernel
-from .tree import solve_by_chunks
 
 LOG = logging.getLogger(__name__)
 

@@ -47,9 +47,10 @@ from torch import nn
 
 from ..errors import VocabMetricError
 from ..operator import check_fingerprint
+from ._chunks import solve_by_chunks
 from ._inputs import Reference, check_width, chunk_rows
 from ._numba import compile_once, prefetch, run_rows
-from .tree import BACKENDS, solve_by_chunks
+from .tree import BACKENDS
 
 #: Positions swept together by the CPU kernel: their values at one token are contiguous, so
 #: each step of the sorted order is one short vector load and SIMD work across positions,
