@@ -251,6 +251,8 @@ def main(argv=None) -> None:
                 if "iterations" in info:
                     result["kernel_applications"] = info["iterations"]
                     result["seconds_per_application"] = result["seconds"] / max(info["iterations"], 1)
+                if "marginal_error" in info:  # converged or not: the largest of the three problems'
+                    result["marginal_error"] = max(info["marginal_error"], info.get("marginal_error_sym", 0.0))
                 if name == "full_kl":
                     base = result
                 result["time_ratio"] = result["seconds"] / base["seconds"]
@@ -282,18 +284,19 @@ def table(rows: list, payload: dict) -> str:
         f"{payload['git']['commit'][:10]}{' (sinkhorn.py had uncommitted changes)' if payload['git']['uncommitted_regularizer_changes'] else ''}.",
         "Read the ratios (same run)." if gpu else
         "Shared machine: times are noisy, read the ratios (same run). Memory: peak RSS above the level before the call.", "",
-        "| V | N | regularizer | time (s) | × full_kl | peak extra (MB) | × full_kl | kernel applications | per application, × full_kl |",
-        "|---:|---:|---|---:|---:|---:|---:|---:|---:|",
+        "| V | N | regularizer | time (s) | × full_kl | peak extra (MB) | × full_kl | kernel applications | per application, × full_kl | marginal error |",
+        "|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         if "skipped" in r:
-            lines.append(f"| {r['V']} | {r['N']} | {r['regularizer']} | — | — | — | — | {r['skipped']} | |")
+            lines.append(f"| {r['V']} | {r['N']} | {r['regularizer']} | — | — | — | — | {r['skipped']} | | |")
             continue
         apps = r.get("kernel_applications", "")
         per_app = f"{r['time_ratio'] / apps:.2f}" if apps else ""
+        err = f"{r['marginal_error']:.1e}" if "marginal_error" in r else ""
         lines.append(
             f"| {r['V']} | {r['N']} | {r['regularizer']} | {r['seconds']:.3f} | {r['time_ratio']:.2f} | "
-            f"{r['peak_extra_mb']:.0f} | {r['memory_ratio']:.2f} | {apps} | {per_app} |"
+            f"{r['peak_extra_mb']:.0f} | {r['memory_ratio']:.2f} | {apps} | {per_app} | {err} |"
         )
     return "\n".join(lines) + "\n"
 
