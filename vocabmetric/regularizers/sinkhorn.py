@@ -39,6 +39,9 @@ Two ways to lay the problem out:
   a kernel application is one batched matrix-vector product with ``K = exp(−C/ε)`` (the
   linear domain, shifted per row; positions whose sums leave the dtype's range are redone
   in the log domain). O(m²) per position and iteration: the practical mode for training.
+  The pair OT(p, q) is solved by Newton's method (:mod:`._newton`, O(m³) per step): at
+  ε = cap/15 between peaked distributions it converges in tens of steps where
+  alternating updates take hundreds to thousands.
 
 Positions are solved in chunks (:func:`~._chunks.solve_by_chunks`): ``p``, ``q`` and the
 potential live in reused (chunk, V) buffers, and ``∂S/∂z`` is written per chunk, so no
@@ -50,7 +53,8 @@ Solver. The potentials solve, in the log domain (stable in float32 down to ε = 
 step (ε-scaling, Feydy 2019 Alg. 3.5) of the self-transport potentials; at the target ε
 the two symmetric problems OT(p, p), OT(q, q) (update ``f ← ½(f + T_p(f))``, stacked in one
 kernel call) run to a marginal error ``tol``, then the pair OT(p, q) (alternating
-updates) starts from OT(q, q)'s potential — the exact solution when p = q. A position
+updates; Newton steps in support mode) starts from OT(q, q)'s potential — the exact
+solution when p = q. A position
 leaves the active set as soon as it has converged. Without debiasing the pair is annealed.
 
 Gradient (envelope theorem, never backpropagation through the iterations):
@@ -668,7 +672,8 @@ class SinkhornDivergence(nn.Module):
         float32).
     max_iter : int
         Most Sinkhorn iterations per problem and chunk at the target ε (the ε-scaling
-        steps, about log2(cap/ε), come on top).
+        steps, about log2(cap/ε), come on top); in support mode it also bounds the pair's
+        Newton steps.
     tol : float
         Stop a position when the L1 marginal error ``‖P 1 − p‖₁`` of its plan is below
         this. float32 floors near 1e-6; ``max_iter`` then ends the loop.
