@@ -46,7 +46,7 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError, FingerprintMismatch, VocabMetricError
-from ..regularizers.factory import PENALTIES, regularizer_from_store
+from ..regularizers.factory import PENALTIES, penalty_name, regularizer_from_store
 
 try:
     from trl import GRPOConfig, GRPOTrainer
@@ -130,7 +130,7 @@ class VocabMetricGRPOTrainer(GRPOTrainer):
         super().__init__(model=model, reward_funcs=reward_funcs, args=args, **kwargs)
         self.regularizer = regularizer
         self.penalty_beta = float(args.penalty_beta)
-        self.penalty_name = _penalty_name(regularizer)
+        self.penalty_name = penalty_name(regularizer)
         self._checked_head = False
         policy = self._policy_model(self.model)
         self._width = self._check_width(policy)
@@ -299,12 +299,6 @@ def _regularizer_from_config(args: VocabMetricGRPOConfig) -> nn.Module:
 
     return regularizer_from_store(open_store(args.metric_store), args.penalty, metric=args.penalty_metric,
                                   **args.penalty_kwargs)
-
-
-def _penalty_name(regularizer: nn.Module) -> str:
-    names = {"SinkhornDivergence": "sinkhorn", "TreeWasserstein": "tree", "SlicedWasserstein": "sliced",
-             "FullKL": "full_kl"}
-    return names.get(type(regularizer).__name__, type(regularizer).__name__)
 
 
 def _logit_scale(config) -> float:

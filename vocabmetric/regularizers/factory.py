@@ -20,9 +20,6 @@ from .sinkhorn import SinkhornDivergence
 from .sliced import SlicedWasserstein
 from .tree import TreeWasserstein
 
-PENALTIES = ("sinkhorn", "tree", "sliced", "full_kl")
-
-
 class FullKL(nn.Module):
     """:func:`~vocabmetric.regularizers.full_kl` as a module, so that the exact KL is one
     more penalty beside the Wasserstein ones (any width; no fingerprint)."""
@@ -43,6 +40,21 @@ class FullKL(nn.Module):
 
     def extra_repr(self) -> str:
         return f"direction={self.direction!r}"
+
+
+#: Each penalty's name and module class.
+PENALTY_CLASSES = {"sinkhorn": SinkhornDivergence, "tree": TreeWasserstein, "sliced": SlicedWasserstein,
+                   "full_kl": FullKL}
+PENALTIES = tuple(PENALTY_CLASSES)
+
+
+def penalty_name(regularizer: nn.Module) -> str:
+    """The penalty name of a regularizer module (for logs and metrics); its class name when
+    it is none of :data:`PENALTIES` (a user's own module)."""
+    for name, cls in PENALTY_CLASSES.items():
+        if isinstance(regularizer, cls):
+            return name
+    return type(regularizer).__name__
 
 
 def regularizer_from_store(store: Any, name: str, *, metric: str | None = None, **kw) -> nn.Module:

@@ -39,8 +39,8 @@ Two ways to lay the problem out:
   a kernel application is one batched matrix-vector product with ``K = exp(−C/ε)`` (the
   linear domain, shifted per row; positions whose sums leave the dtype's range are redone
   in the log domain). O(m²) per position and iteration: the practical mode for training.
-  The pair OT(p, q) is solved by Newton's method (:mod:`._newton`, O(m³) per step): at
-  ε = cap/15 between peaked distributions it converges in tens of steps where
+  The pair OT(p, q) is solved by Newton's method (:mod:`._newton`, O(m³) per step) for
+  m ≤ 128: at ε = cap/15 between peaked distributions it converges in tens of steps where
   alternating updates take hundreds to thousands.
 
 Positions are solved in chunks (:func:`~._chunks.solve_by_chunks`): ``p``, ``q`` and the
@@ -90,6 +90,10 @@ CHUNK_BYTES = 128 * 2**20
 GPU_CHUNK_BYTES = 4 * 2**30
 
 _NEG_INF = float("-inf")
+#: Support mode solves the pair by Newton steps (O(s³) each, tens of them) up to this many
+#: support points s = 2m + 1, and by alternating updates (O(s²) each, hundreds to
+#: thousands at small ε) above it, where a Newton step costs more than they do.
+NEWTON_MAX_POINTS = 257
 
 
 # -- log-domain kernels --------------------------------------------------------------------
@@ -884,7 +888,8 @@ class SinkhornDivergence(nn.Module):
             slots = scratch["slots"][:rows]
         index, costs = self._torch_table(p.device)
         a, b, cost, ids, dup = _support_problem(p, q, self.support, index, costs, self.op.cap, emb, slots)
-        solver = _NewtonSolver(_DenseLogKernel(cost), eps_list, self.max_iter, self.tol)
+        kind = _NewtonSolver if cost.shape[-1] <= NEWTON_MAX_POINTS else _Solver
+        solver = kind(_DenseLogKernel(cost), eps_list, self.max_iter, self.tol)
         value, f_small, info = _solve_chunk(solver, a, b, self.debias)
         if dz_out is not None:
             # a duplicate (zero-mass) point follows its original in the sorted support and
