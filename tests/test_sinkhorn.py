@@ -135,6 +135,26 @@ def test_support_mode_converges_where_alternating_updates_crawl(op, eps):
     np.testing.assert_allclose(got, want, rtol=1e-7)
 
 
+def test_support_mode_newton_and_alternating_updates_agree(op, monkeypatch):
+    # large supports (over NEWTON_MAX_POINTS) take alternating updates: both solvers reach
+    # the same potentials, so the same value and gradient, on a moderate ε
+    import vocabmetric.regularizers.sinkhorn as sinkhorn
+
+    z, r = logits_pair(op.vocab_size, n=3, scale=3.0, seed=13)
+    results = []
+    for limit in (sinkhorn.NEWTON_MAX_POINTS, 0):
+        monkeypatch.setattr(sinkhorn, "NEWTON_MAX_POINTS", limit)
+        logits = z.clone().requires_grad_()
+        reg = SinkhornDivergence(op, eps=0.2, support=12, max_iter=5000, tol=1e-11)
+        value = reg(logits, r)
+        (grad,) = torch.autograd.grad(value.sum(), logits)
+        results.append((value.detach(), grad, reg.last_info["iterations"]))
+    (v_newton, g_newton, it_newton), (v_alt, g_alt, it_alt) = results
+    torch.testing.assert_close(v_newton, v_alt, rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(g_newton, g_alt, rtol=1e-7, atol=1e-10)
+    assert it_newton < it_alt
+
+
 def test_finite_for_exact_zeros_and_huge_logits_at_small_eps(op):
     V = op.vocab_size
     z = torch.zeros(3, V)
