@@ -46,8 +46,11 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/schulman_table.py
 	$(BIN)/python benchmarks/full_kl.py
 	$(BIN)/python benchmarks/regularizers.py
-	$(BIN)/python benchmarks/regularizers.py --malloc default --vocab 100277 --positions 64 1024 \
-		--only tree "sliced L=16" "sinkhorn support m=64" "sinkhorn full (10 iterations)" --name regularizers_default_malloc
+	$(BIN)/python benchmarks/regularizers.py --malloc default --repeats 3 --vocab 100277 --positions 64 1024 \
+		--name regularizers_default_malloc
+	for i in 1 2 3; do $(BIN)/python benchmarks/regularizers.py --malloc default --repeats 3 --vocab 100277 \
+		--positions 64 1024 --only "sliced L=16" --name sliced_default_malloc_$$i; done
+	$(BIN)/python benchmarks/support_solver.py
 	$(BIN)/python benchmarks/regularizers.py --vocab 100277 --positions 64 1024 \
 		--only "sinkhorn full (10 iterations)" "sinkhorn full (converged)" --name sinkhorn_full_iteration
 	$(BIN)/python benchmarks/sparse_kernel.py
