@@ -705,7 +705,9 @@ class SinkhornDivergence(nn.Module):
     for float64 logits, else float32; the value has the logits' dtype.
 
     Cost: full mode O(N·V·k) per iteration (about 3 kernel applications per iteration:
-    the pair and the two symmetric problems), support mode O(N·m²).
+    the pair and the two symmetric problems); support mode O(N·V) to pick the supports and
+    write the gradient, O(N·m²) per update of the symmetric problems and O(N·m³) per
+    Newton step of the pair (tens of steps; alternating updates for m > 128).
 
     Gradient: ``∂S/∂z = p ⊙ (h − ⟨p, h⟩)``, ``h = f_pq − f_pp`` (envelope theorem); 0 at p = q.
     After each call, ``last_info`` holds the kernel applications per row (``iterations``,
