@@ -98,11 +98,11 @@ def newton_pair(
         g[acc], f[acc], value[acc] = trial, ft, vt
         radius[acc] = (radius[acc] * 2).clamp_(max=MAX_RADIUS)
         # the plan's rows divided by their mass, R = diag(1/a) P: each row sums to 1
-        rows = neg_cost(acc)
-        rows += (ft / eps)[:, :, None]
-        rows += (trial / eps + lb)[:, None, :]
-        rows.exp_()  # −inf (a zero mass in b) → 0
-        plan = rows * aa[:, :, None]
+        conditional = neg_cost(acc)
+        conditional += (ft / eps)[:, :, None]
+        conditional += (trial / eps + lb)[:, None, :]
+        conditional.exp_()  # −inf (a zero mass in b) → 0
+        plan = conditional * aa[:, :, None]
         c = plan.sum(1)
         residual = bb - c
         e = residual.abs().sum(-1)
@@ -111,8 +111,8 @@ def newton_pair(
         go = (e > tol) & (idle[acc] < STALL)
         if bool(go.any()):
             if not bool(go.all()):
-                acc, rows, plan, c, residual = (x[go] for x in (acc, rows, plan, c, residual))
-            hessian = torch.bmm(plan.transpose(1, 2), rows).neg_()  # Pᵀ diag(1/a) P, no 1/a
+                acc, conditional, plan, c, residual = (x[go] for x in (acc, conditional, plan, c, residual))
+            hessian = torch.bmm(plan.transpose(1, 2), conditional).neg_()  # Pᵀ diag(1/a) P, no 1/a
             hessian.diagonal(dim1=1, dim2=2).add_(c * (1 + DAMPING) + tiny)
             step[acc] = torch.linalg.solve(hessian, residual.unsqueeze(-1)).squeeze(-1).nan_to_num_(0.0)
         keep = torch.ones(r, dtype=torch.bool, device=g.device)

@@ -416,7 +416,7 @@ class _DenseLogKernel:
         self.cost = cost
         self._scaled: dict[float, tuple[torch.Tensor, torch.Tensor]] = {}
 
-    def _per_eps(self, eps: float, floor: float) -> tuple[torch.Tensor, torch.Tensor]:
+    def _scaled_kernel(self, eps: float, floor: float) -> tuple[torch.Tensor, torch.Tensor]:
         """``(−C/ε, K)``, made once per ε of the schedule (only the last is kept)."""
         if eps not in self._scaled:
             scaled = self.cost / -eps
@@ -426,12 +426,12 @@ class _DenseLogKernel:
     def neg_cost(self, eps: float, rows: torch.Tensor) -> torch.Tensor:
         """``−C/ε`` of the problems ``rows``: a new ``(len(rows), s, s)`` tensor."""
         floor = _FUSED_RANGE.get(self.cost.dtype, _FUSED_RANGE[torch.float32])[0]
-        return self._per_eps(eps, floor)[0].index_select(0, rows)
+        return self._scaled_kernel(eps, floor)[0].index_select(0, rows)
 
     def __call__(self, h: torch.Tensor, eps: float, rows: torch.Tensor | None = None,
                  out: torch.Tensor | None = None) -> torch.Tensor:
         floor, accept = _FUSED_RANGE.get(h.dtype, _FUSED_RANGE[torch.float32])
-        scaled, kernel = self._per_eps(eps, floor)
+        scaled, kernel = self._scaled_kernel(eps, floor)
         r, s = kernel.shape[0], kernel.shape[-1]
         n = h.shape[0]
         top = h.amax(-1, keepdim=True)
@@ -570,8 +570,8 @@ class _Solver:
 
 class _NewtonSolver(_Solver):
     """The solver for small dense problems (support mode): the pair OT_ε(a, b) by Newton's
-    method (:func:`~._newton.newton_pair`, 5–10 steps where alternating updates need
-    hundreds); the ε schedule and the symmetric problems, which converge in a few
+    method (:func:`~._newton.newton_pair`, tens of steps where alternating updates need
+    hundreds to thousands at small ε); the ε schedule and the symmetric problems, which converge in a few
     averaged updates, as in :class:`_Solver`. ``lk`` is a :class:`_DenseLogKernel`."""
 
     def pair(self, a, b, log_a, log_b, g, rows) -> tuple[torch.Tensor, torch.Tensor, float]:
@@ -841,18 +841,16 @@ class SinkhornDivergence(nn.Module):
 
         def chunk(p, q, value_out, dz_out) -> None:
             q = q.div_(q.sum(-1, keepdim=True))  # p and q must carry the same mass exactly
-            if self.support is not None:
+            if self.support is not None:  # writes dz_out itself, from the support's potentials
                 value, info = self._support_chunk(p, q, eps_list, dz_out, scratch)
-                infos.append(info)
-                value_out.copy_(value)
-                return
-            value, h, info = _solve_chunk(_Solver(kernel, eps_list, self.max_iter, self.tol), p, q, self.debias)
+            else:
+                value, h, info = _solve_chunk(_Solver(kernel, eps_list, self.max_iter, self.tol), p, q, self.debias)
+                if dz_out is not None:  # ∂S/∂z = p ⊙ (h − ⟨p, h⟩); a zero-mass token gets none, even if h is huge
+                    h = h.masked_fill_(p <= 0, 0.0)  # h is the chunk's own: in place
+                    mean = torch.einsum("ij,ij->i", p, h)
+                    torch.mul(h.sub_(mean[:, None]), p, out=dz_out)
             infos.append(info)
             value_out.copy_(value)
-            if dz_out is not None:  # ∂S/∂z = p ⊙ (h − ⟨p, h⟩); a zero-mass token gets none, even if h is huge
-                h = h.masked_fill_(p <= 0, 0.0)  # h is the chunk's own: in place
-                mean = torch.einsum("ij,ij->i", p, h)
-                torch.mul(h.sub_(mean[:, None]), p, out=dz_out)
 
         try:
             out = solve_by_chunks(logits, ref, chunk, chunk_size=self.chunk_size or max(1, int(budget // per_row)),
