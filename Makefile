@@ -52,7 +52,8 @@ bench: $(STAMP)
 		--positions 64 1024 --only "sliced L=16" --name sliced_default_malloc_$$i; done
 	$(BIN)/python benchmarks/support_solver.py
 	$(BIN)/python benchmarks/regularizers.py --vocab 100277 --positions 64 1024 \
-		--only "sinkhorn full (10 iterations)" "sinkhorn full (converged)" --name sinkhorn_full_iteration
+		--only "sinkhorn full (10 iterations), kNN" "sinkhorn full (converged), kNN" \
+		"sinkhorn full (10 iterations), random graph" --name sinkhorn_full_iteration
 	$(BIN)/python benchmarks/sparse_kernel.py
 	$(BIN)/python benchmarks/sinkhorn_vs_pot.py
 	$(BIN)/python benchmarks/trl_step.py
@@ -69,7 +70,7 @@ bench-gpu:
 	$(GPU_PYTHON) benchmarks/sparse_kernel.py --device cuda --positions 1024 8192 --sweep --name sparse_kernel_cuda_sweep
 	$(GPU_PYTHON) benchmarks/regularizers.py --device cuda --vocab 100277 --repeats 2 --name regularizers_cuda
 	$(GPU_PYTHON) benchmarks/regularizers.py --device cuda --dtype bfloat16 --vocab 100277 --positions 1024 8192 \
-		--repeats 2 --only tree "sliced L=16" "sinkhorn support m=64" "sinkhorn full (10 iterations)" --name regularizers_cuda_bf16
+		--repeats 2 --only tree "sliced L=16" "sinkhorn support m=64" "sinkhorn full (10 iterations), kNN" --name regularizers_cuda_bf16
 
 clean:
 	rm -rf $(VENV) runs build *.egg-info

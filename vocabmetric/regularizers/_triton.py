@@ -21,14 +21,14 @@ TILE = 64
 WARPS = 4
 
 
-def padded_transpose(h: torch.Tensor) -> torch.Tensor:
-    """``h (n, V)`` → a fresh ``(V, n)`` view whose rows start every 16 elements (64 bytes in
-    float32), never sharing storage with ``h``. Unaligned rows (n = 669, say) cost the
-    kernel its vectorized loads."""
-    n, V = h.shape
+def padded_rows(h_t: torch.Tensor) -> torch.Tensor:
+    """A copy of ``h_t (V, n)`` whose rows start every 16 elements (64 bytes in float32),
+    never sharing storage with ``h_t``. Unaligned rows (n = 669, say) cost the kernel its
+    vectorized loads."""
+    V, n = h_t.shape
     padded = -(-n // 16) * 16
-    out = torch.empty((V, padded), dtype=h.dtype, device=h.device)[:, :n]
-    return out.copy_(h.t())
+    out = torch.empty((V, padded), dtype=h_t.dtype, device=h_t.device)[:, :n]
+    return out.copy_(h_t)
 
 
 @functools.cache
@@ -37,7 +37,7 @@ def sparse_lse_kernel():
 
     Shapes: ``h_t (V, n)`` log-weights with positions as the contiguous inner axis (a
     row stride that is a multiple of 16 elements lets every read be vectorized: see
-    :func:`padded_transpose`);
+    :func:`padded_rows`);
     ``indptr (V + 1,)``, ``nbr (nnz,)`` and ``log_k (nnz,)`` the CSR table of log kernel
     weights; ``dense (n,)`` a per-position term joined to every token. Returns
     ``out_t (V, n)`` — written into ``out_t`` if given, any strides (``out.t()`` of an

@@ -79,7 +79,7 @@ from ._chunks import solve_by_chunks
 from ._inputs import Reference, check_width
 from ._newton import newton_pair
 from ._numba import compile_once, prefetch, run_rows
-from ._triton import padded_transpose, sparse_lse_kernel
+from ._triton import padded_rows, sparse_lse_kernel
 
 LOG = logging.getLogger(__name__)
 
@@ -130,14 +130,39 @@ def _csr_table(index: np.ndarray, costs: np.ndarray, cap: float) -> tuple:
     return indptr, index[keep].astype(np.int32), costs[keep].astype(np.float64)
 
 
+def locality_order(indptr: np.ndarray, nbr: np.ndarray) -> np.ndarray:
+    """A token order that puts neighbours next to each other: reverse Cuthill–McKee on the
+    (symmetric) neighbour graph, O(nnz).
+
+    A kernel application reads one (rows,)-vector per stored entry, at the neighbour's
+    position; in the vocabulary's own order a kNN graph's neighbours lie anywhere (mean
+    distance ~V/3), and in this order within a few hundred positions on a clustered
+    graph, so the reads come from cache instead of memory. (A random graph has no such
+    order: RCM then leaves the bandwidth about where it was, and costs nothing after.)
+    """
+    from scipy.sparse import csr_matrix
+    from scipy.sparse.csgraph import reverse_cuthill_mckee
+
+    V = len(indptr) - 1
+    graph = csr_matrix((np.ones(len(nbr), np.int8), nbr, indptr), shape=(V, V))
+    return np.asarray(reverse_cuthill_mckee(graph, symmetric_mode=True), dtype=np.int64)
+
+
 class _SparseLogKernel:
     """``h ↦ log Σ_j exp(h_j − C_ij/ε)`` for a symmetric truncated cost, O(V·k) per row.
 
+    **Layout.** Inputs and outputs are token-major, ``(V, n)``: a neighbour's values for
+    all n positions are one contiguous row, read once per stored entry, and the result is
+    written a row per token. The tokens are the vocabulary permuted by :attr:`order`
+    (:func:`locality_order`), so neighbours sit near each other in memory. The solver keeps
+    its potentials in this layout; the module permutes and transposes ``p`` and ``q`` once
+    per chunk, and the gradient back once.
+
     The operator is held once, as a CSR table of each row's entries below the cap (itself
-    first, cost 0); the fused CPU path (numba) and the GPU path (Triton, exact log domain)
-    read it as is. The torch path (any device, when neither is there) builds from it, on
-    first use, ELL tables, one per bucket of rows of similar degree, whose padding slots
-    point at the row itself with weight −inf. The per-ε weights
+    first, cost 0), in that order; the fused CPU path (numba) and the GPU path (Triton,
+    exact log domain) read it as is. The torch path (any device, when neither is there)
+    builds from it, on first use, ELL tables, one per bucket of rows of similar degree,
+    whose padding slots point at the row itself with weight −inf. The per-ε weights
     ``−c/ε + log1mexp((cap − c)/ε)`` are cached, so an ε schedule is paid once per module.
     """
 
@@ -145,15 +170,25 @@ class _SparseLogKernel:
         V = op.vocab_size
         rows = np.arange(V, dtype=np.int64)[:, None]
         valid = (op.indices >= 0) & (op.indices != rows)
-        order = np.argsort(~valid, axis=1, kind="stable")  # stored slots first
-        nb = np.take_along_axis(np.where(valid, op.indices, rows), order, 1)
-        cs = np.take_along_axis(np.where(valid, op.costs, np.inf), order, 1)
+        slots = np.argsort(~valid, axis=1, kind="stable")  # stored slots first
+        nb = np.take_along_axis(np.where(valid, op.indices, rows), slots, 1)
+        cs = np.take_along_axis(np.where(valid, op.costs, np.inf), slots, 1)
         index = np.concatenate([rows, nb], 1)
         costs = np.concatenate([np.zeros((V, 1)), cs], 1)
         self.cap, self.vocab_size, self.dtype, self.device = op.cap, V, dtype, device
-        self._csr = _csr_table(index, costs, op.cap)
+        #: ``order[i]``: the vocabulary id at the kernel's position i; ``rank`` its inverse
+        self.order = locality_order(*_csr_table(index, costs, op.cap)[:2])
+        self.rank = np.empty_like(self.order)
+        self.rank[self.order] = np.arange(V)
+        self._csr = _csr_table(self.rank[index[self.order]], costs[self.order], op.cap)
         self._tables: dict[float, list[torch.Tensor]] = {}
         self._tokens = np.arange(V, dtype=np.int32)  # the fused path's rows, all tokens
+        self._low = np.zeros(V, dtype=np.bool_)  # and its flags of sums below e^accept
+        # prefetch where a row's neighbours are far apart in memory (beyond 4096 tokens
+        # away: L2 holds ~4k rows of 64 positions), not where RCM made them local
+        indptr, nbr, _ = self._csr
+        far = np.abs(nbr.astype(np.int64) - np.repeat(np.arange(V), np.diff(indptr))) > 4096
+        self._far = np.add.reduceat(far, indptr[:-1]).astype(np.int32) if len(nbr) else np.zeros(V, np.int32)
         self._weights: dict[float, tuple] = {}  # and its (log-weight, weight) pairs per ε
         self._buffers: torch.Tensor | None = None  # its scratch during one forward
         self._device_log_k: dict[float, torch.Tensor] = {}  # the GPU path's per-ε log-weights
@@ -207,24 +242,32 @@ class _SparseLogKernel:
         return "torch"
 
     def __call__(self, h: torch.Tensor, eps: float, rows: torch.Tensor | None = None,
-                 out: torch.Tensor | None = None) -> torch.Tensor:
-        """The log-kernel of ``h (n, V)`` (on the kernel's device); ``out`` (may be ``h``
-        itself) receives it if given."""
-        run = {"numba": self._fused, "triton": self._triton}.get(self.path, self._gathered)
-        return run(h, eps, out)
+                 out: torch.Tensor | None = None, scale: float = 1.0) -> torch.Tensor:
+        """``scale ×`` the log-kernel of ``h (V, n)``, token-major (on the kernel's device);
+        ``out`` (may be ``h`` itself) receives it if given."""
+        if self.path == "numba":
+            return self._fused(h, eps, out, scale)
+        result = self._triton(h, eps, out) if self.path == "triton" else self._gathered(h, eps, out)
+        return result if scale == 1.0 else result.mul_(scale)
 
     def _triton(self, h: torch.Tensor, eps: float, out: torch.Tensor | None = None) -> torch.Tensor:
-        """The GPU path: the Triton kernel over the CSR table (see :mod:`._triton`), on a
-        transposed copy ``(V, n)`` so each neighbour read is contiguous across positions;
-        it writes ``out (n, V)`` directly."""
+        """The GPU path: the Triton kernel over the CSR table (see :mod:`._triton`), reading
+        a copy of ``h (V, n)`` with 64-byte aligned rows (``out`` may be ``h`` itself)."""
         indptr, nbr, log_k = self._csr_tensors(eps)
         h = h.detach().to(self.dtype)
-        dense = torch.logsumexp(h, -1).sub_(self.cap / eps)  # −inf for a row of only −inf
-        h_t = padded_transpose(h)  # a copy: ``out`` may be ``h`` itself
+        dense = torch.logsumexp(h, 0).sub_(self.cap / eps)  # −inf for a position of only −inf
+        h_t = padded_rows(h)
         if out is None or out.dtype != self.dtype or not out.is_contiguous():
             out = torch.empty_like(h)
-        sparse_lse_kernel()(h_t, indptr, nbr, log_k, dense, out.t())
+        sparse_lse_kernel()(h_t, indptr, nbr, log_k, dense, out)
         return out
+
+    @functools.cached_property
+    def permutation(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(order, rank)`` on the kernel's device: ``x[:, order]`` is in the kernel's
+        token order, and ``y[:, rank]`` takes it back."""
+        return (torch.as_tensor(self.order, device=self.device),
+                torch.as_tensor(self.rank, device=self.device))
 
     @functools.cached_property
     def _device_csr(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -239,9 +282,13 @@ class _SparseLogKernel:
         return (*self._device_csr, log_k)
 
     def _gathered(self, h: torch.Tensor, eps: float, out: torch.Tensor | None = None) -> torch.Tensor:
-        """The torch path (any device): gather each bucket's ``[n, members, w]`` block."""
+        """The torch path (any device): gather each bucket's ``[n, members, w]`` block
+        (position-major: ``h (V, n)`` is transposed on the way in and out)."""
+        result = self._gathered_rows(h.t().contiguous(), eps)
+        return result.t().contiguous() if out is None else out.copy_(result.t())
+
+    def _gathered_rows(self, h: torch.Tensor, eps: float) -> torch.Tensor:
         n = h.shape[0]
-        h = h.contiguous()
         lse_all = torch.empty_like(h) if len(self.buckets) > 1 else None
         for (ids, flat, _, w), table in zip(self.buckets, self.tables(eps)):
             block = torch.index_select(h, 1, flat).view(n, -1, w)
@@ -252,18 +299,18 @@ class _SparseLogKernel:
             else:
                 lse_all.index_copy_(1, ids, lse)
         dense = _lse_(h.clone()).unsqueeze_(-1) - self.cap / eps
-        return torch.logaddexp(lse_all, dense, out=out)
+        return torch.logaddexp(lse_all, dense)
 
 
-    def _fused(self, h: torch.Tensor, eps: float, out: torch.Tensor | None = None) -> torch.Tensor:
+    def _fused(self, h: torch.Tensor, eps: float, out: torch.Tensor | None = None, scale: float = 1.0) -> torch.Tensor:
         """The CPU path (numba): never the ``[n, V, w]`` block the torch path gathers, so
         O(n·V) memory instead of O(n·V·w), and no ``exp`` in the inner loop.
 
-        With ``m_r = max_c h[r, c]``, ``E = exp(h − m)`` (rows as the contiguous inner
+        With ``m_r = max_j h[j, r]``, ``E = exp(h − m)`` (positions as the contiguous inner
         axis, in the compute dtype) and ``K = exp(table)`` (one CSR entry per stored
         neighbour, no padding), a token's value is
         ``m_r + log(Σ_j K_ij E[j, r] + exp(dense_r − m_r))``: one multiply-add per stored
-        neighbour, vectorized over the rows. Exponents are raised to ``floor`` before
+        neighbour, vectorized over the positions. Exponents are raised to ``floor`` before
         ``exp`` (no subnormals), which moves a sum by less than ``deg·e^floor``; a sum
         above ``e^accept`` is therefore exact to the dtype's precision, and a (token, row)
         below it — every neighbour far below the row's largest weight, which the dense
@@ -274,28 +321,31 @@ class _SparseLogKernel:
         floor, accept = _FUSED_RANGE[self.dtype]
         log_k, k = self._csr_weights(eps)
         h = h.detach().to(self.dtype)
-        n, V = h.shape
-        top = h.amax(-1, keepdim=True)
+        V, n = h.shape
+        top = h.amax(0)
         finite = torch.isfinite(top)
         top = torch.where(finite, top, 0.0)
-        h_t, e_t = self._scratch(n)  # (V, n), reused: see release()
-        h_t.copy_(h.t()).sub_(top.t())  # shifted log-weights (−inf kept for the fallback)
-        torch.clamp(h_t, min=floor, out=e_t).exp_()
-        # every token's dense term: −cap/ε + LSE_j h_j − m_r = −cap/ε + log Σ_j E[j, r]
-        dense = torch.where(finite[:, 0], e_t.sum(0).log_(), _NEG_INF).double() - self.cap / eps
+        shifted, e_t = self._scratch(n)  # (V, n), reused: see release(); ``out`` may be ``h``
+        torch.sub(h, top, out=shifted)  # shifted log-weights (−inf kept for the fallback)
+        torch.clamp(shifted, min=floor, out=e_t).exp_()
+        # every position's dense term: −cap/ε + LSE_j h_j − m_r = −cap/ε + log Σ_j E[j, r]
+        dense = torch.where(finite, e_t.sum(0).log_(), _NEG_INF).double() - self.cap / eps
         base = dense.clamp(min=floor).exp().to(self.dtype)
         if out is None or out.dtype != self.dtype or not out.is_contiguous():
-            out = torch.empty_like(h)  # (n, V), written by the kernel with the shift added back
-        run_rows(_numba_sparse_lse(), (self._tokens,),
-                 (indptr, nbr, log_k, k, h_t.numpy(), e_t.numpy(), base.numpy(), dense.numpy(),
-                  math.exp(accept), top[:, 0].double().numpy(), out.numpy()),
-                 cumulative=indptr)
-        return out
+            out = torch.empty_like(h)  # (V, n)
+        sparse_sum, log_domain = _numba_sparse_lse()
+        low = self._low
+        run_rows(sparse_sum, (self._tokens, self._far), (indptr, nbr, k, e_t.numpy(), base.numpy(),
+                                                            math.exp(accept), out.numpy(), low), cumulative=indptr)
+        out.log_()
+        if low.any():  # sums below e^accept: those (token, position) pairs in the log domain
+            log_domain(np.flatnonzero(low), indptr, nbr, log_k, shifted.numpy(), dense.numpy(), accept, out.numpy())
+        return torch.add(top.mul_(scale), out, alpha=scale, out=out)  # scale·(log-sum + shift), one pass
 
     def _scratch(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Two (V, n) buffers for the fused path, kept until :meth:`release` (a Sinkhorn
-        solve calls the kernel hundreds of times, and a fresh 25–50 MB tensor costs
-        thousands of page faults each time)."""
+        """Two (V, n) buffers for the fused path (the shifted input and its exp), kept until
+        :meth:`release` (a Sinkhorn solve calls the kernel hundreds of times, and a fresh
+        25–50 MB tensor costs thousands of page faults each time)."""
         size = self.vocab_size * n
         if self._buffers is None or self._buffers.shape[1] < size:
             self._buffers = torch.empty(2, size, dtype=self.dtype)
@@ -325,57 +375,72 @@ _FUSED_RANGE = {torch.float32: (-80.0, -57.0), torch.float64: (-700.0, -655.0)}
 
 @compile_once
 def _numba_sparse_lse(numba):
-    """The fused sparse log-kernel (cached on disk).
+    """The fused sparse log-kernel (cached on disk): ``(sparse_sum, log_domain)``.
 
-    For each token ``i`` in ``tokens`` and every row ``r``, with shifted log-weights
-    ``h[c, r]`` (``e ≈ exp(h)``) and CSR weights ``k = exp(log_k)`` of i's stored
-    neighbours (i itself included):
-    ``out[r, i] = shift[r] + log(Σ_t k[t]·e[nbr[t], r] + base[r])``, ``base = exp(dense)``
-    (``out`` row-major, so the solver's elementwise work stays contiguous); where that
-    sum is at most ``accept``, the same in float64 and the log domain (two passes: max,
-    then the exps above max − 80). Serial and GIL-free: :func:`~._numba.run_rows` gives
-    each thread a range of tokens.
+    ``sparse_sum`` — for each token ``i`` in ``tokens`` and every position ``r``, with CSR
+    weights ``k`` of i's stored neighbours (i itself included) and ``e ≈ exp(h)``:
+    ``out[i, r] = Σ_t k[t]·e[nbr[t], r] + base[r]``, accumulated in place in out's row i
+    (token-major, as the solver keeps its potentials); ``low[i] = 1`` where some sum is at
+    most ``accept``. The caller takes the log in one vectorized pass. Serial and GIL-free:
+    :func:`~._numba.run_rows` gives each thread a range of tokens.
+
+    ``log_domain`` — after that pass, for the flagged tokens, each ``out[i, r]`` at most
+    ``log(accept)`` is recomputed in float64 in the log domain from the shifted
+    log-weights ``h`` and ``log_k`` (two passes: max, then the exps above max − 80):
+    ``out[i, r] = log(e^{dense_r} + Σ_t e^{h[nbr[t], r] + log_k[t]})``.
+
+    ``far`` (per token, sliced with ``tokens``) is non-zero where the token's neighbours lie
+    far apart in memory: the kernel prefetches the row 8 entries on there, not elsewhere.
     """
 
     fetch = prefetch()
     ahead = 8  # entries: enough to cover a cache miss, few enough to stay in L1
 
     @numba.njit(cache=True, nogil=True, fastmath={"contract"})
-    def sparse_lse(tokens, indptr, nbr, log_k, k, h, e, base, dense, accept, shift, out):
+    def sparse_sum(tokens, far, indptr, nbr, k, e, base, accept, out, low):
         n = e.shape[1]
         nnz = nbr.shape[0]
         line = 64 // e.itemsize  # elements per cache line
-        acc = np.empty(n, dtype=e.dtype)
-        for i in tokens:
+        for x in range(tokens.shape[0]):
+            i = tokens[x]
+            acc = out[i]
             acc[:] = base
             for t in range(indptr[i], indptr[i + 1]):
-                if t + ahead < nnz:  # the row 8 entries on is a random row too: start it now
+                if far[x] and t + ahead < nnz:  # the row 8 entries on is far: start it now
                     for col in range(0, n, line):
                         fetch(e, nbr[t + ahead], col)
                 kij = k[t]
                 row = e[nbr[t]]
                 for r in range(n):
                     acc[r] += kij * row[r]
+            small = 0
             for r in range(n):
-                if acc[r] > accept:
-                    out[r, i] = shift[r] + np.log(acc[r])
+                small += acc[r] <= accept
+            low[i] = small > 0
+
+    @numba.njit(cache=True, nogil=True)
+    def log_domain(tokens, indptr, nbr, log_k, h, dense, log_accept, out):
+        for i in tokens:
+            row_out = out[i]
+            for r in range(h.shape[1]):
+                if row_out[r] > log_accept:
                     continue
-                top = dense[r]  # the sum is tiny: the log-domain sum for this (token, row)
+                top = dense[r]
                 for t in range(indptr[i], indptr[i + 1]):
                     v = np.float64(h[nbr[t], r]) + log_k[t]
                     if v > top:
                         top = v
                 if top == -np.inf:
-                    out[r, i] = top
+                    row_out[r] = top
                     continue
                 total = np.exp(dense[r] - top) if dense[r] - top > _FLOOR else 0.0
                 for t in range(indptr[i], indptr[i + 1]):
                     v = np.float64(h[nbr[t], r]) + log_k[t] - top
                     if v > _FLOOR:
                         total += np.exp(v)
-                out[r, i] = shift[r] + top + np.log(total)
+                row_out[r] = top + np.log(total)
 
-    return sparse_lse
+    return sparse_sum, log_domain
 
 
 def _lse_(block: torch.Tensor) -> torch.Tensor:
@@ -429,7 +494,7 @@ class _DenseLogKernel:
         return self._scaled_kernel(eps, floor)[0].index_select(0, rows)
 
     def __call__(self, h: torch.Tensor, eps: float, rows: torch.Tensor | None = None,
-                 out: torch.Tensor | None = None) -> torch.Tensor:
+                 out: torch.Tensor | None = None, scale: float = 1.0) -> torch.Tensor:
         floor, accept = _FUSED_RANGE.get(h.dtype, _FUSED_RANGE[torch.float32])
         scaled, kernel = self._scaled_kernel(eps, floor)
         r, s = kernel.shape[0], kernel.shape[-1]
@@ -450,7 +515,7 @@ class _DenseLogKernel:
             block = scaled.index_select(0, source[pick])
             block += h[pick, None, :]
             result[pick] = _lse_(block)
-        return result
+        return result if scale == 1.0 else result.mul_(scale)
 
 
 # -- the solver ----------------------------------------------------------------------------
@@ -462,45 +527,60 @@ def _eps_schedule(eps: float, cap: float, scaling: float) -> list[float]:
     return [cap * scaling**s for s in range(n) if cap * scaling**s > eps] + [eps]
 
 
-def _marginal_error(mass: torch.Tensor, old: torch.Tensor, new: torch.Tensor, eps: float) -> torch.Tensor:
-    """Per-row L1 marginal error ``Σ_j m_j |exp((old_j − new_j)/ε) − 1|``.
+def _marginal_error(mass: torch.Tensor, old: torch.Tensor, new: torch.Tensor, eps: float,
+                    tokens: int = -1) -> torch.Tensor:
+    """Per-position L1 marginal error ``Σ_j m_j |exp((old_j − new_j)/ε) − 1|`` (j along
+    the ``tokens`` axis).
 
     For the plan built from ``old`` and the other side's fresh potential, this is
     ``‖P^T 1 − m‖₁``: ``new`` is what ``old`` would have to become to fit ``m`` exactly.
     (Potentials are always finite; the clamp keeps exp on its fast path.)
     """
     ratio = torch.sub(old, new).div_(eps).clamp_(_FLOOR, 50.0).expm1_().abs_()
-    return ratio.mul_(mass).sum(-1)
+    return ratio.mul_(mass).sum(tokens)
 
 
 def _log_probs(p: torch.Tensor) -> torch.Tensor:
     return torch.where(p > 0, p.clamp_min(torch.finfo(p.dtype).tiny).log(), _NEG_INF)
 
 
-def _taker(active: torch.Tensor, n: int) -> Callable:
-    """``x ↦ x[active]``, or ``x`` itself (no copy) while every row is active."""
-    return (lambda x: x) if active.numel() == n else (lambda x: x[active])
-
-
-def _put(x: torch.Tensor, active: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
-    """``x`` with rows ``active`` set to ``value``: ``value`` itself when that is every row."""
-    if active.numel() == x.shape[0]:
-        return value
-    x[active] = value
-    return x
-
-
 class _Solver:
     """Sinkhorn loops on a chunk of r positions for one log-kernel ``lk(h, eps, rows)``.
 
-    ``lk`` maps log-weights ``h (n, s)`` to ``log Σ_j exp(h_j − C_ij/ε)``; ``rows (n,)``
-    names the position (0..r-1) each input row belongs to (only a per-position cost, the
-    support mode's, needs it).
+    Every tensor is (positions, tokens) with positions on axis ``pos``: 0 for the support
+    mode's (n, s) problems, 1 for the full vocabulary's token-major (V, n) potentials.
+    ``lk`` maps log-weights ``h`` to ``log Σ_j exp(h_j − C_ij/ε)`` in that layout;
+    ``rows (n,)`` names the position (0..r-1) each input position belongs to (only a
+    per-position cost, the support mode's, needs it).
     """
 
-    def __init__(self, lk: Callable, eps_list: list[float], max_iter: int, tol: float):
+    def __init__(self, lk: Callable, eps_list: list[float], max_iter: int, tol: float, pos: int = 0):
         self.lk, self.eps_list, self.max_iter, self.tol = lk, eps_list, max_iter, tol
+        self.pos, self.tokens = pos, 1 - pos
         self.iterations = 0  # kernel applications per row, for the record
+
+    def positions(self, x: torch.Tensor) -> int:
+        return x.shape[self.pos]
+
+    def cat(self, xs: list[torch.Tensor]) -> torch.Tensor:
+        """Problems stacked along the positions."""
+        return torch.cat(xs, self.pos)
+
+    def split(self, x: torch.Tensor, k: int) -> tuple[torch.Tensor, ...]:
+        return x.chunk(k, self.pos)
+
+    def taker(self, active: torch.Tensor, n: int) -> Callable:
+        """``x ↦`` the positions ``active`` of x, or ``x`` itself (no copy) while all are."""
+        return (lambda x: x) if active.numel() == n else (lambda x: x.index_select(self.pos, active))
+
+    def put(self, x: torch.Tensor, active: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+        """``x`` with positions ``active`` set to ``value``: ``value`` itself when that is all."""
+        if active.numel() == self.positions(x):
+            return value
+        return x.index_copy_(self.pos, active, value)
+
+    def error(self, mass, old, new, eps) -> torch.Tensor:
+        return _marginal_error(mass, old, new, eps, self.tokens)
 
     def transform(self, log_w: torch.Tensor, pot: torch.Tensor, eps: float, rows: torch.Tensor) -> torch.Tensor:
         """``T_w(pot)_i = −ε·log Σ_j w_j exp((pot_j − C_ij)/ε)``; rows stacked freely.
@@ -509,17 +589,17 @@ class _Solver:
         result over its input): at V = 100k fresh tensors page-fault, and that had cost
         more than the kernel."""
         h = torch.add(log_w, pot, alpha=1 / eps)
-        return self.lk(h, eps, rows, out=h).mul_(-eps)
+        return self.lk(h, eps, rows, out=h, scale=-eps)
 
     def anneal(self, log_ws: list[torch.Tensor], pots: list[torch.Tensor], sources: list[int], rows) -> list:
         """One averaged update per ε of the schedule but the last, for all potentials at once:
         ``pot_k ← ½(pot_k + T_{w_k}(pot_{source_k}))`` (Jacobi, one stacked kernel call)."""
         n = len(pots)
-        stacked_w = torch.cat(log_ws)
+        stacked_w = self.cat(log_ws)
         stacked_rows = rows.repeat(n)
         for eps in self.eps_list[:-1]:
-            new = self.transform(stacked_w, torch.cat([pots[s] for s in sources]), eps, stacked_rows)
-            pots = [0.5 * (pot + t) for pot, t in zip(pots, new.chunk(n))]
+            new = self.transform(stacked_w, self.cat([pots[s] for s in sources]), eps, stacked_rows)
+            pots = [0.5 * (pot + t) for pot, t in zip(pots, self.split(new, n))]
             self.iterations += 1
         return pots
 
@@ -527,17 +607,17 @@ class _Solver:
         """Potential of OT_ε(a, a): the fixed point of ``f ← ½(f + T_a(f))``, from ``f``.
 
         Returns ``(f, error)``; f is the last averaged iterate."""
-        eps = self.eps_list[-1]
+        eps, n = self.eps_list[-1], self.positions(f)
         f = f.clone()
-        err = torch.zeros(f.shape[0], dtype=f.dtype, device=f.device)
-        active = torch.arange(f.shape[0], device=f.device)
+        err = torch.zeros(n, dtype=f.dtype, device=f.device)
+        active = torch.arange(n, device=f.device)
         for _ in range(self.max_iter):
-            take = _taker(active, f.shape[0])
+            take = self.taker(active, n)
             fa = take(f)
-            tf = self.transform(take(log_a), fa, eps, take(rows))
+            tf = self.transform(take(log_a), fa, eps, rows[active])
             self.iterations += 1
-            err[active] = e = _marginal_error(take(a), fa, tf, eps)
-            f = _put(f, active, tf.add_(fa).mul_(0.5))
+            err[active] = e = self.error(take(a), fa, tf, eps)
+            f = self.put(f, active, tf.add_(fa).mul_(0.5))
             active = active[e > self.tol]
             if active.numel() == 0:
                 break
@@ -548,20 +628,20 @@ class _Solver:
 
         Returns ``(f, g, error)`` with ``g = T_a(f)`` exactly, so the plan's column
         marginal is b and ``⟨a, f⟩ + ⟨b, g⟩`` is the dual objective at that pair."""
-        eps = self.eps_list[-1]
+        eps, n = self.eps_list[-1], self.positions(g)
         g = g.clone()
         f = self.transform(log_b, g, eps, rows)
         g = self.transform(log_a, f, eps, rows)
         self.iterations += 1
-        err = torch.zeros(f.shape[0], dtype=f.dtype, device=f.device)
-        active = torch.arange(f.shape[0], device=f.device)
+        err = torch.zeros(n, dtype=f.dtype, device=f.device)
+        active = torch.arange(n, device=f.device)
         for _ in range(self.max_iter - 1):
-            take = _taker(active, f.shape[0])
-            fn = self.transform(take(log_b), take(g), eps, take(rows))
-            err[active] = e = _marginal_error(take(a), take(f), fn, eps)
+            take = self.taker(active, n)
+            fn = self.transform(take(log_b), take(g), eps, rows[active])
+            err[active] = e = self.error(take(a), take(f), fn, eps)
             self.iterations += 1
-            f = _put(f, active, fn)
-            g = _put(g, active, self.transform(take(log_a), fn, eps, take(rows)))
+            f = self.put(f, active, fn)
+            g = self.put(g, active, self.transform(take(log_a), fn, eps, rows[active]))
             active = active[e > self.tol]
             if active.numel() == 0:
                 break
@@ -586,9 +666,10 @@ class _NewtonSolver(_Solver):
 
 
 def _solve_chunk(solver: _Solver, p: torch.Tensor, q: torch.Tensor, debias: bool):
-    """Value and ``∂/∂p`` (up to a constant) of S_ε (or OT_ε) for a chunk of positions."""
+    """Value and ``∂/∂p`` (up to a constant) of S_ε (or OT_ε) for a chunk of positions
+    (``p``, ``q`` and ``∂/∂p`` in the solver's layout)."""
     log_p, log_q = _log_probs(p), _log_probs(q)
-    rows = torch.arange(p.shape[0], device=p.device)
+    rows = torch.arange(solver.positions(p), device=p.device)
     zero = torch.zeros_like(p)
     info: dict = {}
     if debias:
@@ -596,19 +677,20 @@ def _solve_chunk(solver: _Solver, p: torch.Tensor, q: torch.Tensor, debias: bool
         # pair then starts from g_qq, so only two problems pay the ε schedule
         fpp, gqq = solver.anneal([log_p, log_q], [zero, zero], [0, 1], rows)
         both, err_sym = solver.symmetric(
-            torch.cat([p, q]), torch.cat([log_p, log_q]), torch.cat([fpp, gqq]), rows.repeat(2)
+            solver.cat([p, q]), solver.cat([log_p, log_q]), solver.cat([fpp, gqq]), rows.repeat(2)
         )
-        fpp, gqq = both.chunk(2)
+        fpp, gqq = solver.split(both, 2)
         info["marginal_error_sym"] = err_sym
         g = gqq  # warm start from OT(q, q)'s potential: the solution itself when p = q
     else:
         f, g = solver.anneal([log_q, log_p], [zero, zero], [1, 0], rows)
     f, g, err = solver.pair(p, q, log_p, log_q, g, rows)
     info["marginal_error"] = err
-    value = (p * f).sum(-1) + (q * g).sum(-1)
+    tokens = solver.tokens
+    value = (p * f).sum(tokens) + (q * g).sum(tokens)
     grad = f
     if debias:  # OT(a, a) = 2⟨a, f_aa⟩
-        value = value - (p * fpp).sum(-1) - (q * gqq).sum(-1)
+        value = value - (p * fpp).sum(tokens) - (q * gqq).sum(tokens)
         grad = f - fpp
     info["iterations"] = solver.iterations
     return value, grad, info
@@ -843,12 +925,15 @@ class SinkhornDivergence(nn.Module):
             q = q.div_(q.sum(-1, keepdim=True))  # p and q must carry the same mass exactly
             if self.support is not None:  # writes dz_out itself, from the support's potentials
                 value, info = self._support_chunk(p, q, eps_list, dz_out, scratch)
-            else:
-                value, h, info = _solve_chunk(_Solver(kernel, eps_list, self.max_iter, self.tol), p, q, self.debias)
+            else:  # token-major (V, rows) in the kernel's token order: one copy each way
+                order, rank = kernel.permutation
+                p, q = (x.index_select(1, order).t().contiguous() for x in (p, q))
+                solver = _Solver(kernel, eps_list, self.max_iter, self.tol, pos=1)
+                value, h, info = _solve_chunk(solver, p, q, self.debias)
                 if dz_out is not None:  # ∂S/∂z = p ⊙ (h − ⟨p, h⟩); a zero-mass token gets none, even if h is huge
                     h = h.masked_fill_(p <= 0, 0.0)  # h is the chunk's own: in place
-                    mean = torch.einsum("ij,ij->i", p, h)
-                    torch.mul(h.sub_(mean[:, None]), p, out=dz_out)
+                    h.sub_(torch.einsum("ji,ji->i", p, h)).mul_(p)
+                    torch.index_select(h.t().contiguous(), 1, rank, out=dz_out)
             infos.append(info)
             value_out.copy_(value)
 
