@@ -51,7 +51,7 @@ bench: $(STAMP)
 	for i in 1 2 3; do $(BIN)/python benchmarks/regularizers.py --malloc default --repeats 3 --vocab 100277 \
 		--positions 64 1024 --only "sliced L=16" --name sliced_default_malloc_$$i; done
 	$(BIN)/python benchmarks/support_solver.py
-	$(BIN)/python benchmarks/regularizers.py --vocab 100277 --positions 64 1024 \
+	$(BIN)/python benchmarks/regularizers.py --malloc default --repeats 3 --vocab 100277 --positions 64 1024 \
 		--only "sinkhorn full (10 iterations), kNN" "sinkhorn full (converged), kNN" \
 		"sinkhorn full (10 iterations), random graph" --name sinkhorn_full_iteration
 	$(BIN)/python benchmarks/sparse_kernel.py
