@@ -125,7 +125,7 @@ def part_kl_ratio(op: CostOperator, n: int) -> dict:
 
     def one_application():
         for lo in range(0, n, chunk):
-            kernel(h[lo : lo + chunk], EPS)
+            kernel(h[lo : lo + chunk].t().contiguous(), EPS)  # token-major (V, rows)
 
     t_app = timed(one_application, repeat=2)
     row["kernel_application_s"] = t_app

@@ -7,7 +7,7 @@ as ``regularizers.py`` (k = 32, about 64 entries per row after symmetrization):
 
 * ``full_kl`` forward + backward on (N, V) logits (the baseline of every target),
 * vocabmetric's fused log-kernel (``_SparseLogKernel._fused``: the exp, the SpMM with
-  software prefetch, the log-domain fallback, the transposes),
+  software prefetch, the log and the log-domain fallback; token-major (V, N) in and out),
 * ``torch.sparse.mm`` of the same S in CSR with a (V, N) dense block: MKL's SpMM, the
   linear product alone (no exp, no log, no transposes) — what a tuned library does with
   the gather-bound part,
@@ -65,7 +65,7 @@ def run(vocab_size: int, n: int, eps: float, repeats: int, device: str = "cpu", 
     op = random_neighbour_operator(vocab_size).symmetrized()
     kernel = _SparseLogKernel(op, device, torch.float32)
     logits, ref = (t.to(device) for t in peaky_logits(n, vocab_size))
-    h = torch.log_softmax(logits, -1)
+    h = torch.log_softmax(logits, -1).t().contiguous()  # token-major (V, n), as the solver keeps it
     z = logits.clone().requires_grad_()
 
     def kl():
@@ -85,15 +85,15 @@ def run(vocab_size: int, n: int, eps: float, repeats: int, device: str = "cpu", 
         from vocabmetric.regularizers import _triton
 
         cases["Triton log-kernel (vocabmetric, GPU)"] = lambda: kernel._triton(h, eps)
-        h_t = _triton.padded_transpose(h)
-        dense = torch.logsumexp(h, -1)
+        h_t = _triton.padded_rows(h)
+        dense = torch.logsumexp(h, 0)
         tables = kernel._csr_tensors(eps)
         for block, tile, warps in TRITON_SHAPES if sweep else ():
             cases[f"Triton kernel alone, {block} positions x {tile} entries, {warps} warps"] = (
                 lambda b=block, t=tile, w=warps: _triton.sparse_lse_kernel()(h_t, *tables, dense, block=b, tile=t, warps=w))
         cases[f"Triton kernel alone, default {_triton.BLOCK_ROWS} x {_triton.TILE}, {_triton.WARPS} warps"] = (
             lambda: _triton.sparse_lse_kernel()(h_t, *tables, dense))
-        out = torch.empty_like(h)
+        out = torch.empty_like(h.t())
         cases["Triton kernel alone, default, writing (N, V) position-major"] = (
             lambda: _triton.sparse_lse_kernel()(h_t, *tables, dense, out.t()))
     else:

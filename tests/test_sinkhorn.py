@@ -349,3 +349,26 @@ def test_neighbour_move_costs_less_than_far_move_on_a_real_store(small_store):
         value = mode(z, refs)
         assert value[0] < 0.8 * value[1], (mode.support, value)
         assert value[0] > 0
+
+
+def test_locality_order_puts_a_shuffled_chain_of_neighbours_back_together():
+    """The kernel's token order (reverse Cuthill–McKee) is a permutation, and on a graph of
+    local neighbours whose ids were shuffled it brings neighbours back within a few
+    positions of each other; the kernel's CSR table is relabelled by it."""
+    from vocabmetric.regularizers.sinkhorn import _SparseLogKernel, locality_order
+
+    V, rng = 2000, np.random.default_rng(0)
+    ids = rng.permutation(V)  # token at chain position t
+    chain = (np.arange(V)[:, None] + np.array([-2, -1, 1, 2])) % V  # ring neighbours by position
+    index = np.empty((V, 4), dtype=np.int64)
+    index[ids] = ids[chain]
+    op = CostOperator(index, rng.uniform(0.1, 1.0, (V, 4)), cap=CAP).symmetrized()
+    kernel = _SparseLogKernel(op, "cpu", torch.float64)
+    assert np.array_equal(np.sort(kernel.order), np.arange(V))
+    assert np.array_equal(kernel.order[kernel.rank], np.arange(V))
+    indptr, nbr, _ = kernel._csr
+    rows = np.repeat(np.arange(V), np.diff(indptr))
+    assert np.abs(nbr - rows).max() <= 8 < np.abs(ids[chain] - np.arange(V)[:, None]).mean()
+    assert np.array_equal(nbr[indptr[:-1]], np.arange(V))  # each row's first entry is itself
+    order = locality_order(indptr, nbr)
+    assert np.array_equal(np.sort(order), np.arange(V))
