@@ -32,7 +32,9 @@ Two ways to lay the problem out:
   neighbours of i plus i itself (c_ii = 0): O(V·k) per position, never O(V²). On CPU a
   numba kernel does one multiply-add per stored entry (linear domain, log-domain fallback);
   on CUDA a Triton kernel (:mod:`._triton`) sums exactly in the log domain; elsewhere a torch
-  path gathers rows grouped by degree.
+  path gathers rows grouped by degree. The solver keeps this mode's potentials token-major,
+  (V, n), over the tokens renumbered for locality (:func:`locality_order`), so each stored
+  entry reads one contiguous row of n values, mostly from cache.
 * **Support** (``support=m``). Per position the support is top-m(p) ∪ top-m(q) plus one
   "rest" bin holding the remaining mass at cost ``cap`` from every other point; the
   (2m+1)² cost sub-matrix is gathered from the operator (or computed from embeddings), and
@@ -597,7 +599,7 @@ class _Solver:
     def transform(self, log_w: torch.Tensor, pot: torch.Tensor, eps: float, rows: torch.Tensor) -> torch.Tensor:
         """``T_w(pot)_i = −ε·log Σ_j w_j exp((pot_j − C_ij)/ε)``; rows stacked freely.
 
-        One new (n, s) tensor per call on the full vocabulary (the sparse kernel writes its
+        One new tensor per call on the full vocabulary (the sparse kernel writes its
         result over its input): at V = 100k fresh tensors page-fault, and that had cost
         more than the kernel."""
         h = torch.add(log_w, pot, alpha=1 / eps)
