@@ -58,12 +58,13 @@ POSITIONS = (64, 1024)
 GPU_POSITIONS = (64, 1024, 8192)
 # Cases whose one run would take minutes on 2 shared cores: skipped and said so.
 # (name, V or None for any, N)
-SKIP = {(f"sinkhorn full (converged), {graph}", None, 1024): "skipped for time: O(N·V·k) per iteration × ~100 iterations"
-        for graph in ("kNN", "random graph")}
-SKIP.update({(f"sinkhorn full (converged), {graph}", 200019, 64): "skipped for time (minutes on 2 shared cores); see V=100277"
-             for graph in ("kNN", "random graph")})
-SKIP.update({(f"sinkhorn full (10 iterations), {graph}", 200019, 1024): "skipped for time: see V = 100277"
-             for graph in ("kNN", "random graph")})
+SKIP = {}
+for _graph in ("kNN", "random graph"):
+    SKIP[(f"sinkhorn full (converged), {_graph}", None, 1024)] = (
+        "skipped for time: O(N·V·k) per iteration × ~100 iterations")
+    SKIP[(f"sinkhorn full (converged), {_graph}", 200019, 64)] = (
+        "skipped for time (minutes on 2 shared cores); see V=100277")
+    SKIP[(f"sinkhorn full (10 iterations), {_graph}", 200019, 1024)] = "skipped for time: see V = 100277"
 
 
 def _skip(name: str, vocab_size: int, n: int, device: str = "cpu") -> str | None:
@@ -305,7 +306,7 @@ def table(rows: list, payload: dict) -> str:
         if "skipped" in r:
             lines.append(f"| {r['V']} | {r['N']} | {r['regularizer']} | — | — | — | — | {r['skipped']} | | |")
             continue
-        apps = r.get("iterations", r.get("kernel_applications", ""))
+        apps = r.get("iterations", "")
         per_app = f"{r['time_ratio'] / apps:.2f}" if apps else ""
         err = f"{r['marginal_error']:.1e}" if "marginal_error" in r else ""
         lines.append(

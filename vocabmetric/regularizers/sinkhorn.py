@@ -190,11 +190,6 @@ class _SparseLogKernel:
         self._tables: dict[float, list[torch.Tensor]] = {}
         self._tokens = np.arange(V, dtype=np.int32)  # the fused path's rows, all tokens
         self._low = np.zeros(V, dtype=np.bool_)  # and its flags of sums below e^accept
-        # prefetch where a row's neighbours are far apart in memory (beyond 4096 tokens
-        # away: L2 holds ~4k rows of 64 positions), not where RCM made them local
-        indptr, nbr, _ = self._csr
-        far = np.abs(nbr.astype(np.int64) - np.repeat(np.arange(V), np.diff(indptr))) > 4096
-        self._far = np.add.reduceat(far, indptr[:-1]).astype(np.int32) if len(nbr) else np.zeros(V, np.int32)
         self._weights: dict[float, tuple] = {}  # and its (log-weight, weight) pairs per ε
         self._buffers: torch.Tensor | None = None  # its scratch during one forward
         self._device_log_k: dict[float, torch.Tensor] = {}  # the GPU path's per-ε log-weights
@@ -347,6 +342,17 @@ class _SparseLogKernel:
         if low.any():  # sums below e^accept: those (token, position) pairs in the log domain
             log_domain(np.flatnonzero(low), indptr, nbr, log_k, shifted.numpy(), dense.numpy(), accept, out.numpy())
         return torch.add(top.mul_(scale), out, alpha=scale, out=out)  # scale·(log-sum + shift), one pass
+
+    @functools.cached_property
+    def _far(self) -> np.ndarray:
+        """The fused path's per-token prefetch flag (int32, 0 or 1): 1 where some neighbour
+        is more than 4096 rows away in memory (L2 holds about that many rows of 64
+        positions), 0 where the locality order made them all near. Every row holds
+        itself, so no row of the CSR table is empty."""
+        indptr, nbr, _ = self._csr
+        rows = np.repeat(np.arange(self.vocab_size), np.diff(indptr))
+        far = np.abs(nbr.astype(np.int64) - rows) > 4096
+        return np.logical_or.reduceat(far, indptr[:-1]).astype(np.int32)
 
     def _scratch(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Two (V, n) buffers for the fused path (the shifted input and its exp), kept until
