@@ -89,8 +89,11 @@ LOG = logging.getLogger(__name__)
 CHUNK_BYTES = 128 * 2**20
 #: The same for the fused CPU kernel's (V,)-vectors per position: a chunk of 64–128
 #: positions amortizes each stored entry's index and weight over as many multiply-adds
-#: (per position 1.3× faster at 80 than at 20, V = 100k).
+#: (per position 1.3× faster at 80 than at 20, V = 100k). The chunk is rounded down to a
+#: multiple of ``FUSED_CHUNK_ALIGN`` positions: torch's column max over a (V, n) tensor
+#: takes 1 ms at n = 64 and 6 ms at n = 80 (its fast path wants n a multiple of 32).
 FUSED_CHUNK_BYTES = 512 * 2**20
+FUSED_CHUNK_ALIGN = 32
 #: The same on a GPU, for the Triton kernel's (V,)-vectors per position: large chunks keep
 #: it busy, and every chunk pays the solver's per-iteration launches and syncs.
 GPU_CHUNK_BYTES = 4 * 2**30
@@ -540,20 +543,47 @@ def _eps_schedule(eps: float, cap: float, scaling: float) -> list[float]:
 
 
 def _marginal_error(mass: torch.Tensor, old: torch.Tensor, new: torch.Tensor, eps: float,
-                    tokens: int = -1) -> torch.Tensor:
+                    tokens: int = -1, out: torch.Tensor | None = None) -> torch.Tensor:
     """Per-position L1 marginal error ``Σ_j m_j |exp((old_j − new_j)/ε) − 1|`` (j along
     the ``tokens`` axis).
 
     For the plan built from ``old`` and the other side's fresh potential, this is
     ``‖P^T 1 − m‖₁``: ``new`` is what ``old`` would have to become to fit ``m`` exactly.
-    (Potentials are always finite; the clamp keeps exp on its fast path.)
+    (Potentials are always finite; the clamp keeps exp on its fast path.) ``out``: scratch
+    of old's shape for the ratio.
     """
-    ratio = torch.sub(old, new).div_(eps).clamp_(_FLOOR, 50.0).expm1_().abs_()
+    ratio = torch.sub(old, new, out=out).div_(eps).clamp_(_FLOOR, 50.0).expm1_().abs_()
     return ratio.mul_(mass).sum(tokens)
 
 
 def _log_probs(p: torch.Tensor) -> torch.Tensor:
     return torch.where(p > 0, p.clamp_min(torch.finfo(p.dtype).tiny).log(), _NEG_INF)
+
+
+class _Pool:
+    """Dead (V, n) potentials kept for the next one of that size, instead of freed.
+
+    On the full vocabulary every kernel application makes a new potential; at V = 100k
+    and 160 stacked positions that is 64 MB, above glibc's largest mmap threshold (32 MiB),
+    so a fresh one is mapped and page-faulted in each time: 32 ms for a pass that takes
+    7 ms in a reused buffer. The solver hands back what it knows is dead (:meth:`give`);
+    :meth:`take` reuses a buffer of that exact shape or allocates. Buffers of one shape
+    only are kept: a new shape (the stacked problems done, fewer positions active) drops
+    the others, so the pool never holds more than the loop's few dead potentials.
+    """
+
+    def __init__(self):
+        self._free: list[torch.Tensor] = []
+
+    def take(self, like: torch.Tensor) -> torch.Tensor:
+        for i, buf in enumerate(self._free):
+            if buf.shape == like.shape and buf.dtype == like.dtype and buf.device == like.device:
+                return self._free.pop(i)
+        self._free.clear()
+        return torch.empty_like(like, memory_format=torch.contiguous_format)
+
+    def give(self, *dead: torch.Tensor) -> None:
+        self._free.extend(t for t in dead if t.is_contiguous())
 
 
 class _Solver:
@@ -571,6 +601,7 @@ class _Solver:
         self.lk, self.eps_list, self.max_iter, self.tol = lk, eps_list, max_iter, tol
         self.pos, self.tokens, self.check_every = pos, 1 - pos, check_every
         self.iterations = 0  # kernel applications per row, for the record
+        self.pool = _Pool()
 
     def checks(self, it: int, count: int) -> bool:
         """Whether iteration ``it`` of ``count`` measures the marginal error: every
@@ -594,41 +625,50 @@ class _Solver:
         return (lambda x: x) if active.numel() == n else (lambda x: x.index_select(self.pos, active))
 
     def put(self, x: torch.Tensor, active: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
-        """``x`` with positions ``active`` set to ``value``: ``value`` itself when that is all."""
+        """``x`` with positions ``active`` set to ``value``: ``value`` itself when that is all.
+        Whichever of the two is no longer needed goes back to the pool (both are the
+        solver's own)."""
         if active.numel() == self.positions(x):
+            self.pool.give(x)
             return value
-        return x.index_copy_(self.pos, active, value)
+        x = x.index_copy_(self.pos, active, value)
+        self.pool.give(value)
+        return x
 
     def error(self, mass, old, new, eps) -> torch.Tensor:
-        return _marginal_error(mass, old, new, eps, self.tokens)
+        scratch = self.pool.take(new)
+        err = _marginal_error(mass, old, new, eps, self.tokens, out=scratch)
+        self.pool.give(scratch)
+        return err
 
     def transform(self, log_w: torch.Tensor, pot: torch.Tensor, eps: float, rows: torch.Tensor) -> torch.Tensor:
         """``T_w(pot)_i = −ε·log Σ_j w_j exp((pot_j − C_ij)/ε)``; rows stacked freely.
 
-        One new tensor per call on the full vocabulary (the sparse kernel writes its
-        result over its input): at V = 100k fresh tensors page-fault, and that had cost
-        more than the kernel."""
-        h = torch.add(log_w, pot, alpha=1 / eps)
+        One tensor per call, from the pool (the sparse kernel writes its result over its
+        input): at V = 100k fresh tensors page-fault, and that had cost more than the kernel."""
+        h = torch.add(log_w, pot, alpha=1 / eps, out=self.pool.take(pot))
         return self.lk(h, eps, rows, out=h, scale=-eps)
 
-    def anneal(self, log_ws: list[torch.Tensor], pots: list[torch.Tensor], sources: list[int], rows) -> list:
-        """One averaged update per ε of the schedule but the last, for all potentials at once:
-        ``pot_k ← ½(pot_k + T_{w_k}(pot_{source_k}))`` (Jacobi, one stacked kernel call)."""
-        n = len(pots)
-        stacked_w = self.cat(log_ws)
-        stacked_rows = rows.repeat(n)
+    def anneal(self, log_w: torch.Tensor, pot: torch.Tensor, swap: bool, rows) -> torch.Tensor:
+        """One averaged update per ε of the schedule but the last, for two problems stacked
+        along the positions (one kernel call each): ``pot ← ½(pot + T_w(src))`` with
+        ``src = pot``, or pot's two halves swapped when ``swap`` (each problem's potential
+        from the other's). ``pot`` is the solver's own (it may go to the pool); returns the
+        stacked result."""
         for eps in self.eps_list[:-1]:
-            new = self.transform(stacked_w, self.cat([pots[s] for s in sources]), eps, stacked_rows)
-            pots = [0.5 * (pot + t) for pot, t in zip(pots, self.split(new, n))]
+            src = self.cat(self.split(pot, 2)[::-1]) if swap else pot
+            new = self.transform(log_w, src, eps, rows).add_(pot).mul_(0.5)
+            self.pool.give(pot, *([src] if swap else []))
+            pot = new
             self.iterations += 1
-        return pots
+        return pot
 
     def symmetric(self, a, log_a, f, rows) -> tuple[torch.Tensor, float]:
-        """Potential of OT_ε(a, a): the fixed point of ``f ← ½(f + T_a(f))``, from ``f``.
+        """Potential of OT_ε(a, a): the fixed point of ``f ← ½(f + T_a(f))``, from ``f``
+        (the solver's own: it is updated, and may go to the pool).
 
         Returns ``(f, error)``; f is the last averaged iterate."""
         eps, n = self.eps_list[-1], self.positions(f)
-        f = f.clone()
         err = torch.zeros(n, dtype=f.dtype, device=f.device)
         active = torch.arange(n, device=f.device)
         for it in range(self.max_iter):
@@ -665,8 +705,9 @@ class _Solver:
             if check:
                 err[active] = e = self.error(take(a), take(f), fn, eps)
             self.iterations += 1
-            f = self.put(f, active, fn)
-            g = self.put(g, active, self.transform(take(log_a), fn, eps, rows[active]))
+            gn = self.transform(take(log_a), fn, eps, rows[active])
+            f = self.put(f, active, fn)  # after gn: put may hand fn to the pool
+            g = self.put(g, active, gn)
             if check:
                 active = active[e > self.tol]
                 if active.numel() == 0:
@@ -696,20 +737,20 @@ def _solve_chunk(solver: _Solver, p: torch.Tensor, q: torch.Tensor, debias: bool
     (``p``, ``q`` and ``∂/∂p`` in the solver's layout)."""
     log_p, log_q = _log_probs(p), _log_probs(q)
     rows = torch.arange(solver.positions(p), device=p.device)
-    zero = torch.zeros_like(p)
+    rows2 = rows.repeat(2)
+    zeros = torch.zeros_like(solver.cat([p, p]))
     info: dict = {}
     if debias:
         # anneal the self-transport potentials f_pp, g_qq (each updated from itself); the
         # pair then starts from g_qq, so only two problems pay the ε schedule
-        fpp, gqq = solver.anneal([log_p, log_q], [zero, zero], [0, 1], rows)
-        both, err_sym = solver.symmetric(
-            solver.cat([p, q]), solver.cat([log_p, log_q]), solver.cat([fpp, gqq]), rows.repeat(2)
-        )
+        log_pq = solver.cat([log_p, log_q])
+        both = solver.anneal(log_pq, zeros, False, rows2)
+        both, err_sym = solver.symmetric(solver.cat([p, q]), log_pq, both, rows2)
         fpp, gqq = solver.split(both, 2)
         info["marginal_error_sym"] = err_sym
         g = gqq  # warm start from OT(q, q)'s potential: the solution itself when p = q
-    else:
-        f, g = solver.anneal([log_q, log_p], [zero, zero], [1, 0], rows)
+    else:  # f ← T_q(g), g ← T_p(f): the pair's ε schedule, from g's end
+        f, g = solver.split(solver.anneal(solver.cat([log_q, log_p]), zeros, True, rows2), 2)
     f, g, err = solver.pair(p, q, log_p, log_q, g, rows)
     info["marginal_error"] = err
     tokens = solver.tokens
@@ -945,6 +986,9 @@ class SinkhornDivergence(nn.Module):
             per_row = 4 * s * s * item + 4 * V * item  # 4 problems' costs; the chunk's (V,) rows
             if self.embeddings is None:
                 per_row += 4 * V  # the support's slot map (int32)
+        rows = self.chunk_size or max(1, int(budget // per_row))
+        if self.chunk_size is None and kernel is not None and kernel.path == "numba" and rows > FUSED_CHUNK_ALIGN:
+            rows -= rows % FUSED_CHUNK_ALIGN
         infos: list[dict] = []
         scratch: dict = {}
 
@@ -965,8 +1009,7 @@ class SinkhornDivergence(nn.Module):
             value_out.copy_(value)
 
         try:
-            out = solve_by_chunks(logits, ref, chunk, chunk_size=self.chunk_size or max(1, int(budget // per_row)),
-                                  dtype=dtype, where=where)
+            out = solve_by_chunks(logits, ref, chunk, chunk_size=rows, dtype=dtype, where=where)
         finally:
             if kernel is not None:
                 kernel.release()
