@@ -271,6 +271,26 @@ def test_chunks_give_the_same_values_and_gradients_as_one_solve(op):
         torch.testing.assert_close(grad, results[0][1], rtol=1e-7, atol=1e-12)
 
 
+def test_positions_that_finish_early_leave_the_others_untouched(op):
+    """The solver hands the potentials of finished positions back to its buffer pool: a
+    chunk where one position converges at once (p = q), one fast and two slow must give
+    each position what it gets alone, value and gradient."""
+    z, r = logits_pair(200, n=4, scale=3.0, seed=5)
+    r[0] = z[0]  # converges at the first check
+    r[1] = z[1] + 0.01 * torch.randn(200, generator=torch.Generator().manual_seed(0), dtype=z.dtype)
+    values, grads = [], []
+    for chunk_size in (None, 1):
+        reg = SinkhornDivergence(op, eps=0.05, tol=1e-9, max_iter=5000, chunk_size=chunk_size)
+        zz = z.clone().requires_grad_()
+        value = reg(zz, r)
+        value.sum().backward()
+        values.append(value.detach())
+        grads.append(zz.grad)
+    assert abs(values[0][0]) < 1e-12 and values[0][1:].min() > 1e-6
+    torch.testing.assert_close(values[0], values[1], rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-7, atol=1e-12)
+
+
 def test_stopping_far_from_tol_is_said_once_and_converging_is_silent(op, caplog):
     z, r = logits_pair(200, n=3, scale=4.0)
     with caplog.at_level(logging.WARNING, logger="vocabmetric"):
