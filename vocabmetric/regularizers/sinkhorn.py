@@ -566,9 +566,9 @@ class _Pool:
     """Dead (V, n) potentials kept for the next one of that size, instead of freed.
 
     On the full vocabulary every kernel application makes a new potential; at V = 100k
-    and 160 stacked positions that is 64 MB, above glibc's largest mmap threshold (32 MiB),
-    so a fresh one is mapped and page-faulted in each time: 32 ms for a pass that takes
-    7 ms in a reused buffer. The solver hands back what it knows is dead (:meth:`give`);
+    and 128 stacked positions that is 51 MB, above glibc's largest mmap threshold (32 MiB),
+    so a fresh one is mapped and page-faulted in each time (an add over 160 positions: 32 ms
+    into a fresh tensor, 7 ms into a reused one). The solver hands back what it knows is dead (:meth:`give`);
     :meth:`take` reuses a buffer of that exact shape or allocates. Buffers of one shape
     only are kept: a new shape (the stacked problems done, fewer positions active) drops
     the others, so the pool never holds more than the loop's few dead potentials.
