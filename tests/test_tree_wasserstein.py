@@ -155,6 +155,11 @@ def test_bad_inputs_give_clear_errors(small_store):
         reg(torch.randn(2, V), bad)
     with pytest.raises(VocabMetricError, match="same shape"):
         reg(torch.randn(2, V), torch.randn(3, V))
+    ids, logprobs = torch.tensor([[0, 1, 2]] * 2), torch.full((2, 3), -3.0)
+    with pytest.raises(VocabMetricError, match=r"ids \(2, 3\) and logprobs \(2, 2\) must both be \[\.\.\., m\]"):
+        reg(torch.randn(2, V), (ids, logprobs[:, :2]))
+    with pytest.raises(VocabMetricError, match=r"leading dims \(3,\)"):
+        reg(torch.randn(3, V), (ids, logprobs))
     with pytest.raises(VocabMetricError, match="must be a TreeMetric"):
         TreeWasserstein(small_store.operator("knn"))
     with pytest.raises(VocabMetricError, match="unknown backend"):

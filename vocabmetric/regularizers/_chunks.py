@@ -13,8 +13,7 @@ from __future__ import annotations
 import torch
 from torch.autograd.function import once_differentiable
 
-from ..errors import VocabMetricError
-from ._inputs import Reference, chunk_rows, raise_bad_logits, reference_probs
+from ._inputs import Reference, check_reference_shape, chunk_rows, raise_bad_logits, reference_probs
 
 
 def solve_by_chunks(logits: torch.Tensor, ref: Reference, chunk, *, chunk_size: int | None, dtype: torch.dtype,
@@ -57,19 +56,11 @@ def solve_by_chunks(logits: torch.Tensor, ref: Reference, chunk, *, chunk_size: 
 def flatten_reference(ref: Reference, logits: torch.Tensor, where: str) -> Reference:
     """The reference with its leading dims flattened to match ``logits.reshape(-1, V)``."""
     if isinstance(ref, torch.Tensor):
-        if ref.shape != logits.shape:
-            raise VocabMetricError(
-                f"{where}: reference logits {tuple(ref.shape)} and policy logits "
-                f"{tuple(logits.shape)} must have the same shape"
-            )
+        check_reference_shape(ref, logits, where)
         return ref.detach().reshape(-1, logits.shape[-1])
     if isinstance(ref, (tuple, list)) and len(ref) == 2:
         ids, logprobs = (torch.as_tensor(t, device=logits.device) for t in ref)
-        if ids.shape != logprobs.shape or ids.shape[:-1] != logits.shape[:-1]:
-            raise VocabMetricError(
-                f"{where}: top-k reference ids {tuple(ids.shape)} and logprobs {tuple(logprobs.shape)} "
-                f"must both be [..., m] with leading dims {tuple(logits.shape[:-1])}"
-            )
+        check_reference_shape((ids, logprobs), logits, where)
         m = ids.shape[-1]
         return ids.reshape(-1, m), logprobs.detach().reshape(-1, m)
     return ref  # reference_probs names what is wrong with it

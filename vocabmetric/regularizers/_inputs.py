@@ -49,6 +49,24 @@ def check_width(vocab_size: int, logits: torch.Tensor, where: str) -> None:
         )
 
 
+def check_reference_shape(ref: Reference, logits: torch.Tensor, where: str) -> None:
+    """Raise unless reference logits have the policy logits' shape, or a top-k pair
+    ``(ids, logprobs)`` (tensors) has two ``[..., m]`` parts with the logits' leading dims."""
+    if isinstance(ref, torch.Tensor):
+        if ref.shape != logits.shape:
+            raise VocabMetricError(
+                f"{where}: reference logits {tuple(ref.shape)} and policy logits "
+                f"{tuple(logits.shape)} must have the same shape"
+            )
+        return
+    ids, logprobs = ref
+    if ids.shape != logprobs.shape or ids.shape[:-1] != logits.shape[:-1]:
+        raise VocabMetricError(
+            f"{where}: top-k reference ids {tuple(ids.shape)} and logprobs {tuple(logprobs.shape)} "
+            f"must both be [..., m] with leading dims {tuple(logits.shape[:-1])}"
+        )
+
+
 def reference_probs(ref: Reference, logits: torch.Tensor, where: str) -> torch.Tensor:
     """The reference distribution ``q [..., V]`` without grad, in float64 for float64
     logits and float32 otherwise.
@@ -61,11 +79,7 @@ def reference_probs(ref: Reference, logits: torch.Tensor, where: str) -> torch.T
     V = logits.shape[-1]
     dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
     if isinstance(ref, torch.Tensor):
-        if ref.shape != logits.shape:
-            raise VocabMetricError(
-                f"{where}: reference logits {tuple(ref.shape)} and policy logits "
-                f"{tuple(logits.shape)} must have the same shape"
-            )
+        check_reference_shape(ref, logits, where)
         check_finite(ref, "reference logits", where)
         return torch.softmax(ref.detach().to(dtype), dim=-1)
     if not (isinstance(ref, (tuple, list)) and len(ref) == 2):
@@ -76,11 +90,7 @@ def reference_probs(ref: Reference, logits: torch.Tensor, where: str) -> torch.T
     ids, logprobs = ref
     ids = torch.as_tensor(ids, device=logits.device).long()
     logprobs = torch.as_tensor(logprobs, device=logits.device).detach().to(dtype)
-    if ids.shape != logprobs.shape or ids.shape[:-1] != logits.shape[:-1]:
-        raise VocabMetricError(
-            f"{where}: top-k reference ids {tuple(ids.shape)} and logprobs {tuple(logprobs.shape)} "
-            f"must both be [..., m] with leading dims {tuple(logits.shape[:-1])}"
-        )
+    check_reference_shape((ids, logprobs), logits, where)
     check_finite(logprobs, "reference logprobs", where)
     if ids.numel() and (ids.min() < 0 or ids.max() >= V):
         raise VocabMetricError(f"{where}: top-k reference ids must lie in [0, {V})")
