@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _machine import machine_info, write_results  # noqa: E402
 
 from vocabmetric import CostOperator  # noqa: E402
-from vocabmetric.regularizers.kl import full_kl  # noqa: E402
+from vocabmetric.regularizers import full_kl  # noqa: E402
 from vocabmetric.regularizers.sinkhorn import SinkhornDivergence, _eps_schedule  # noqa: E402
 
 EPS, K, TOL = 0.05, 16, 1e-4

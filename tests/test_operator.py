@@ -107,16 +107,6 @@ def test_check_vocab_and_fingerprint():
         op.check_vocab(2, "b" * 64)
 
 
-def test_cost_operator_to_torch():
-    torch = pytest.importorskip("torch")
-    op, _, _ = random_operator(seed=4)
-    t = op.to_torch("cpu")
-    assert t.indices.dtype == torch.int64 and t.costs.dtype == torch.float32
-    assert (t.vocab_size, t.k, t.cap) == (op.vocab_size, op.k, op.cap)
-    np.testing.assert_array_equal(t.indices.numpy(), op.indices)
-    np.testing.assert_array_equal(t.costs.numpy(), op.costs)
-
-
 # -- TreeMetric -------------------------------------------------------------------------
 def small_tree():
     #        6 (root)
@@ -150,12 +140,3 @@ def test_tree_rejects_invalid_structures():
         TreeMetric([-1, 0], [0, -1], [1])
 
 
-def test_tree_to_torch():
-    torch = pytest.importorskip("torch")
-    tree = small_tree()
-    t = tree.to_torch("cpu")
-    np.testing.assert_array_equal(t.parent.numpy(), tree.parent)
-    np.testing.assert_allclose(t.weight.numpy(), tree.weight)
-    assert t.weight.dtype == torch.float32
-    np.testing.assert_array_equal(t.depth.numpy(), [2, 2, 2, 2, 1, 1, 0])
-    assert t.vocab_size == 4

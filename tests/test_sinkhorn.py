@@ -13,7 +13,7 @@ import torch
 
 from vocabmetric import CostOperator, VocabMetricError
 from vocabmetric.errors import FingerprintMismatch
-from vocabmetric.regularizers.kl import full_kl
+from vocabmetric.regularizers import full_kl
 from vocabmetric.regularizers.sinkhorn import SinkhornDivergence
 
 CAP = 1.0

@@ -18,13 +18,12 @@ Two shapes of metric leave the store for training code:
   ``d(i, j)`` is the length of the tree path between the nodes of tokens i and j.
   Memory O(V).
 
-Both are numpy-only; ``to_torch(device)`` imports torch lazily, so building or
-serving a metric never imports it.
+Both are numpy-only, so building or serving a metric never imports torch; the
+penalties in :mod:`vocabmetric.regularizers` make the tensors they need.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -41,6 +40,17 @@ def _check_dense(vocab_size: int, what: str) -> None:
             f"{what}.dense() refuses V={vocab_size}: a {vocab_size}×{vocab_size} matrix is "
             f"{vocab_size**2 * 4 / 1e9:.1f} GB. dense() is for tests with V <= {DENSE_LIMIT}; "
             "use cost(i, j) or neighbors(i) instead."
+        )
+
+
+def check_vocab_size(covered: int, width: int, what: str, *, by: str = "the metric") -> None:
+    """Raise :class:`FingerprintMismatch` unless logits of ``width`` entries fit a metric
+    over ``covered`` token ids."""
+    if width != covered:
+        raise FingerprintMismatch(
+            f"{what}: logits have {width} entries in their last dimension but {by} covers "
+            f"{covered} token ids; it was built for another tokenizer "
+            "(check `vocabmetric info STORE` against your model's vocabulary size)"
         )
 
 
@@ -236,23 +246,8 @@ class CostOperator:
 
     def check_vocab(self, vocab_size: int, fingerprint: str | None = None, *, what: str = "CostOperator") -> None:
         """Raise :class:`FingerprintMismatch` unless the operator fits this vocabulary."""
-        if vocab_size != self.vocab_size:
-            raise FingerprintMismatch(
-                f"{what}: logits have {vocab_size} entries but the operator covers "
-                f"{self.vocab_size} token ids; it was built for another tokenizer"
-            )
+        check_vocab_size(self.vocab_size, vocab_size, what, by="the operator")
         check_fingerprint(self.fingerprint, fingerprint, what)
-
-    def to_torch(self, device: Any = "cpu") -> "TorchCostOperator":
-        """The same operator as torch tensors on ``device`` (indices int64, costs float32)."""
-        import torch
-
-        return TorchCostOperator(
-            indices=torch.as_tensor(self.indices, dtype=torch.int64, device=device),
-            costs=torch.as_tensor(self.costs, dtype=torch.float32, device=device),
-            cap=self.cap,
-            fingerprint=self.fingerprint,
-        )
 
 
 def _pack_rows(rows: np.ndarray, cols: np.ndarray, cs: np.ndarray, vocab_size: int, cap: float):
@@ -266,25 +261,6 @@ def _pack_rows(rows: np.ndarray, cols: np.ndarray, cs: np.ndarray, vocab_size: i
     indices[rows, slot] = cols
     costs[rows, slot] = cs
     return indices, costs
-
-
-@dataclass(frozen=True)
-class TorchCostOperator:
-    """A :class:`CostOperator` as tensors: ``indices`` (V, k) int64 with -1 for empty
-    slots, ``costs`` (V, k) float32 with ``cap`` in empty slots."""
-
-    indices: Any
-    costs: Any
-    cap: float
-    fingerprint: str | None = None
-
-    @property
-    def vocab_size(self) -> int:
-        return int(self.indices.shape[0])
-
-    @property
-    def k(self) -> int:
-        return int(self.indices.shape[1])
 
 
 class TreeMetric:
@@ -385,36 +361,5 @@ class TreeMetric:
 
     def check_vocab(self, vocab_size: int, fingerprint: str | None = None, *, what: str = "TreeMetric") -> None:
         """Raise :class:`FingerprintMismatch` unless the tree fits this vocabulary."""
-        if vocab_size != self.vocab_size:
-            raise FingerprintMismatch(
-                f"{what}: logits have {vocab_size} entries but the tree covers "
-                f"{self.vocab_size} token ids; it was built for another tokenizer"
-            )
+        check_vocab_size(self.vocab_size, vocab_size, what, by="the tree")
         check_fingerprint(self.fingerprint, fingerprint, what)
-
-    def to_torch(self, device: Any = "cpu") -> "TorchTreeMetric":
-        """The tree as tensors on ``device`` (int64 ids, float32 weights, int64 depth)."""
-        import torch
-
-        return TorchTreeMetric(
-            parent=torch.as_tensor(self.parent, device=device),
-            weight=torch.as_tensor(self.weight, dtype=torch.float32, device=device),
-            leaf_of_token=torch.as_tensor(self.leaf_of_token, device=device),
-            depth=torch.as_tensor(self.depth, device=device),
-            fingerprint=self.fingerprint,
-        )
-
-
-@dataclass(frozen=True)
-class TorchTreeMetric:
-    """A :class:`TreeMetric` as tensors (``parent``, ``weight``, ``leaf_of_token``, ``depth``)."""
-
-    parent: Any
-    weight: Any
-    leaf_of_token: Any
-    depth: Any
-    fingerprint: str | None = None
-
-    @property
-    def vocab_size(self) -> int:
-        return int(self.leaf_of_token.shape[0])

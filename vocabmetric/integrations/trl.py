@@ -46,7 +46,8 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError, FingerprintMismatch, VocabMetricError
-from ..regularizers.factory import PENALTIES, penalty_name, regularizer_from_store
+from ..regularizers.factory import regularizer_from_store
+from ..regularizers.registry import PENALTIES, penalty_class, penalty_name
 
 try:
     from trl import GRPOConfig, GRPOTrainer
@@ -85,8 +86,7 @@ class VocabMetricGRPOConfig(GRPOConfig):
 
     def __post_init__(self):
         super().__post_init__()
-        if self.penalty not in PENALTIES:
-            raise ConfigError(f"VocabMetricGRPOConfig: unknown penalty {self.penalty!r}; choose one of {PENALTIES}")
+        penalty_class(self.penalty, where="VocabMetricGRPOConfig")
         if not self.penalty_beta >= 0:
             raise ConfigError(f"VocabMetricGRPOConfig: penalty_beta must be >= 0, got {self.penalty_beta!r}")
 
@@ -288,8 +288,8 @@ class VocabMetricGRPOTrainer(GRPOTrainer):
 
 
 def _regularizer_from_config(args: VocabMetricGRPOConfig) -> nn.Module:
-    if args.penalty == "full_kl":
-        return regularizer_from_store(None, "full_kl", **args.penalty_kwargs)
+    if not penalty_class(args.penalty).needs_store:
+        return regularizer_from_store(None, args.penalty, **args.penalty_kwargs)
     if not args.metric_store:
         raise ConfigError(
             f"VocabMetricGRPOConfig: penalty {args.penalty!r} needs metric_store (the path of a "

@@ -11,9 +11,15 @@ from typing import Union
 
 import torch
 
-from ..errors import FingerprintMismatch, VocabMetricError
+from ..errors import VocabMetricError
+from ..operator import check_vocab_size
 
 Reference = Union[torch.Tensor, tuple]
+
+
+def compute_dtype(*dtypes: torch.dtype) -> torch.dtype:
+    """float64 when any input is float64, else float32 (bf16 and fp16 are computed in fp32)."""
+    return torch.float64 if torch.float64 in dtypes else torch.float32
 
 
 def check_finite(tensor: torch.Tensor, name: str, where: str) -> None:
@@ -41,12 +47,7 @@ def raise_bad_logits(named: list[tuple[torch.Tensor, str]], where: str, what: st
 
 def check_width(vocab_size: int, logits: torch.Tensor, where: str) -> None:
     """Raise :class:`FingerprintMismatch` if the logits width is not the operator's V."""
-    if logits.shape[-1] != vocab_size:
-        raise FingerprintMismatch(
-            f"{where}: logits have {logits.shape[-1]} entries in their last dimension but the "
-            f"metric covers {vocab_size} token ids; it was built for another tokenizer "
-            "(check `vocabmetric info STORE` against your model's vocabulary size)"
-        )
+    check_vocab_size(vocab_size, logits.shape[-1], where)
 
 
 def check_reference_shape(ref: Reference, logits: torch.Tensor, where: str) -> None:

@@ -78,9 +78,10 @@ from torch import nn
 from ..errors import VocabMetricError
 from ..operator import CostOperator
 from ._chunks import solve_by_chunks
-from ._inputs import Reference, check_width
+from ._inputs import Reference
 from ._newton import newton_pair
 from ._numba import compile_once, prefetch, run_rows
+from ._penalty import Penalty
 from ._triton import padded_rows, sparse_lse_kernel
 
 LOG = logging.getLogger(__name__)
@@ -808,7 +809,7 @@ def _support_problem(p, q, m, op_index, op_costs, cap, embeddings, slots=None):
 
 
 # -- the module ----------------------------------------------------------------------------
-class SinkhornDivergence(nn.Module):
+class SinkhornDivergence(Penalty):
     """Debiased Sinkhorn divergence ``S_ε(p, q)`` per position, on a truncated ground cost.
 
     .. math::
@@ -872,6 +873,9 @@ class SinkhornDivergence(nn.Module):
     >>> loss = aggregate(reg(policy_logits, ref_logits), mask)                 # doctest: +SKIP
     """
 
+    name = "sinkhorn"
+    takes_metric = True
+
     def __init__(
         self,
         op: CostOperator,
@@ -889,34 +893,33 @@ class SinkhornDivergence(nn.Module):
         super().__init__()
         where = "SinkhornDivergence"
         if not isinstance(op, CostOperator):
-            raise VocabMetricError(f"{where}: op must be a CostOperator, got {type(op).__name__}")
+            raise self.config_error(f"op must be a CostOperator, got {type(op).__name__}")
         if not (isinstance(eps, (int, float)) and eps > 0 and math.isfinite(eps)):
-            raise VocabMetricError(f"{where}: eps must be finite and > 0, got {eps!r}")
+            raise self.config_error(f"eps must be finite and > 0, got {eps!r}")
         if eps < 0.01 * op.cap * (1 - 1e-9):
             LOG.warning("%s: eps=%g is below 0.01·cap=%g; float32 may lose accuracy", where, eps, 0.01 * op.cap)
         if not (isinstance(max_iter, int) and max_iter >= 1):
-            raise VocabMetricError(f"{where}: max_iter must be an int >= 1, got {max_iter!r}")
+            raise self.config_error(f"max_iter must be an int >= 1, got {max_iter!r}")
         if not tol > 0:
-            raise VocabMetricError(f"{where}: tol must be > 0, got {tol!r}")
+            raise self.config_error(f"tol must be > 0, got {tol!r}")
         if support is not None and not (isinstance(support, int) and support >= 1):
-            raise VocabMetricError(f"{where}: support must be None or an int >= 1, got {support!r}")
-        if chunk_size is not None and not (isinstance(chunk_size, int) and chunk_size >= 1):
-            raise VocabMetricError(f"{where}: chunk_size must be None or an int >= 1, got {chunk_size!r}")
+            raise self.config_error(f"support must be None or an int >= 1, got {support!r}")
+        self._configure(chunk_size=chunk_size)
         if not op.is_symmetric:
             if not symmetrize:
-                raise VocabMetricError(
-                    f"{where}: the cost operator {op} is not symmetric, and debiasing needs a "
+                raise self.config_error(
+                    f"the cost operator {op} is not symmetric, and debiasing needs a "
                     "symmetric cost; pass symmetrize=True or op.symmetrized()"
                 )
             LOG.info("%s: symmetrizing %s (cost(i,j) = cost(j,i) = the smaller stored cost)", where, op)
             op = op.symmetrized()
         self.op = op
         self.eps, self.max_iter, self.tol, self.debias = float(eps), int(max_iter), float(tol), bool(debias)
-        self.support, self.eps_scaling, self.chunk_size = support, float(eps_scaling), chunk_size
+        self.support, self.eps_scaling = support, float(eps_scaling)
         self.embeddings = None if embeddings is None else torch.as_tensor(np.asarray(embeddings, np.float32))
         if self.embeddings is not None and self.embeddings.shape[0] != op.vocab_size:
-            raise VocabMetricError(
-                f"{where}: embeddings have {self.embeddings.shape[0]} rows, the operator {op.vocab_size}"
+            raise self.config_error(
+                f"embeddings have {self.embeddings.shape[0]} rows, the operator {op.vocab_size}"
             )
         self.last_info: dict = {}
         self._kernels: dict = {}
@@ -966,8 +969,7 @@ class SinkhornDivergence(nn.Module):
     def forward(self, logits: torch.Tensor, ref: Reference, *, fingerprint: str | None = None) -> torch.Tensor:
         """Per-position divergence ``[...]`` between ``softmax(logits)`` and the reference."""
         where = "SinkhornDivergence"
-        check_width(self.vocab_size, logits, where)
-        self.op.check_vocab(logits.shape[-1], fingerprint, what=where)
+        self.check_logits(logits, fingerprint)
         # NaN or +inf inputs make the value NaN, and solve_by_chunks names them then: valid
         # inputs pay no extra pass (a NaN position leaves the solver at its first check)
         dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32

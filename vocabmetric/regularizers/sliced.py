@@ -43,14 +43,11 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch import nn
 
-from ..errors import VocabMetricError
-from ..operator import check_fingerprint
 from ._chunks import solve_by_chunks
-from ._inputs import Reference, check_width, chunk_rows
+from ._inputs import Reference, chunk_rows
 from ._numba import compile_once, prefetch, run_rows
-from .tree import BACKENDS
+from ._penalty import NUMBA_BACKENDS as BACKENDS, Penalty
 
 #: Positions swept together by the CPU kernel: their values at one token are contiguous, so
 #: each step of the sorted order is one short vector load and SIMD work across positions,
@@ -140,7 +137,7 @@ def _numba_kernel(numba):
     return sliced_rows
 
 
-class SlicedWasserstein(nn.Module):
+class SlicedWasserstein(Penalty):
     """Sliced W1 over token embeddings, per position, with ``n_projections`` fixed directions.
 
     Parameters
@@ -188,6 +185,9 @@ class SlicedWasserstein(nn.Module):
     >>> loss = (reg(policy_logits, ref_logits) * mask).sum() / mask.sum()   # doctest: +SKIP
     """
 
+    name = "sliced"
+    backends = BACKENDS
+
     def __init__(
         self,
         embeddings: Any,
@@ -202,32 +202,28 @@ class SlicedWasserstein(nn.Module):
         chunk_size: int | None = None,
     ):
         super().__init__()
-        where = "SlicedWasserstein"
         emb = np.asarray(embeddings.detach().cpu() if isinstance(embeddings, torch.Tensor) else embeddings, dtype=np.float64)
         if emb.ndim != 2 or emb.shape[0] < 1:
-            raise VocabMetricError(f"{where}: embeddings must be a (V, d) array, got shape {emb.shape}")
+            raise self.config_error(f"embeddings must be a (V, d) array, got shape {emb.shape}")
         vocab_size, dim = emb.shape
         mask = np.ones(vocab_size, dtype=bool) if usable is None else np.asarray(usable, dtype=bool)
         if mask.shape != (vocab_size,):
-            raise VocabMetricError(f"{where}: usable has shape {mask.shape}, expected ({vocab_size},) like the embeddings")
+            raise self.config_error(f"usable has shape {mask.shape}, expected ({vocab_size},) like the embeddings")
         if not mask.any():
-            raise VocabMetricError(f"{where}: no usable token (usable is all False); train embeddings first")
+            raise self.config_error(f"no usable token (usable is all False); train embeddings first")
         bad = np.flatnonzero(mask & ~np.isfinite(emb).all(1))
         if bad.size:
-            raise VocabMetricError(f"{where}: embedding of usable token {bad[0]} is not finite; mark it unusable or fix it")
-        if backend not in BACKENDS:
-            raise VocabMetricError(f"{where}: unknown backend {backend!r}; choose one of {BACKENDS}")
-        if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
-            raise VocabMetricError(f"{where}: chunk_size must be a positive int, got {chunk_size!r}")
+            raise self.config_error(f"embedding of usable token {bad[0]} is not finite; mark it unusable or fix it")
+        self._configure(backend=backend, chunk_size=chunk_size)
         if far is not None and not (np.isfinite(far) and far > 0):
-            raise VocabMetricError(f"{where}: far must be finite and > 0, got {far}")
+            raise self.config_error(f"far must be finite and > 0, got {far}")
         if directions is None:
             if not isinstance(n_projections, (int, np.integer)) or n_projections < 1:
-                raise VocabMetricError(f"{where}: n_projections must be a positive int, got {n_projections!r}")
+                raise self.config_error(f"n_projections must be a positive int, got {n_projections!r}")
             directions = np.random.default_rng(seed).standard_normal((int(n_projections), dim))
         theta = np.asarray(directions, dtype=np.float64)
         if theta.ndim != 2 or theta.shape[1] != dim or not np.all(np.linalg.norm(theta, axis=1) > 0):
-            raise VocabMetricError(f"{where}: directions must be non-zero rows of shape (L, {dim}), got {theta.shape}")
+            raise self.config_error(f"directions must be non-zero rows of shape (L, {dim}), got {theta.shape}")
         self.directions_ = theta / np.linalg.norm(theta, axis=1, keepdims=True)
         trained = np.flatnonzero(mask)
         proj = emb[trained] @ self.directions_.T  # (T, L)
@@ -243,8 +239,7 @@ class SlicedWasserstein(nn.Module):
             self.gaps_[:, -1] = self.far_
         self._proj_max = sorted_proj[:, -1]
         self._emb = emb
-        self.fingerprint, self.backend, self.chunk_size = fingerprint, backend, chunk_size
-        self._vocab_size = vocab_size
+        self._fingerprint, self._vocab_size = fingerprint, vocab_size
         self._tables: dict = {}
 
     @classmethod
@@ -257,6 +252,10 @@ class SlicedWasserstein(nn.Module):
     @property
     def vocab_size(self) -> int:
         return self._vocab_size
+
+    @property
+    def fingerprint(self) -> str | None:
+        return self._fingerprint
 
     @property
     def n_projections(self) -> int:
@@ -273,15 +272,8 @@ class SlicedWasserstein(nn.Module):
         out[self.untrained_] = self._proj_max[direction] + self.far_[direction]
         return out
 
-    def _backend_for(self, device: torch.device) -> str:
-        where = "SlicedWasserstein"
-        if self.backend == "numba" and device.type != "cpu":
-            raise VocabMetricError(f"{where}: the numba backend runs on CPU tensors, got {device}; use backend='torch'")
-        if self.backend == "auto":
-            return "numba" if device.type == "cpu" and _numba_kernel() is not None else "torch"
-        if self.backend == "numba" and _numba_kernel() is None:
-            raise VocabMetricError(f"{where}: backend='numba' needs numba (installed with umap-learn)")
-        return self.backend
+    def cpu_kernel(self):
+        return _numba_kernel()
 
     def _torch_tables(self, device, dtype):
         key = (str(device), dtype)
@@ -296,12 +288,9 @@ class SlicedWasserstein(nn.Module):
     def forward(self, logits: torch.Tensor, ref: Reference, *, fingerprint: str | None = None) -> torch.Tensor:
         """Per-position sliced W1 ``[...]`` between ``softmax(logits)`` and the reference."""
         where = "SlicedWasserstein"
-        if logits.dim() == 0:
-            raise VocabMetricError(f"{where}: logits must be [..., V], got a scalar")
-        check_width(self.vocab_size, logits, where)
-        check_fingerprint(self.fingerprint, fingerprint, where)
+        self.check_logits(logits, fingerprint)
         dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
-        backend = self._backend_for(logits.device)
+        backend = self.backend_for(logits.device)
         if backend == "numba":
             gaps = self.gaps_.astype(np.float32 if dtype == torch.float32 else np.float64)
         else:

@@ -39,15 +39,12 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch import nn
 
-from ..errors import VocabMetricError
 from ..operator import TreeMetric
 from ._chunks import solve_by_chunks
 from ._inputs import Reference
 from ._numba import compile_once, run_rows
-
-BACKENDS = ("auto", "numba", "torch")
+from ._penalty import NUMBA_BACKENDS as BACKENDS, Penalty
 
 
 class TreeLayout:
@@ -169,7 +166,7 @@ def _chunk_torch(layout: TreeLayout, tables: dict, p, q, value_out, dz_out) -> N
     torch.mul(g.sub_(mean), p, out=dz_out)
 
 
-class TreeWasserstein(nn.Module):
+class TreeWasserstein(Penalty):
     """Exact W1 for a tree metric, per position: ``Σ_{v≠root} w_v |P(Γ(v)) − Q(Γ(v))|``.
 
     Parameters
@@ -201,15 +198,15 @@ class TreeWasserstein(nn.Module):
     >>> loss = (reg(policy_logits, ref_logits) * mask).sum() / mask.sum()   # doctest: +SKIP
     """
 
+    name = "tree"
+    backends = BACKENDS
+
     def __init__(self, tree: TreeMetric, *, backend: str = "auto", chunk_size: int | None = None):
         super().__init__()
         if not isinstance(tree, TreeMetric):
-            raise VocabMetricError(f"TreeWasserstein: tree must be a TreeMetric, got {type(tree).__name__}")
-        if backend not in BACKENDS:
-            raise VocabMetricError(f"TreeWasserstein: unknown backend {backend!r}; choose one of {BACKENDS}")
-        if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
-            raise VocabMetricError(f"TreeWasserstein: chunk_size must be a positive int, got {chunk_size!r}")
-        self.tree, self.backend, self.chunk_size = tree, backend, chunk_size
+            raise self.config_error(f"tree must be a TreeMetric, got {type(tree).__name__}")
+        self._configure(backend=backend, chunk_size=chunk_size)
+        self.tree = tree
         self.layout = TreeLayout(tree)
         self._tables: dict = {}
 
@@ -230,23 +227,15 @@ class TreeWasserstein(nn.Module):
     def extra_repr(self) -> str:
         return f"{self.tree!r}, backend={self.backend!r}"
 
-    def _backend_for(self, device: torch.device) -> str:
-        if self.backend == "numba" and device.type != "cpu":
-            raise VocabMetricError(f"TreeWasserstein: the numba backend runs on CPU tensors, got {device}; use backend='torch'")
-        if self.backend == "auto":
-            return "numba" if device.type == "cpu" and _numba_kernel() is not None else "torch"
-        if self.backend == "numba" and _numba_kernel() is None:
-            raise VocabMetricError("TreeWasserstein: backend='numba' needs numba (installed with umap-learn)")
-        return self.backend
+    def cpu_kernel(self):
+        return _numba_kernel()
 
     def forward(self, logits: torch.Tensor, ref: Reference, *, fingerprint: str | None = None) -> torch.Tensor:
         """Per-position W1 ``[...]`` between ``softmax(logits)`` and the reference."""
         where = "TreeWasserstein"
-        if logits.dim() == 0:
-            raise VocabMetricError(f"{where}: logits must be [..., V], got a scalar")
-        self.tree.check_vocab(logits.shape[-1], fingerprint, what=where)
+        self.check_logits(logits, fingerprint)
         dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
-        backend = self._backend_for(logits.device)
+        backend = self.backend_for(logits.device)
         key = (str(logits.device), dtype)
         if backend == "torch" and key not in self._tables:
             self._tables[key] = self.layout.torch_tables(logits.device, dtype)
