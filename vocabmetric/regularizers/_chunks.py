@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 from torch.autograd.function import once_differentiable
 
-from ._inputs import Reference, check_reference_shape, chunk_rows, raise_bad_logits, reference_probs
+from ._inputs import Reference, check_reference_shape, check_topk_ids, chunk_rows, raise_bad_logits, reference_probs
 
 
 def solve_by_chunks(logits: torch.Tensor, ref: Reference, chunk, *, chunk_size: int | None, dtype: torch.dtype,
@@ -61,8 +61,9 @@ def flatten_reference(ref: Reference, logits: torch.Tensor, where: str) -> Refer
     if isinstance(ref, (tuple, list)) and len(ref) == 2:
         ids, logprobs = (torch.as_tensor(t, device=logits.device) for t in ref)
         check_reference_shape((ids, logprobs), logits, where)
+        check_topk_ids(ids, logits.shape[-1], where)  # once, so that a bad row is named by its global index
         m = ids.shape[-1]
-        return ids.reshape(-1, m), logprobs.detach().reshape(-1, m)
+        return ids.long().reshape(-1, m), logprobs.detach().reshape(-1, m)
     return ref  # reference_probs names what is wrong with it
 
 

@@ -31,6 +31,20 @@ def check_finite(tensor: torch.Tensor, name: str, where: str) -> None:
         )
 
 
+def check_logprobs(tensor: torch.Tensor, name: str, where: str) -> None:
+    """Raise if log-probabilities hold a NaN or a +inf (-inf is an exact zero)."""
+    check_finite(tensor, name, where)
+    if torch.isposinf(tensor).any():
+        raise VocabMetricError(f"{where}: {name} contains +inf; log-probabilities are <= 0, or -inf for a zero")
+
+
+def check_floating(logits: torch.Tensor, where: str) -> None:
+    """Raise unless ``logits`` is a floating-point tensor (integer logits have no softmax)."""
+    if not logits.is_floating_point():
+        raise VocabMetricError(f"{where}: logits must be a floating-point tensor, got {logits.dtype}; "
+                               "pass the model's logits (float32, bfloat16, ...)")
+
+
 def raise_bad_logits(named: list[tuple[torch.Tensor, str]], where: str, what: str = "value") -> None:
     """Name the input that made a result NaN (call it once a NaN was found, so valid inputs
     pay no extra pass): a NaN, a +inf, or a row of only -inf (no distribution)."""
@@ -66,6 +80,11 @@ def check_reference_shape(ref: Reference, logits: torch.Tensor, where: str) -> N
             f"{where}: top-k reference ids {tuple(ids.shape)} and logprobs {tuple(logprobs.shape)} "
             f"must both be [..., m] with leading dims {tuple(logits.shape[:-1])}"
         )
+    if ids.dim() == 0 or ids.shape[-1] == 0:
+        raise VocabMetricError(f"{where}: the top-k reference has m = 0 entries per position; pass m >= 1 "
+                               "(ids, logprobs), or the reference logits")
+    if ids.is_floating_point() or ids.dtype == torch.bool:
+        raise VocabMetricError(f"{where}: top-k reference ids must be integers, got {ids.dtype}")
 
 
 def reference_probs(ref: Reference, logits: torch.Tensor, where: str) -> torch.Tensor:
@@ -92,9 +111,8 @@ def reference_probs(ref: Reference, logits: torch.Tensor, where: str) -> torch.T
     ids = torch.as_tensor(ids, device=logits.device).long()
     logprobs = torch.as_tensor(logprobs, device=logits.device).detach().to(dtype)
     check_reference_shape((ids, logprobs), logits, where)
-    check_finite(logprobs, "reference logprobs", where)
-    if ids.numel() and (ids.min() < 0 or ids.max() >= V):
-        raise VocabMetricError(f"{where}: top-k reference ids must lie in [0, {V})")
+    check_logprobs(logprobs, "reference logprobs", where)
+    check_topk_ids(ids, V, where)
     top = logprobs.exp()
     total = top.sum(-1, keepdim=True)
     if (total > 1 + 1e-3).any():
@@ -107,6 +125,23 @@ def reference_probs(ref: Reference, logits: torch.Tensor, where: str) -> torch.T
     q = rest.expand(*logits.shape[:-1], V).clone()
     q.scatter_(-1, ids, top)
     return q / q.sum(-1, keepdim=True)
+
+
+def check_topk_ids(ids: torch.Tensor, vocab_size: int, where: str) -> None:
+    """Raise unless every position's top-k ids lie in ``[0, V)`` and are distinct (a repeated
+    id would count its probability twice). O(N·m log m)."""
+    if ids.numel() and (ids.min() < 0 or ids.max() >= vocab_size):
+        raise VocabMetricError(f"{where}: top-k reference ids must lie in [0, {vocab_size})")
+    flat = ids.reshape(-1, ids.shape[-1])
+    ordered = flat.sort(-1).values
+    repeated = (ordered[:, 1:] == ordered[:, :-1]).any(-1)
+    if repeated.any():
+        row = int(repeated.nonzero()[0, 0])
+        twice = ordered[row, 1:][ordered[row, 1:] == ordered[row, :-1]]
+        raise VocabMetricError(
+            f"{where}: top-k reference row {row} (flattened) lists token id {int(twice[0])} more than once; "
+            "each position's ids must be distinct (merge the duplicates' probabilities)"
+        )
 
 
 #: Elements per chunk of positions for the closed-form regularizers and full_kl: a few

@@ -27,7 +27,7 @@ from torch import nn
 
 from ..errors import ConfigError, VocabMetricError
 from ..operator import check_fingerprint
-from ._inputs import check_width
+from ._inputs import check_floating, check_width
 
 #: The backends of a penalty with a numba CPU kernel beside its torch path.
 NUMBA_BACKENDS = ("auto", "numba", "torch")
@@ -86,6 +86,7 @@ class Penalty(nn.Module):
         where = type(self).__name__
         if logits.dim() == 0:
             raise VocabMetricError(f"{where}: logits must be [..., V], got a scalar")
+        check_floating(logits, where)
         if self.vocab_size is not None:
             check_width(self.vocab_size, logits, where)
         check_fingerprint(self.fingerprint, fingerprint, where)

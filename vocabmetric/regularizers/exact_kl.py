@@ -12,7 +12,7 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from ..errors import ConfigError, VocabMetricError
-from ._inputs import chunk_rows, compute_dtype, raise_bad_logits
+from ._inputs import check_floating, chunk_rows, compute_dtype, raise_bad_logits
 from ._penalty import Penalty
 
 DIRECTIONS = ("reverse", "forward")
@@ -78,11 +78,19 @@ def full_kl(
         raise ConfigError(f"{where}: unknown direction {direction!r}; choose one of {DIRECTIONS}")
     if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
         raise ConfigError(f"{where}: chunk_size must be a positive int, got {chunk_size!r}")
+    if not isinstance(ref_logits, torch.Tensor):
+        raise VocabMetricError(
+            f"{where}: ref_logits must be the reference logits [..., V], got {type(ref_logits).__name__}; "
+            "a top-k pair (ids, logprobs) does not determine the exact KL (use a Wasserstein penalty, "
+            "which takes one, or pass the reference's logits)"
+        )
     if logits.shape != ref_logits.shape or logits.dim() == 0:
         raise VocabMetricError(
             f"{where}: logits {tuple(logits.shape)} and ref_logits {tuple(ref_logits.shape)} "
             "must have the same shape [..., V]"
         )
+    check_floating(logits, where)
+    check_floating(ref_logits, where)
     vocab_size = logits.shape[-1]
     lead = logits.shape[:-1]
     flat = logits.reshape(-1, vocab_size)
@@ -118,6 +126,7 @@ class _FullKL(torch.autograd.Function):
             if _may_have_zero(prob):
                 terms.masked_fill_(prob == 0, 0.0)
             torch.sum(terms, -1, out=kl[part])
+        kl.clamp_(min=0)  # KL >= 0: rounding of near-equal logits may give -1e-7 (NaN and +inf stay)
         ctx.save_for_backward(logits, ref_logits, kl)
         ctx.reverse, ctx.rows = reverse, rows
         return kl

@@ -25,7 +25,7 @@ import math
 import torch
 
 from ..errors import ConfigError, VocabMetricError
-from ._inputs import check_finite, compute_dtype
+from ._inputs import check_logprobs, compute_dtype
 
 ESTIMATORS = ("k1", "k2", "k3", "abs", "k1+", "k3+")
 AGGREGATIONS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum")
@@ -154,8 +154,8 @@ def _log_ratio(
     initialization and ``old_logp = logp.detach()`` on the first PPO mini-batch are the
     common case, and the importance weight's gradient must survive there.
     """
-    check_finite(logp, names[0], where)
-    check_finite(other, names[1], where)
+    check_logprobs(logp, names[0], where)
+    check_logprobs(other, names[1], where)
     dtype = compute_dtype(logp.dtype, other.dtype)
     logp, other = logp.to(dtype), other.detach().to(dtype)
     same_infinity = (logp == other) & torch.isinf(other)
