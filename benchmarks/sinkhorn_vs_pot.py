@@ -28,7 +28,8 @@ from _machine import machine_info, write_results  # noqa: E402
 
 from vocabmetric import CostOperator  # noqa: E402
 from vocabmetric.regularizers import full_kl  # noqa: E402
-from vocabmetric.regularizers.sinkhorn import SinkhornDivergence, _eps_schedule  # noqa: E402
+from vocabmetric.regularizers import SinkhornDivergence  # noqa: E402
+from vocabmetric.regularizers._solver import eps_schedule  # noqa: E402
 
 EPS, K, TOL = 0.05, 16, 1e-4
 
@@ -119,7 +120,7 @@ def part_kl_ratio(op: CostOperator, n: int) -> dict:
     row = {"V": V, "N": n, "full_kl_fwd_bwd_s": t_kl}
     # one kernel application on every position: the unit of a Sinkhorn iteration
     reg = SinkhornDivergence(op, eps=EPS, tol=TOL, max_iter=300)
-    kernel = reg._kernel("cpu", torch.float32)
+    kernel = reg.sparse_kernel("cpu", torch.float32)
     h = torch.log_softmax(r, -1)
     chunk = 16
 
@@ -165,7 +166,7 @@ def main() -> None:
     payload = {
         "machine": machine_info(),
         "torch_threads": torch.get_num_threads(),
-        "eps": EPS, "k": K, "tol": TOL, "eps_schedule": _eps_schedule(EPS, 1.0, 0.5),
+        "eps": EPS, "k": K, "tol": TOL, "eps_schedule": eps_schedule(EPS, 1.0, 0.5),
         "vs_pot": pot_rows,
         "vs_full_kl": kl_rows,
         "note": "CPU shared with other jobs: timings noisy, compare ratios",

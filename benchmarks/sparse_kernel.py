@@ -6,7 +6,7 @@ an SpMM. This times, in one run and on the same symmetrized random-neighbour ope
 as ``regularizers.py`` (k = 32, about 64 entries per row after symmetrization):
 
 * ``full_kl`` forward + backward on (N, V) logits (the baseline of every target),
-* vocabmetric's fused log-kernel (``_SparseLogKernel._fused``: the exp, the SpMM with
+* vocabmetric's fused log-kernel (``SparseLogKernel.fused``: the exp, the SpMM with
   software prefetch, the log and the log-domain fallback; token-major (V, N) in and out),
 * ``torch.sparse.mm`` of the same S in CSR with a (V, N) dense block: MKL's SpMM, the
   linear product alone (no exp, no log, no transposes) — what a tuned library does with
@@ -15,7 +15,7 @@ as ``regularizers.py`` (k = 32, about 64 entries per row after symmetrization):
 
 It bounds what the CPU allows: a full Sinkhorn iteration is two such applications.
 
-With ``--device cuda`` the same on a GPU: the Triton kernel (``_SparseLogKernel._triton``,
+With ``--device cuda`` the same on a GPU: the Triton kernel (``SparseLogKernel.triton``,
 exact log domain) at its default tile (and, with ``--sweep``, at 18 other shapes: positions
 per program, entries per tile, warps; the default was chosen so), cuSPARSE's SpMM (``torch.sparse.mm``, the product alone) and the gathered
 torch path; times between ``torch.cuda.synchronize()`` calls.
@@ -40,7 +40,7 @@ from _machine import machine_info, write_results  # noqa: E402
 from regularizers import git_state, peaky_logits, random_neighbour_operator  # noqa: E402
 
 from vocabmetric.regularizers import full_kl  # noqa: E402
-from vocabmetric.regularizers.sinkhorn import _SparseLogKernel  # noqa: E402
+from vocabmetric.regularizers._sparse_kernel import SparseLogKernel  # noqa: E402
 
 
 def best_of(fn, repeats: int, cuda: bool = False) -> float:
@@ -63,7 +63,7 @@ TRITON_SHAPES = tuple((b, t, w) for b in (32, 64, 128) for t in (16, 32, 64) for
 
 def run(vocab_size: int, n: int, eps: float, repeats: int, device: str = "cpu", sweep: bool = False) -> list[dict]:
     op = random_neighbour_operator(vocab_size).symmetrized()
-    kernel = _SparseLogKernel(op, device, torch.float32)
+    kernel = SparseLogKernel(op, device, torch.float32)
     logits, ref = (t.to(device) for t in peaky_logits(n, vocab_size))
     h = torch.log_softmax(logits, -1).t().contiguous()  # token-major (V, n), as the solver keeps it
     z = logits.clone().requires_grad_()
@@ -72,8 +72,8 @@ def run(vocab_size: int, n: int, eps: float, repeats: int, device: str = "cpu", 
         z.grad = None
         full_kl(z, ref).sum().backward()
 
-    indptr, nbr, _ = kernel._csr
-    _, weights = kernel._csr_weights(eps)
+    indptr, nbr, _ = kernel.csr
+    _, weights = kernel.csr_weights(eps)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # "sparse CSR support is in beta"
         S = torch.sparse_csr_tensor(torch.from_numpy(indptr), torch.from_numpy(nbr).long(),
@@ -84,10 +84,10 @@ def run(vocab_size: int, n: int, eps: float, repeats: int, device: str = "cpu", 
     if cuda:
         from vocabmetric.regularizers import _triton
 
-        cases["Triton log-kernel (vocabmetric, GPU)"] = lambda: kernel._triton(h, eps)
+        cases["Triton log-kernel (vocabmetric, GPU)"] = lambda: kernel.triton(h, eps)
         h_t = _triton.padded_rows(h)
         dense = torch.logsumexp(h, 0)
-        tables = kernel._csr_tensors(eps)
+        tables = kernel.csr_tensors(eps)
         for block, tile, warps in TRITON_SHAPES if sweep else ():
             cases[f"Triton kernel alone, {block} positions x {tile} entries, {warps} warps"] = (
                 lambda b=block, t=tile, w=warps: _triton.sparse_lse_kernel()(h_t, *tables, dense, block=b, tile=t, warps=w))
@@ -97,10 +97,10 @@ def run(vocab_size: int, n: int, eps: float, repeats: int, device: str = "cpu", 
         cases["Triton kernel alone, default, writing (N, V) position-major"] = (
             lambda: _triton.sparse_lse_kernel()(h_t, *tables, dense, out.t()))
     else:
-        cases["fused log-kernel (vocabmetric, CPU)"] = lambda: kernel._fused(h, eps)
+        cases["fused log-kernel (vocabmetric, CPU)"] = lambda: kernel.fused(h, eps)
     cases[f"torch.sparse.mm CSR x dense ({'cuSPARSE' if cuda else 'MKL'}), product only"] = lambda: torch.sparse.mm(S, E)
     if not cuda or n * vocab_size * kernel.width * 4 < 2**34:  # its (n, V, width) block: 94 GB at N = 8192
-        cases["gathered log-kernel (torch path, any device)"] = lambda: kernel._gathered(h, eps)
+        cases["gathered log-kernel (torch path, any device)"] = lambda: kernel.gathered(h, eps)
     base = None
     rows = []
     for name, fn in cases.items():

@@ -21,7 +21,7 @@ import torch
 from vocabmetric import CostOperator, TreeMetric
 from vocabmetric.regularizers import SinkhornDivergence, SlicedWasserstein, TreeWasserstein, full_kl
 from vocabmetric.regularizers import _triton
-from vocabmetric.regularizers.sinkhorn import _SparseLogKernel
+from vocabmetric.regularizers._sparse_kernel import SparseLogKernel
 
 CUDA = torch.cuda.is_available()
 gpu = pytest.mark.gpu
@@ -72,13 +72,13 @@ def test_triton_kernel_equals_the_gathered_torch_path(triton_kernel, monkeypatch
     device = triton_kernel
     monkeypatch.setattr(_triton, "BLOCK_ROWS", block)
     monkeypatch.setattr(_triton, "TILE", tile)
-    kernel = _SparseLogKernel(random_operator(120, k=6), device, dtype)
+    kernel = SparseLogKernel(random_operator(120, k=6), device, dtype)
     h = torch.randn(3, 120, dtype=dtype, generator=torch.Generator().manual_seed(3)).to(device) * 4
     h[0, :30] = float("-inf")
     h[1] = float("-inf")
     h = h.t().contiguous()  # token-major, as the solver calls the kernel
     for eps in (0.5, 1 / 90):
-        fast, gathered = kernel._triton(h, eps), kernel._gathered(h, eps)
+        fast, gathered = kernel.triton(h, eps), kernel.gathered(h, eps)
         assert torch.equal(torch.isneginf(fast), torch.isneginf(gathered))
         finite = torch.isfinite(gathered)
         tol = 1e-12 if dtype == torch.float64 else 1e-5

@@ -138,12 +138,12 @@ def test_support_mode_converges_where_alternating_updates_crawl(op, eps):
 def test_support_mode_newton_and_alternating_updates_agree(op, monkeypatch):
     # large supports (over NEWTON_MAX_POINTS) take alternating updates: both solvers reach
     # the same potentials, so the same value and gradient, on a moderate ε
-    import vocabmetric.regularizers.sinkhorn as sinkhorn
+    import vocabmetric.regularizers._support as support_mode
 
     z, r = logits_pair(op.vocab_size, n=3, scale=3.0, seed=13)
     results = []
-    for limit in (sinkhorn.NEWTON_MAX_POINTS, 0):
-        monkeypatch.setattr(sinkhorn, "NEWTON_MAX_POINTS", limit)
+    for limit in (support_mode.NEWTON_MAX_POINTS, 0):
+        monkeypatch.setattr(support_mode, "NEWTON_MAX_POINTS", limit)
         logits = z.clone().requires_grad_()
         reg = SinkhornDivergence(op, eps=0.2, support=12, max_iter=5000, tol=1e-11)
         value = reg(logits, r)
@@ -211,11 +211,11 @@ def test_asymmetric_operator_is_symmetrized_and_says_so(caplog):
 def test_fused_cpu_kernel_equals_the_gathered_torch_path(dtype):
     """The numba kernel (CPU) and the gather-and-logsumexp path (any device) compute the
     same log-kernel, -inf weights included, on an operator with rows of uneven degree."""
-    from vocabmetric.regularizers.sinkhorn import _numba_sparse_lse, _SparseLogKernel
+    from vocabmetric.regularizers._sparse_kernel import SparseLogKernel, numba_sparse_lse
 
-    if _numba_sparse_lse() is None:
+    if numba_sparse_lse() is None:
         pytest.skip("numba is not installed")
-    kernel = _SparseLogKernel(point_cloud_operator(300, k=9, symmetric=False).symmetrized(), "cpu", dtype)
+    kernel = SparseLogKernel(point_cloud_operator(300, k=9, symmetric=False).symmetrized(), "cpu", dtype)
     assert len(kernel.buckets) > 1
     h = torch.randn(5, 300, dtype=dtype, generator=torch.Generator().manual_seed(3)) * 4
     h[0, :40] = float("-inf")
@@ -223,7 +223,7 @@ def test_fused_cpu_kernel_equals_the_gathered_torch_path(dtype):
     h[2] *= 40  # most neighbourhoods e^-100 or more below the row's max: the fused sum underflows
     h = h.t().contiguous()  # token-major, as the solver calls the kernel
     for eps in (0.5, 0.05, CAP / 90):  # at cap/ε = 90 the dense term is below float32's range too
-        fused, gathered = kernel._fused(h, eps), kernel._gathered(h, eps)
+        fused, gathered = kernel.fused(h, eps), kernel.gathered(h, eps)
         assert torch.equal(torch.isneginf(fused), torch.isneginf(gathered))
         finite = torch.isfinite(gathered)
         torch.testing.assert_close(fused[finite], gathered[finite], rtol=1e-12 if dtype == torch.float64 else 1e-5,
@@ -235,13 +235,13 @@ def test_support_kernel_equals_the_log_domain_sum(dtype):
     """The support mode's linear-domain batched product, for one problem, stacked copies
     and an arbitrary subset of positions, equals logsumexp(h − C/ε) — also at ε = cap/90,
     where sums fall below float32's range and positions are recomputed in the log domain."""
-    from vocabmetric.regularizers.sinkhorn import _DenseLogKernel
+    from vocabmetric.regularizers._support import DenseLogKernel
 
     gen = torch.Generator().manual_seed(5)
     r, s = 4, 9
     x = torch.rand(r, s, 3, generator=gen, dtype=torch.float64)
     cost = torch.cdist(x, x).clamp(max=CAP)  # symmetric, 0 on the diagonal
-    kernel = _DenseLogKernel(cost.to(dtype))
+    kernel = DenseLogKernel(cost.to(dtype))
     h = torch.randn(2 * r, s, generator=gen, dtype=torch.float64) * 3
     h[0, :4] = float("-inf")
     h[5] *= 60  # most terms e^-100 or more below the largest
@@ -375,7 +375,7 @@ def test_locality_order_puts_a_shuffled_chain_of_neighbours_back_together():
     """The kernel's token order (reverse Cuthill–McKee) is a permutation, and on a graph of
     local neighbours whose ids were shuffled it brings neighbours back within a few
     positions of each other; the kernel's CSR table is relabelled by it."""
-    from vocabmetric.regularizers.sinkhorn import _SparseLogKernel, locality_order
+    from vocabmetric.regularizers._sparse_kernel import SparseLogKernel, locality_order
 
     V, rng = 2000, np.random.default_rng(0)
     ids = rng.permutation(V)  # token at chain position t
@@ -383,10 +383,10 @@ def test_locality_order_puts_a_shuffled_chain_of_neighbours_back_together():
     index = np.empty((V, 4), dtype=np.int64)
     index[ids] = ids[chain]
     op = CostOperator(index, rng.uniform(0.1, 1.0, (V, 4)), cap=CAP).symmetrized()
-    kernel = _SparseLogKernel(op, "cpu", torch.float64)
+    kernel = SparseLogKernel(op, "cpu", torch.float64)
     assert np.array_equal(np.sort(kernel.order), np.arange(V))
     assert np.array_equal(kernel.order[kernel.rank], np.arange(V))
-    indptr, nbr, _ = kernel._csr
+    indptr, nbr, _ = kernel.csr
     rows = np.repeat(np.arange(V), np.diff(indptr))
     assert np.abs(nbr - rows).max() <= 8 < np.abs(ids[chain] - np.arange(V)[:, None]).mean()
     assert np.array_equal(nbr[indptr[:-1]], np.arange(V))  # each row's first entry is itself

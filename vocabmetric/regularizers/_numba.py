@@ -5,33 +5,10 @@ numba comes with umap-learn; without it every regularizer has a torch path.
 
 from __future__ import annotations
 
-import functools
-from typing import Callable
-
 import numpy as np
 import torch
 
-
-def compile_once(build: Callable) -> Callable:
-    """``build(numba) → kernel`` becomes ``getter() → kernel``, or None without numba.
-
-    The kernel is built on the first call only (``cache=True`` kernels also reuse numba's
-    on-disk cache across processes).
-    """
-    state: dict = {}
-
-    @functools.wraps(build)
-    def getter():
-        if "kernel" not in state:
-            try:
-                import numba
-            except ImportError:
-                state["kernel"] = None
-            else:
-                state["kernel"] = build(numba)
-        return state["kernel"]
-
-    return getter
+from .._jit import compile_once
 
 
 @compile_once
