@@ -125,7 +125,7 @@ def worker(name: str, vocab_size: int, dim: int, threads: int, work: Path) -> di
     elif name in ("tree_kmeans", "tree_ward"):
         from scipy.stats import spearmanr
 
-        from vocabmetric.hierarchy import TreeBuilder, WardTreeBuilder
+        from vocabmetric.metrics import TreeBuilder, WardTreeBuilder
         from vocabmetric.metrics import l2_distance, random_pairs
 
         if name == "tree_kmeans":

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from vocabmetric.errors import VocabMetricError
-from vocabmetric.hierarchy import TreeBuilder, WardTreeBuilder
+from vocabmetric.metrics import TreeBuilder, WardTreeBuilder
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,7 @@ import pytest
 from vocabmetric import open_store
 from vocabmetric.embeddings import Embeddings
 from vocabmetric.errors import StoreError, TokenizerError, TokenNotFound, VocabMetricError
-from vocabmetric.hierarchy import TreeBuilder
+from vocabmetric.metrics import TreeBuilder
 from vocabmetric.metrics import GeodesicMetric, KnnMetric, l2_distance
 from vocabmetric.store import TreeArrays, TruncatedMetric, write_store
 

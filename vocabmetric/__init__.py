@@ -20,6 +20,7 @@ from .errors import (
     TokenNotFound as TokenNotFound,
     VocabMetricError as VocabMetricError,
 )
+from ._version import __version__ as __version__
 from .operator import CostOperator as CostOperator, TreeMetric as TreeMetric
 
 if TYPE_CHECKING:
@@ -27,7 +28,6 @@ if TYPE_CHECKING:
     from .store import MetricStore as MetricStore, Neighbor as Neighbor, open_store as open_store
     from .tokenizers import Tokenizer as Tokenizer, load_tokenizer as load_tokenizer
 
-__version__ = "0.1.0"
 
 #: Names re-exported from the building side, each from its module, on first access.
 _LAZY = {

@@ -25,7 +25,6 @@ import logging
 import os
 import re
 import shutil
-import sys
 import time
 import zlib
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
@@ -35,6 +34,7 @@ from typing import Callable, Iterable, Iterator
 
 import numpy as np
 
+from ._progress import progress_bar
 from .errors import CorpusError
 from .tokenizers import encoder_for, load_tokenizer
 
@@ -385,8 +385,6 @@ def tokenize_corpus(
     tokenizer is already loaded (loading cl100k_base's tables takes about a second).
     Cost: one pass over the corpus; memory O(workers·batch_chars + V).
     """
-    from tqdm.auto import tqdm
-
     workers = workers or os.cpu_count() or 1
     out_dir = Path(out_dir)
     shard_dir = out_dir / "shards"
@@ -395,8 +393,8 @@ def tokenize_corpus(
     counts = np.zeros(vocab_size, dtype=np.int64)
     n_docs = n_tokens = 0
     shards: list[Path] = []
-    show = sys.stderr.isatty() if progress is None else progress
-    bar = tqdm(total=None, unit="tok", unit_scale=True, desc="tokenize", disable=not show, mininterval=0.5)
+    bar = progress_bar(None, progress, total=None, unit="tok", unit_scale=True, desc="tokenize", mininterval=0.5,
+                       leave=True)
     start = time.perf_counter()
 
     def collect(result):

@@ -32,12 +32,16 @@ Example
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Iterable, NamedTuple, Sequence
 
 import numpy as np
 
 from .errors import VocabMetricError
+from .store import EXACT_METRICS, TREE
+
+LOG = logging.getLogger(__name__)
 
 #: Dataset name → file name in gensim's test data.
 DATASETS = {"wordsim353": "wordsim353.tsv", "simlex999": "simlex999.txt"}
@@ -135,8 +139,6 @@ def evaluate(store, metrics: Sequence[str] | None = None, datasets: Iterable[str
 
 
 def _is_truncated(store, metric: str) -> bool:
-    from .store import EXACT_METRICS, TREE
-
     return metric not in EXACT_METRICS and metric != TREE
 
 

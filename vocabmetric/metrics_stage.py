@@ -36,6 +36,7 @@ import numpy as np
 
 from .errors import ConfigError
 from .metrics import GeodesicMetric, KnnMetric, L2Metric, TreeBuilder, UmapMetric, WardTreeBuilder
+from .stages import Stages, stage_key
 from .store import TREE, TreeArrays, TruncatedMetric
 
 LOG = logging.getLogger(__name__)
@@ -105,7 +106,7 @@ def _graph_degree(builder: Any) -> int:
     return 0
 
 
-def build_metrics(metrics: Mapping[str, Any], emb: Any, stages: Any, emb_key: str, *, progress: bool | None = None,
+def build_metrics(metrics: Mapping[str, Any], emb: Any, stages: Stages, emb_key: str, *, progress: bool | None = None,
                   projection: Mapping[str, Any] | None = None):
     """Fit every configured metric (cached per metric). Returns ``(truncated, tree, extra)``.
 
@@ -115,8 +116,6 @@ def build_metrics(metrics: Mapping[str, Any], emb: Any, stages: Any, emb_key: st
     metric is configured. ``projection``: the ``[projection]`` table (``enabled``,
     ``n_neighbors``, ``n_epochs``, ``seed``); None means its defaults.
     """
-    from .pipeline import stage_key
-
     builders = {}
     for name, table in metrics.items():
         kind, params = _split(name, table)
@@ -169,11 +168,9 @@ def build_metrics(metrics: Mapping[str, Any], emb: Any, stages: Any, emb_key: st
     return truncated, tree, extra
 
 
-def _projection(projection: Mapping[str, Any], emb: Any, stages: Any, emb_key: str, graph_key: str,
+def _projection(projection: Mapping[str, Any], emb: Any, stages: Stages, emb_key: str, graph_key: str,
                 nearest: Any, progress: bool | None) -> np.ndarray:
     """The (V, 2) float32 UMAP layout of the usable tokens on the shared graph (cached stage)."""
-    from .pipeline import stage_key
-
     usable = emb.usable
     n_neighbors = min(projection["n_neighbors"], int(usable.sum()))
     n_epochs = projection["n_epochs"] or (SMALL_MAP_EPOCHS if usable.sum() < SMALL_MAP else 200)

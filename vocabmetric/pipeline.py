@@ -1,4 +1,4 @@
-"""The build pipeline: a validated TOML config and a cached, resumable stage runner.
+"""The build pipeline: a validated TOML config, run as cached, resumable stages.
 
 Stages, each cached under ``OUT/cache/<stage>-<key>/`` where ``key`` hashes the stage's
 parameters and the keys of the stages it reads::
@@ -8,29 +8,34 @@ parameters and the keys of the stages it reads::
     metrics   → one cache entry per metric (and one for the shared kNN graph, one for the 2-D map)
     store     → OUT/metric.zarr
 
-A stage writes into a temporary directory and renames it into place when done, so a
-killed run never leaves a cache entry that looks finished; rerunning resumes at the first
-unfinished stage, and a run with nothing changed does no work. ``force=True`` rebuilds.
+A stage writes into a temporary directory and renames it into place when done
+(:mod:`vocabmetric.stages`), so a killed run never leaves a cache entry that looks
+finished; rerunning resumes at the first unfinished stage, and a run with nothing changed
+does no work. ``force=True`` rebuilds.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
-import shutil
-import sys
 import time
 import tomllib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Literal, Optional
+from typing import Any, Literal, Optional
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from .errors import ConfigError, VocabMetricError
+from ._progress import show_progress
+from .corpus import expand_sources, tokenize_corpus
+from .embeddings import Embeddings, apply_untrained_policy, import_embeddings, train_word2vec
+from .errors import ConfigError, CorpusError, VocabMetricError
+from .metrics_stage import build_metrics, validate_metrics
+from .stages import StageResult, Stages, save_array, stage_key
+from .store import open_store, write_store
+from .tokenizers import load_tokenizer
 
 LOG = logging.getLogger(__name__)
 
@@ -128,10 +133,6 @@ def _explain(error: dict) -> str:
 
 
 def _check_config(config: PipelineConfig, base: Path, path: Path) -> None:
-    from .corpus import expand_sources
-    from .errors import CorpusError
-    from .metrics_stage import validate_metrics
-
     try:
         expand_sources(config.corpus.sources, base)
     except CorpusError as exc:
@@ -160,83 +161,6 @@ def tokenizer_spec(config: PipelineConfig, base: Path) -> str:
     return f"hf:{_resolve(spec[3:], base)}" if spec.startswith("hf:") else spec
 
 
-# -- stage runner -------------------------------------------------------------------------
-#: Bump when a stage's code changes what it produces, so old cache entries are not reused.
-CACHE_REVISION = 2
-
-
-def stage_key(name: str, params: Any, *inputs: str) -> str:
-    """A short hash of a stage's name, parameters, input keys and the cache revision."""
-    blob = json.dumps({"stage": name, "params": params, "inputs": inputs, "revision": CACHE_REVISION},
-                      sort_keys=True, default=str)
-    return hashlib.sha256(blob.encode()).hexdigest()[:16]
-
-
-@dataclass
-class StageResult:
-    name: str
-    key: str
-    path: Path
-    cached: bool
-    seconds: float
-
-
-@dataclass
-class Stages:
-    """Runs stages into ``OUT/cache``; records what ran and what came from the cache."""
-
-    out: Path
-    force: bool = False
-    results: list[StageResult] = field(default_factory=list)
-
-    def run(self, name: str, key: str, work: Callable[[Path], None]) -> Path:
-        final = self.out / "cache" / f"{name}-{key}"
-        if final.is_dir() and (final / "DONE").is_file() and not self.force:
-            self.results.append(StageResult(name, key, final, True, 0.0))
-            LOG.info("stage %s: cached (%s)", name, final)
-            return final
-        _remove_stale_tmp(final)
-        tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        start = time.perf_counter()
-        work(tmp)
-        (tmp / "DONE").write_text(key)
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        seconds = time.perf_counter() - start
-        self.results.append(StageResult(name, key, final, False, seconds))
-        return final
-
-
-def _remove_stale_tmp(final: Path) -> None:
-    """Remove what killed runs left of this stage (``.<name>.tmp-<pid>`` of a process that is gone).
-
-    A directory of a process that is still running (a concurrent build) is left alone.
-    """
-    for stale in final.parent.glob(f".{final.name}.tmp-*"):
-        pid = stale.name.rpartition("-")[2]
-        if pid.isdigit() and not _process_alive(int(pid)):
-            LOG.info("removing %s, left by an interrupted run", stale)
-            shutil.rmtree(stale, ignore_errors=True)
-
-
-def _process_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's process
-        return True
-    return True
-
-
-def _atomic_save(path: Path, array: np.ndarray) -> None:
-    with open(path, "wb") as fh:
-        np.save(fh, array)
-
-
 def _source_ids(sources: list[Path]) -> list[list]:
     """Identify inputs by path, size and modification time (content hashing a 10 GB corpus is slow)."""
     return [[str(p.resolve()), p.stat().st_size, int(p.stat().st_mtime)] for p in sources]
@@ -261,16 +185,10 @@ def build(
 
     Returns the store path, what each stage did and the corpus/embedding stats.
     """
-    from .corpus import expand_sources, tokenize_corpus
-    from .embeddings import Embeddings, apply_untrained_policy, import_embeddings, train_word2vec
-    from .metrics_stage import build_metrics
-    from .store import write_store
-    from .tokenizers import load_tokenizer
-
     config, base = load_config(config_path)
     out = Path(out) if out else Path("runs") / Path(config_path).stem
     out.mkdir(parents=True, exist_ok=True)
-    show = sys.stderr.isatty() if progress is None else progress
+    show = show_progress(progress)
     stages = Stages(out, force)
     spec = tokenizer_spec(config, base)
     tokenizer = load_tokenizer(spec)
@@ -283,7 +201,7 @@ def build(
     def tokenize(tmp: Path) -> None:
         stats = tokenize_corpus(spec, sources, tmp, text_field=cc.text_field, workers=cc.workers or None,
                                 batch_chars=cc.batch_chars, progress=show, vocab_size=tokenizer.vocab_size)
-        _atomic_save(tmp / "counts.npy", stats.counts)
+        save_array(tmp / "counts.npy", stats.counts)
         (tmp / "stats.json").write_text(json.dumps({
             "sources": [str(s) for s in sources], "n_documents": stats.n_documents, "n_tokens": stats.n_tokens,
             "seconds": stats.seconds, "tokens_per_second": stats.tokens_per_second,
@@ -305,9 +223,9 @@ def build(
                                  negative=ec.negative, epochs=ec.epochs, sample=ec.sample, min_count=ec.min_count,
                                  workers=ec.workers or None, seed=ec.seed, alpha=ec.alpha)
         emb = apply_untrained_policy(emb, [tokenizer.token_text(i) for i in range(tokenizer.vocab_size)], counts, ec.untrained)
-        _atomic_save(tmp / "vectors.npy", emb.vectors)
-        _atomic_save(tmp / "trained.npy", emb.trained)
-        _atomic_save(tmp / "borrowed_from.npy", emb.borrowed_from)
+        save_array(tmp / "vectors.npy", emb.vectors)
+        save_array(tmp / "trained.npy", emb.trained)
+        save_array(tmp / "borrowed_from.npy", emb.borrowed_from)
         (tmp / "meta.json").write_text(json.dumps({"method": emb.method, "params": emb.params, "seconds": emb.seconds}))
 
     emb_dir = stages.run("embed", emb_key, embed)
@@ -338,8 +256,6 @@ def build(
 
 def _store_is_current(path: Path, key: str) -> bool:
     try:
-        from .store import open_store
-
         return open_store(path).attrs.get("corpus", {}).get("build_key") == key
     except VocabMetricError:
         return False

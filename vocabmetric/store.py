@@ -28,6 +28,7 @@ valid UTF-8, and this reads back in one call.
 from __future__ import annotations
 
 import datetime as _dt
+import logging
 import os
 import shutil
 import threading
@@ -38,8 +39,12 @@ from typing import Any, Mapping, NamedTuple, Union
 
 import numpy as np
 
+from . import _vectors
+from ._version import __version__
 from .errors import StoreError, TokenizerError, TokenNotFound, VocabMetricError
 from .operator import CostOperator, TreeMetric
+
+LOG = logging.getLogger(__name__)
 
 SCHEMA_VERSION = 1
 EXACT_METRICS = ("l2",)  # computed on demand from the embeddings for any pair
@@ -72,12 +77,6 @@ class TreeArrays:
     weight: np.ndarray
     leaf_of_token: np.ndarray
     attrs: dict
-
-
-def _version() -> str:
-    from . import __version__
-
-    return __version__
 
 
 def write_store(
@@ -141,7 +140,7 @@ def write_store(
         _jsonable(
             {
                 "schema_version": SCHEMA_VERSION,
-                "vocabmetric_version": _version(),
+                "vocabmetric_version": __version__,
                 "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
                 "tokenizer": {"spec": tokenizer.spec, "fingerprint": tokenizer.fingerprint, "vocab_size": vocab_size},
                 "corpus": dict(corpus),
@@ -177,15 +176,8 @@ def _write_faiss_index(path: Path, vectors: np.ndarray, usable: np.ndarray) -> N
     ids = np.flatnonzero(usable).astype(np.int64)
     index = faiss.IndexIDMap2(faiss.IndexFlatIP(vectors.shape[1]))
     if len(ids):
-        index.add_with_ids(normalize(vectors[ids]), ids)
+        index.add_with_ids(_vectors.normalized(vectors[ids]), ids)
     faiss.write_index(index, str(path))
-
-
-def normalize(vectors: np.ndarray) -> np.ndarray:
-    """Rows scaled to unit L2 norm (float32); a zero row stays zero."""
-    vectors = np.asarray(vectors, dtype=np.float32)
-    norms = np.linalg.norm(vectors, axis=1, keepdims=True)
-    return vectors / np.where(norms > 0, norms, 1)
 
 
 def _jsonable(obj: Any) -> Any:
@@ -230,7 +222,7 @@ class MetricStore:
         version = self.attrs.get("schema_version")
         if version != SCHEMA_VERSION:
             raise StoreError(
-                f"{self.path} has schema version {version}; this vocabmetric ({_version()}) reads "
+                f"{self.path} has schema version {version}; this vocabmetric ({__version__}) reads "
                 f"version {SCHEMA_VERSION}. Rebuild the store or use a matching vocabmetric."
             )
         self._lock = threading.Lock()
@@ -302,7 +294,7 @@ class MetricStore:
             return vectors
         with self._lock:
             if "_normalized" not in self.__dict__:
-                self.__dict__["_normalized"] = normalize(vectors)
+                self.__dict__["_normalized"] = _vectors.normalized(vectors)
             return self.__dict__["_normalized"]
 
     def projection2d(self) -> np.ndarray:
@@ -422,8 +414,8 @@ class MetricStore:
     def pair_costs(self, i: Any, j: Any, metric: str) -> np.ndarray:
         """Costs of the pairs ``(i[t], j[t])`` (broadcast int id arrays), float32.
 
-        O(d) per pair for ``l2`` (exact, from the normalized embeddings; an unusable token
-        costs the cap 2), O(k) for a stored metric, O(depth) for ``tree``.
+        O(d) per pair for ``l2`` (exact, :func:`~vocabmetric._vectors.l2_distance`; an unusable
+        token costs the cap 2), O(k) for a stored metric, O(depth) for ``tree``.
         """
         self._check_metric(metric)
         i, j = np.broadcast_arrays(np.asarray(i, dtype=np.int64), np.asarray(j, dtype=np.int64))
@@ -434,9 +426,7 @@ class MetricStore:
         if metric == TREE:
             return np.asarray(self.tree().distance(i, j), dtype=np.float32)
         if metric in EXACT_METRICS:
-            emb = self.embeddings(normalized=True)
-            ip = np.einsum("...d,...d->...", emb[i].astype(np.float64), emb[j].astype(np.float64))
-            d = np.sqrt(np.maximum(2 - 2 * ip, 0))
+            d = _vectors.l2_distance(self.embeddings(), i, j)
             usable = self.usable
             d = np.where(usable[i] & usable[j], d, self._cap(metric))
             return np.where(i == j, 0.0, d).astype(np.float32)

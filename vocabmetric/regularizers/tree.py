@@ -24,7 +24,7 @@ Both sweeps run inside the forward pass, position chunk by chunk while the chunk
 cache, and the backward pass only scales the saved ``∂W/∂z``.
 
 Layout: nodes that hold exactly one token and have no children ("private leaves", every
-token under :class:`~vocabmetric.hierarchy.TreeBuilder`) are not materialized; their mass
+token under :class:`~vocabmetric.metrics.TreeBuilder`) are not materialized; their mass
 is ``p_i − q_i`` itself. The other ("inner") nodes are ordered deepest first, so one pass in
 that order adds every node into its parent after all its children were added to it.
 

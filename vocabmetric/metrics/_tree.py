@@ -31,9 +31,12 @@ from typing import Any
 
 import numpy as np
 
-from .errors import VocabMetricError
-from .metrics import CAP_PAIRS, CAP_QUANTILE, check_inputs, check_k, check_knn, knn_graph, normalized, progress_bar, random_pairs
-from .operator import TreeMetric
+from .._progress import progress_bar
+from .._vectors import normalized
+from ..errors import VocabMetricError
+from ..operator import TreeMetric
+from ._checks import CAP_PAIRS, CAP_QUANTILE, check_inputs, check_k, check_knn, random_pairs
+from ._knn import KnnMetric, knn_graph
 
 LOG = logging.getLogger(__name__)
 
@@ -190,8 +193,6 @@ class WardTreeBuilder(_TreeResult):
     def fit(self, embeddings: Any, trained: Any = None, *, knn: Any = None) -> "WardTreeBuilder":
         from scipy.sparse import csr_matrix
         from sklearn.cluster import AgglomerativeClustering
-
-        from .metrics import KnnMetric
 
         what = type(self).__name__
         emb, mask = check_inputs(embeddings, trained, what)

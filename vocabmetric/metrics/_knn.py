@@ -1,0 +1,144 @@
+"""The l2 kNN table (faiss) and the symmetrized kNN graph that geodesic, umap and ward read.
+
+:class:`KnnMetric` keeps each token's ``k`` nearest trained tokens by the normalized
+Euclidean distance ``‖x_i/‖x_i‖ − x_j/‖x_j‖‖`` (:func:`~vocabmetric._vectors.l2_distance`);
+:class:`L2Metric` is its exact (flat) table under the name ``l2``. Stored costs are always
+the exact float64 l2 distance, whichever index found the neighbours.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import numpy as np
+
+from .._progress import progress_bar
+from .._vectors import l2_distance, normalized
+from ..errors import VocabMetricError
+from ._checks import CAP_PAIRS, TruncatedMetricBase, check_inputs, check_k, random_pairs
+
+LOG = logging.getLogger(__name__)
+
+
+class KnnMetric(TruncatedMetricBase):
+    """Each token's ``k`` nearest trained tokens by normalized Euclidean distance (faiss).
+
+    Parameters
+    ----------
+    k : int
+        Neighbours kept per token (self excluded); must be < the number of trained tokens.
+    index : {"flat", "hnsw"}
+        ``"flat"``: exact search, ``IndexFlatIP`` on the unit vectors, O(V²·d) time.
+        ``"hnsw"``: ``IndexHNSWFlat`` (inner product), approximate, roughly O(V·log V·d).
+    cap : float, optional
+        Fix the cap; by default derived from random trained pairs.
+    hnsw_m, ef_search : int
+        HNSW graph degree and search breadth (``ef_search`` defaults to max(2k, 64)).
+    batch_size : int
+        Queries per faiss call (the progress bar advances per batch).
+    progress : bool, optional
+        Show a progress bar; default: only when stderr is a TTY.
+    seed : int
+        Seed of the cap's random pairs.
+
+    Every kept distance is recomputed in float64 from the vectors; the self hit is dropped
+    by id (with duplicate vectors it need not come first), and rows are re-sorted.
+    """
+
+    kind = "knn"
+
+    def __init__(self, k: int = 64, index: str = "flat", cap: float | None = None, *, hnsw_m: int = 32,
+                 ef_search: int | None = None, batch_size: int = 4096, progress: bool | None = None, seed: int = 0):
+        self.k, self.index, self.cap = k, index, cap
+        self.hnsw_m, self.ef_search, self.batch_size = hnsw_m, ef_search, batch_size
+        self.progress, self.seed = progress, seed
+
+    def fit(self, embeddings: Any, trained: Any = None) -> "KnnMetric":
+        what = type(self).__name__
+        if self.index not in ("flat", "hnsw"):
+            raise VocabMetricError(f"{what}: index must be 'flat' or 'hnsw', got {self.index!r}")
+        emb, mask = check_inputs(embeddings, trained, what)
+        trained_ids = np.flatnonzero(mask)
+        k = check_k(self.k, len(trained_ids), what)
+        unit = normalized(emb)
+        found = self._search(unit[trained_ids], k)  # positions among trained, -1 = none
+        indices = np.full((len(emb), k), -1, dtype=np.int64)
+        costs = np.zeros((len(emb), k), dtype=np.float64)
+        rows_t = np.repeat(trained_ids, k)
+        ids = np.where(found >= 0, trained_ids[np.maximum(found, 0)], -1)
+        indices[trained_ids] = ids
+        ok = ids.ravel() >= 0
+        costs[trained_ids] = _scatter(ok, l2_distance(emb, rows_t[ok], ids.ravel()[ok]), ids.shape)
+        a, b = random_pairs(trained_ids, CAP_PAIRS, self.seed)
+        return self._finish(indices, costs, l2_distance(emb, a, b), self.cap, index=self.index)
+
+    def _search(self, unit: np.ndarray, k: int) -> np.ndarray:
+        """k+1 nearest by inner product among ``unit`` rows, self dropped by id: (n, k)."""
+        import faiss
+
+        n, d = unit.shape
+        if self.index == "flat":
+            index = faiss.IndexFlatIP(d)
+        else:
+            index = faiss.IndexHNSWFlat(d, self.hnsw_m, faiss.METRIC_INNER_PRODUCT)
+            index.hnsw.efSearch = self.ef_search or max(2 * (k + 1), 64)
+        index.add(unit)
+        out = np.empty((n, k), dtype=np.int64)
+        starts = range(0, n, self.batch_size)
+        for s in progress_bar(starts, self.progress, desc=f"{self.index} kNN", unit="batch"):
+            _, hits = index.search(unit[s : s + self.batch_size], k + 1)
+            out[s : s + len(hits)] = drop_self(hits, np.arange(s, s + len(hits)))
+        return out
+
+
+class L2Metric(KnnMetric):
+    """The exact top-``k`` table of the normalized Euclidean distance (see :func:`l2_distance`).
+
+    ``KnnMetric(index="flat")`` under the name ``l2``: exact search, exact costs in [0, 2].
+    """
+
+    kind = "l2"
+
+    def __init__(self, k: int = 64, cap: float | None = None, *, batch_size: int = 4096,
+                 progress: bool | None = None, seed: int = 0):
+        super().__init__(k, "flat", cap, batch_size=batch_size, progress=progress, seed=seed)
+
+
+def drop_self(hits: np.ndarray, self_ids: np.ndarray) -> np.ndarray:
+    """From (n, k+1) hits, remove each row's own id (or the last hit if absent): (n, k).
+
+    By id, not by position: with duplicate vectors the self hit may sit anywhere.
+    """
+    n, k1 = hits.shape
+    is_self = hits == self_ids[:, None]
+    # drop the first self hit; rows without one drop their last column
+    drop = np.where(is_self.any(1), is_self.argmax(1), k1 - 1)
+    keep = np.ones_like(hits, dtype=bool)
+    keep[np.arange(n), drop] = False
+    return hits[keep].reshape(n, k1 - 1)
+
+
+def _scatter(ok: np.ndarray, values: np.ndarray, shape: tuple) -> np.ndarray:
+    out = np.zeros(ok.shape, dtype=np.float64)
+    out[ok] = values
+    return out.reshape(shape)
+
+
+def knn_graph(knn_idx: np.ndarray, knn_dist: np.ndarray, vocab_size: int):
+    """The symmetrized kNN graph as CSR arrays ``(indptr, neighbours, weights)``.
+
+    An edge {i, j} exists when j is among i's neighbours or i among j's; zero-length edges
+    (duplicate vectors) are kept (scipy.sparse would drop them). Cost O(V·k·log(V·k)).
+    """
+    rows = np.repeat(np.arange(vocab_size, dtype=np.int64), knn_idx.shape[1])
+    cols, w = knn_idx.ravel(), knn_dist.ravel()
+    ok = (cols >= 0) & (cols != rows)
+    rows, cols, w = rows[ok], cols[ok], w[ok]
+    lo, hi = np.minimum(rows, cols), np.maximum(rows, cols)
+    _, first = np.unique(lo * vocab_size + hi, return_index=True)
+    lo, hi, w = lo[first], hi[first], w[first]
+    src, dst, w = np.concatenate([lo, hi]), np.concatenate([hi, lo]), np.concatenate([w, w])
+    order = np.argsort(src, kind="stable")
+    indptr = np.concatenate([[0], np.cumsum(np.bincount(src, minlength=vocab_size))]).astype(np.int64)
+    return indptr, dst[order].astype(np.int32), w[order].astype(np.float64)
