@@ -131,9 +131,13 @@ def test_bad_tokens_and_metrics_give_clear_errors(store):
 
 
 def set_attr(path, key, value):
+    """Change a root attribute and re-hash, as if the store had been written with it."""
     import zarr
 
+    from vocabmetric.integrity import write_manifest
+
     zarr.open_group(str(path), mode="r+", zarr_format=3).attrs[key] = value
+    write_manifest(path)
 
 
 def test_unfinished_store_and_schema_mismatch_refuse_to_open(written, tmp_path):

@@ -1,195 +1,24 @@
-"""The metric store (zarr v3, one directory per build) and its queries.
-
-Layout::
-
-    metric.zarr/                attrs: schema_version, vocabmetric_version, created, complete,
-                                       tokenizer {spec, fingerprint, vocab_size},
-                                       corpus {sources, n_documents, n_tokens},
-                                       embeddings {method, params, n_trained, n_borrowed}
-      tokens/bytes              all token byte strings concatenated (uint8)
-      tokens/offsets            (V+1,) int64: token i is bytes[offsets[i]:offsets[i+1]]
-      tokens/count              (V,) int64 corpus frequency
-      tokens/trained            (V,) bool: the embedding was learned from the corpus
-      tokens/borrowed_from      (V,) int32: donor id under the `borrow` policy, else -1
-      embeddings                (V, d) float32
-      projection2d              (V, 2) float32 2-D map (UMAP) of the usable tokens, NaN rows
-                                for the rest (optional: stores built before it lack it)
-      metrics/<name>/indices    (V, k) int32, -1 = empty slot   } attrs: kind, k, cap,
-      metrics/<name>/costs      (V, k) float32                  }        cap_statistic, params
-      metrics/tree/{parent, weight, leaf_of_token}
-      index.faiss               inner-product index over the normalized usable embeddings
-
-The store is written under a temporary name and renamed into place, with
-``complete = True`` written last, so a killed build never leaves a store that opens.
-Token byte strings are stored as one flat byte array plus offsets: token bytes need not be
-valid UTF-8, and this reads back in one call.
-"""
+"""Reading a store: :class:`MetricStore`, its queries, and the checks made on open."""
 
 from __future__ import annotations
 
-import datetime as _dt
 import logging
 import os
-import shutil
 import threading
-from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
-from typing import Any, Mapping, NamedTuple, Union
+from typing import Any
 
 import numpy as np
 
-from . import _vectors
-from ._version import __version__
-from .errors import StoreError, TokenizerError, TokenNotFound, VocabMetricError
-from .operator import CostOperator, TreeMetric
+from .. import _vectors
+from .._version import __version__
+from ..errors import StoreError, TokenizerError, TokenNotFound, VocabMetricError
+from ..integrity import REBUILD, Manifest, open_group, read_array
+from ..operator import CostOperator, TreeMetric
+from ._schema import EXACT_METRICS, SCHEMA_VERSION, TREE, Neighbor, Token
 
 LOG = logging.getLogger(__name__)
-
-SCHEMA_VERSION = 1
-EXACT_METRICS = ("l2",)  # computed on demand from the embeddings for any pair
-TREE = "tree"
-
-Token = Union[int, np.integer, str]
-
-
-class Neighbor(NamedTuple):
-    """One row of a neighbour table."""
-
-    id: int
-    text: str
-    cost: float
-
-
-@dataclass
-class TruncatedMetric:
-    """Arrays of one truncated metric, as the builders produce and the store keeps them."""
-
-    indices: np.ndarray  # (V, k) int32
-    costs: np.ndarray  # (V, k) float32
-    cap: float
-    attrs: dict
-
-
-@dataclass
-class TreeArrays:
-    parent: np.ndarray
-    weight: np.ndarray
-    leaf_of_token: np.ndarray
-    attrs: dict
-
-
-def write_store(
-    path: Path,
-    *,
-    tokenizer: Any,
-    token_bytes: list[bytes],
-    counts: np.ndarray,
-    embeddings: Any,
-    corpus: Mapping[str, Any],
-    metrics: Mapping[str, TruncatedMetric] = {},
-    tree: TreeArrays | None = None,
-    extra_arrays: Mapping[str, np.ndarray] = {},
-) -> Path:
-    """Write a complete store at ``path`` atomically (temporary directory, then rename).
-
-    ``embeddings`` is an :class:`vocabmetric.embeddings.Embeddings`. An existing store at
-    ``path`` is replaced only once the new one is complete.
-    """
-    import zarr
-
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    vocab_size = len(token_bytes)
-    vectors = embeddings.vectors
-    if vectors.shape[0] != vocab_size or len(counts) != vocab_size:
-        raise StoreError(
-            f"write_store: embeddings {vectors.shape}, counts {counts.shape} and the tokenizer's "
-            f"{vocab_size} ids disagree"
-        )
-    root = zarr.open_group(str(tmp), mode="w", zarr_format=3)
-    rows = 4096
-    tokens = root.require_group("tokens")
-    lengths = np.fromiter((len(b) for b in token_bytes), dtype=np.int64, count=vocab_size)
-    offsets = np.concatenate([[0], np.cumsum(lengths)])
-    flat = np.frombuffer(b"".join(token_bytes), dtype=np.uint8)
-    tokens.create_array("bytes", data=flat if flat.size else np.zeros(0, np.uint8), chunks=(1 << 20,))
-    tokens.create_array("offsets", data=offsets, chunks=(1 << 18,))
-    tokens.create_array("count", data=np.asarray(counts, np.int64), chunks=(1 << 18,))
-    tokens.create_array("trained", data=np.asarray(embeddings.trained, bool), chunks=(1 << 18,))
-    tokens.create_array("borrowed_from", data=np.asarray(embeddings.borrowed_from, np.int32), chunks=(1 << 18,))
-    root.create_array("embeddings", data=np.asarray(vectors, np.float32), chunks=(rows, vectors.shape[1]))
-    for name, arr in extra_arrays.items():
-        root.create_array(name, data=arr, chunks=(rows,) + arr.shape[1:])
-    if metrics or tree is not None:
-        group = root.require_group("metrics")
-        for name, m in metrics.items():
-            g = group.require_group(name)
-            g.create_array("indices", data=np.asarray(m.indices, np.int32), chunks=(rows, m.indices.shape[1]))
-            g.create_array("costs", data=np.asarray(m.costs, np.float32), chunks=(rows, m.costs.shape[1]))
-            g.attrs.update(_jsonable({**m.attrs, "cap": float(m.cap), "k": int(m.indices.shape[1])}))
-        if tree is not None:
-            g = group.require_group(TREE)
-            for field in ("parent", "weight", "leaf_of_token"):
-                g.create_array(field, data=np.asarray(getattr(tree, field)), chunks=(1 << 18,))
-            g.attrs.update(_jsonable({**tree.attrs, "kind": TREE}))
-    _write_faiss_index(tmp / "index.faiss", vectors, embeddings.usable)
-    root.attrs.update(
-        _jsonable(
-            {
-                "schema_version": SCHEMA_VERSION,
-                "vocabmetric_version": __version__,
-                "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-                "tokenizer": {"spec": tokenizer.spec, "fingerprint": tokenizer.fingerprint, "vocab_size": vocab_size},
-                "corpus": dict(corpus),
-                "embeddings": {
-                    "method": embeddings.method,
-                    "params": embeddings.params,
-                    "dim": int(vectors.shape[1]),
-                    "n_trained": int(np.sum(embeddings.trained)),
-                    "n_borrowed": int(np.sum(embeddings.borrowed_from >= 0)),
-                },
-            }
-        )
-    )
-    root.attrs["complete"] = True  # last: only a finished store carries it
-    _replace_dir(tmp, path)
-    return path
-
-
-def _replace_dir(src: Path, dst: Path) -> None:
-    """Move ``src`` to ``dst``; an existing ``dst`` is removed only after the move succeeds."""
-    old = None
-    if dst.exists():
-        old = dst.with_name(f".{dst.name}.old-{os.getpid()}")
-        os.replace(dst, old)
-    os.replace(src, dst)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-
-
-def _write_faiss_index(path: Path, vectors: np.ndarray, usable: np.ndarray) -> None:
-    import faiss
-
-    ids = np.flatnonzero(usable).astype(np.int64)
-    index = faiss.IndexIDMap2(faiss.IndexFlatIP(vectors.shape[1]))
-    if len(ids):
-        index.add_with_ids(_vectors.normalized(vectors[ids]), ids)
-    faiss.write_index(index, str(path))
-
-
-def _jsonable(obj: Any) -> Any:
-    if isinstance(obj, dict):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
-    if isinstance(obj, np.generic):
-        return obj.item()
-    if isinstance(obj, Path):
-        return str(obj)
-    return obj
 
 
 def open_store(path: str | os.PathLike) -> "MetricStore":
@@ -209,23 +38,38 @@ class MetricStore:
     """
 
     def __init__(self, path: str | os.PathLike):
-        import zarr
-
         self.path = Path(path)
         if not (self.path / "zarr.json").is_file():
             hint = " (a build directory? open its metric.zarr)" if (self.path / "metric.zarr").is_dir() else ""
             raise StoreError(f"{self.path} is not a vocabmetric store{hint}; build one with `vocabmetric build CONFIG`")
-        self._root = zarr.open_group(str(self.path), mode="r", zarr_format=3)
-        self.attrs = dict(self._root.attrs)
+        self.manifest = Manifest.load(self.path)
+        self._root, self.attrs = open_group(self.path, self.manifest)
         if not self.attrs.get("complete"):
             raise StoreError(f"{self.path} is an unfinished store (its build was interrupted); rerun `vocabmetric build`")
         version = self.attrs.get("schema_version")
-        if version != SCHEMA_VERSION:
+        if version != SCHEMA_VERSION or type(version) is not int:
+            shown = f"{version!r} (a {type(version).__name__})" if type(version) is not int else str(version)
             raise StoreError(
-                f"{self.path} has schema version {version}; this vocabmetric ({__version__}) reads "
+                f"{self.path} has schema version {shown}; this vocabmetric ({__version__}) reads "
                 f"version {SCHEMA_VERSION}. Rebuild the store or use a matching vocabmetric."
             )
+        self._check_shapes()
         self._lock = threading.Lock()
+
+    def _check_shapes(self) -> None:
+        """The attributes agree with the arrays (metadata only): a store that lies about
+        its vocabulary would index past its arrays."""
+        try:
+            vocab_size = self.attrs["tokenizer"]["vocab_size"]
+            shapes = {"tokens/offsets": self._root["tokens/offsets"].shape[0] - 1,
+                      "embeddings": self._root["embeddings"].shape[0],
+                      "tokens/count": self._root["tokens/count"].shape[0]}
+        except (KeyError, TypeError) as exc:
+            raise StoreError(f"{self.path} lacks {exc} in its metadata; the store is corrupt: {REBUILD}") from None
+        for key, rows in shapes.items():
+            if type(vocab_size) is not int or rows != vocab_size:
+                raise StoreError(f"{self.path}: its attributes say vocab_size {vocab_size!r} but array {key} "
+                                 f"has {rows} rows; the store is corrupt: {REBUILD}")
 
     # -- what is in it ------------------------------------------------------------------
     @property
@@ -267,7 +111,7 @@ class MetricStore:
         with self._lock:
             cache = self.__dict__.setdefault("_arrays", {})
             if key not in cache:
-                cache[key] = self._root[key][...]
+                cache[key] = read_array(self._root, key, self.manifest)
             return cache[key]
 
     @property
@@ -387,8 +231,9 @@ class MetricStore:
         with self._lock:
             cache = self.__dict__.setdefault("_operators", {})
             if metric not in cache:
-                g = self._root[f"metrics/{metric}"]
-                cache[metric] = CostOperator(g["indices"][...], g["costs"][...], float(g.attrs["cap"]), self.fingerprint)
+                g, key = self._root[f"metrics/{metric}"], f"metrics/{metric}"
+                indices, costs = (read_array(self._root, f"{key}/{a}", self.manifest) for a in ("indices", "costs"))
+                cache[metric] = CostOperator(indices, costs, float(g.attrs["cap"]), self.fingerprint)
             return cache[metric]
 
     def tree(self) -> TreeMetric:
@@ -397,8 +242,9 @@ class MetricStore:
             raise StoreError(f"{self.path} has no tree metric; add [metrics.tree] to the config and rebuild")
         with self._lock:
             if "_tree" not in self.__dict__:
-                g = self._root[f"metrics/{TREE}"]
-                self.__dict__["_tree"] = TreeMetric(g["parent"][...], g["weight"][...], g["leaf_of_token"][...], self.fingerprint)
+                parts = (read_array(self._root, f"metrics/{TREE}/{a}", self.manifest)
+                         for a in ("parent", "weight", "leaf_of_token"))
+                self.__dict__["_tree"] = TreeMetric(*parts, self.fingerprint)
             return self.__dict__["_tree"]
 
     def cost(self, a: Token, b: Token, metric: str = "l2") -> float:
@@ -460,4 +306,9 @@ class MetricStore:
         """The faiss inner-product index over the normalized usable embeddings (ids = token ids)."""
         import faiss
 
-        return faiss.read_index(str(self.path / "index.faiss"))
+        if self.manifest is not None:
+            self.manifest.verify_file("index.faiss")
+        try:
+            return faiss.read_index(str(self.path / "index.faiss"))
+        except RuntimeError as exc:
+            raise StoreError(f"{self.path}: file index.faiss is unreadable ({exc}); the store is corrupt: {REBUILD}") from None

@@ -1,0 +1,69 @@
+"""The store's schema: its layout, its version, and the arrays builders hand to it.
+
+Layout (written by :func:`~vocabmetric.store.write_store`, read by :class:`~vocabmetric.store.MetricStore`)::
+
+    metric.zarr/                attrs: schema_version, vocabmetric_version, created, complete,
+                                       tokenizer {spec, fingerprint, vocab_size},
+                                       corpus {sources, n_documents, n_tokens},
+                                       embeddings {method, params, n_trained, n_borrowed}
+      tokens/bytes              all token byte strings concatenated (uint8)
+      tokens/offsets            (V+1,) int64: token i is bytes[offsets[i]:offsets[i+1]]
+      tokens/count              (V,) int64 corpus frequency
+      tokens/trained            (V,) bool: the embedding was learned from the corpus
+      tokens/borrowed_from      (V,) int32: donor id under the `borrow` policy, else -1
+      embeddings                (V, d) float32
+      projection2d              (V, 2) float32 2-D map (UMAP) of the usable tokens, NaN rows
+                                for the rest (optional: stores built before it lack it)
+      metrics/<name>/indices    (V, k) int32, -1 = empty slot   } attrs: kind, k, cap,
+      metrics/<name>/costs      (V, k) float32                  }        cap_statistic, params
+      metrics/tree/{parent, weight, leaf_of_token}
+      index.faiss               inner-product index over the normalized usable embeddings
+      manifest.json             every other file's size and hash, every array's shape and
+                                chunk count (:mod:`vocabmetric.integrity`)
+
+Every chunk is written (an all-fill chunk too) and zstd-compressed with its checksum. The
+store is written under a temporary name and renamed into place, with ``complete = True``
+and then the manifest written last, so a killed build never leaves a store that opens,
+and a damaged store is refused by name instead of served.
+Token byte strings are stored as one flat byte array plus offsets: token bytes need not be
+valid UTF-8, and this reads back in one call.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import NamedTuple, Union
+
+import numpy as np
+
+SCHEMA_VERSION = 1
+EXACT_METRICS = ("l2",)  # computed on demand from the embeddings for any pair
+TREE = "tree"
+
+Token = Union[int, np.integer, str]
+
+
+class Neighbor(NamedTuple):
+    """One row of a neighbour table."""
+
+    id: int
+    text: str
+    cost: float
+
+
+@dataclass
+class TruncatedMetric:
+    """Arrays of one truncated metric, as the builders produce and the store keeps them."""
+
+    indices: np.ndarray  # (V, k) int32
+    costs: np.ndarray  # (V, k) float32
+    cap: float
+    attrs: dict
+
+
+@dataclass
+class TreeArrays:
+    parent: np.ndarray
+    weight: np.ndarray
+    leaf_of_token: np.ndarray
+    attrs: dict
