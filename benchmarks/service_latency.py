@@ -101,10 +101,10 @@ def start_server(store: Path, port: int, timeout: float = 120.0) -> subprocess.P
 
     # uvicorn on the service's app factory, as `vocabmetric serve` runs it, minus the access
     # log (one synchronous log line per request would be part of what is timed)
-    from vocabmetric.service import STORE_ENV
+    from vocabmetric.service import FACTORY, STORE_ENV
 
     env = {**os.environ, STORE_ENV: str(Path(store).resolve())}
-    cmd = [sys.executable, "-m", "uvicorn", "vocabmetric.service:_app_from_env", "--factory",
+    cmd = [sys.executable, "-m", "uvicorn", FACTORY, "--factory",
            "--host", "127.0.0.1", "--port", str(port), "--no-access-log", "--log-level", "warning"]
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + timeout
@@ -209,7 +209,6 @@ def main() -> None:
 
     from _machine import machine_info, write_results
 
-    from vocabmetric.service import pair_costs
     from vocabmetric.store import open_store
 
     store_path = args.store or synthetic_store(REPO / "runs" / "bench-service" / "metric.zarr", args.vocab_size)
@@ -224,7 +223,7 @@ def main() -> None:
     # baseline first, on a store warmed the same way the service warms its own
     store.neighbors(0, k=10, metric=metric)
     base_nb = in_process_ms(lambda i: store.neighbors(int(i), k=10, metric=metric), [(i,) for i in ids])
-    base_cost = in_process_ms(lambda p: pair_costs(store, p[:, 0], p[:, 1], metric), [(p,) for p in pairs])
+    base_cost = in_process_ms(lambda p: store.pair_costs(p[:, 0], p[:, 1], metric), [(p,) for p in pairs])
 
     port = free_port()
     t0 = time.perf_counter()

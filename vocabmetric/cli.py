@@ -12,6 +12,8 @@ import typer
 
 from .errors import VocabMetricError
 
+LOG = logging.getLogger(__name__)
+
 app = typer.Typer(
     add_completion=False,
     no_args_is_help=True,
@@ -31,11 +33,6 @@ def _open(store: Path):
         return open_store(store)
     except VocabMetricError as exc:
         _fail(exc)
-
-
-def _token_arg(token: str):
-    """A command-line token: digits are an id unless the store has a token with that text."""
-    return token
 
 
 @app.command()
@@ -85,8 +82,8 @@ def neighbors(
 
     s = _open(store)
     try:
-        rows = s.neighbors(_token_arg(token), k=k, metric=metric)
-        query = s.resolve(_token_arg(token))
+        rows = s.neighbors(token, k=k, metric=metric)  # digits: an id unless a token has that text
+        query = s.resolve(token)
     except VocabMetricError as exc:
         _fail(exc)
     if as_json:
@@ -168,16 +165,16 @@ def serve(
 
 @app.command()
 def plot(
-    source: Path = typer.Argument(..., help="a metric.zarr store (map, costs) or a results JSON (bench)"),
+    source: Path = typer.Argument(..., help="a metric.zarr store"),
     out: Path = typer.Option(..., "--out", "-o", help="output .png file"),
     kind: str = typer.Option("map", "--kind", help="map: the 2-D map with labelled neighbourhoods; costs: neighbour "
-                             "costs per metric with the cap; bench: regularizers vs full_kl (benchmarks/results/regularizers.json)"),
+                             "costs per metric with the cap"),
     probe: list[str] = typer.Option([], "--probe", help="map: a token text or id to label with its neighbours (repeatable)"),
     k: int = typer.Option(8, "-k", help="map: neighbours per probe"),
     metric: Optional[str] = typer.Option(None, "--metric", "-m", help="map: the neighbours' metric (default knn); costs: only this metric"),
     size: Optional[str] = typer.Option(None, "--size", help="WIDTHxHEIGHT in pixels (default depends on the kind)"),
 ) -> None:
-    """Draw a PNG: the 2-D map, the neighbour-cost distributions, or the benchmark charts."""
+    """Draw a PNG of a store: the 2-D map or the neighbour-cost distributions."""
     from .plots import parse_size
     from .plots import plot as draw
 
@@ -186,10 +183,6 @@ def plot(
     except VocabMetricError as exc:
         _fail(exc)
     typer.echo(f"wrote {path}")
-
-
-def main() -> None:  # pragma: no cover
-    app()
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 from functools import cached_property
 from pathlib import Path
 from typing import Any, Protocol, Sequence, runtime_checkable
@@ -31,10 +32,23 @@ import numpy as np
 
 from .errors import TokenizerError
 
+LOG = logging.getLogger(__name__)
+
 
 @runtime_checkable
 class Tokenizer(Protocol):
-    """What vocabmetric needs of a tokenizer."""
+    """What vocabmetric calls on a tokenizer, and only that.
+
+    * ``spec``, ``fingerprint``, ``vocab_size`` — the build's cache keys and the store's
+      ``tokenizer`` attributes (:func:`~vocabmetric.pipeline.build`, ``write_store``);
+    * ``encode_batch(texts)`` — the corpus count (:mod:`vocabmetric.corpus`; its worker
+      processes rebuild only the encoder of a ``tiktoken:`` spec, :func:`encoder_for`);
+    * ``token_text(i)`` — the texts the untrained-token policy matches on;
+    * ``token_bytes_array()`` — the store's token table, row i = id i.
+
+    The tokenizers :func:`load_tokenizer` returns also have ``token_bytes``, ``encode``,
+    ``find`` and ``special_ids``; vocabmetric itself needs none of them.
+    """
 
     spec: str
 
@@ -42,11 +56,13 @@ class Tokenizer(Protocol):
     def vocab_size(self) -> int: ...
 
     @property
-    def special_ids(self) -> frozenset[int]: ...
-
-    def token_bytes(self, i: int) -> bytes: ...
+    def fingerprint(self) -> str: ...
 
     def encode_batch(self, texts: Sequence[str]) -> list[np.ndarray]: ...
+
+    def token_text(self, i: int) -> str: ...
+
+    def token_bytes_array(self) -> list[bytes]: ...
 
 
 class _Base:
@@ -254,7 +270,7 @@ def _hf_token_bytes(text: str, decoder: dict[str, int] | None) -> bytes:
     return text.replace("▁", " ").encode()  # sentencepiece's word-boundary mark
 
 
-def load_tokenizer(spec: str) -> _Base:
+def load_tokenizer(spec: str) -> TiktokenTokenizer | HFTokenizer:
     """Load a tokenizer from a spec: ``tiktoken:<encoding>`` or ``hf:<path/to/tokenizer.json>``."""
     kind, sep, rest = spec.partition(":")
     if not sep or not rest:
