@@ -9,7 +9,7 @@ STAMP  := $(VENV)/.installed
 TORCH  ?= torch==2.13.0
 OUT    ?= runs/demo
 
-.PHONY: install run test test-slow test-gpu bench bench-gpu browser clean
+.PHONY: install run test test-slow test-gpu bench bench-gpu browser clean venv-verl test-verl
 
 install: $(STAMP)
 
@@ -37,27 +37,22 @@ browser:
 test-slow: $(STAMP)
 	$(BIN)/python -m pytest -q -m slow
 
-# Every benchmark at its full sizes (about an hour on 2 cores); each writes
-# benchmarks/results/<name>.{json,md} with machine info.
+# Every benchmark at its full sizes (about an hour on 2 cores); each writes its one result,
+# benchmarks/results/<name>.{json,md} with machine info (docs/results.md reads them), then the
+# regularizers chart and the near/far experiment (experiments/results/, docs/*.png).
 bench: $(STAMP)
 	$(BIN)/python benchmarks/pipeline_throughput.py
 	$(BIN)/python benchmarks/metrics_build.py
 	$(BIN)/python benchmarks/service_latency.py
 	$(BIN)/python benchmarks/schulman_table.py
 	$(BIN)/python benchmarks/full_kl.py
-	$(BIN)/python benchmarks/regularizers.py
-	$(BIN)/python benchmarks/regularizers.py --malloc default --repeats 3 --vocab 100277 --positions 64 1024 \
-		--name regularizers_default_malloc
-	for i in 1 2 3; do $(BIN)/python benchmarks/regularizers.py --malloc default --repeats 3 --vocab 100277 \
-		--positions 64 1024 --only "sliced L=16" --name sliced_default_malloc_$$i; done
+	$(BIN)/python benchmarks/regularizers.py --malloc default --repeats 3 --vocab 100277 --positions 64 1024
+	$(BIN)/python benchmarks/plot_results.py benchmarks/results/regularizers.json --out docs/regularizers.png
 	$(BIN)/python benchmarks/support_solver.py
-	$(BIN)/python benchmarks/regularizers.py --malloc default --repeats 3 --vocab 100277 --positions 64 1024 \
-		--only "sinkhorn full (10 iterations), kNN" "sinkhorn full (converged), kNN" \
-		"sinkhorn full (10 iterations), random graph" --name sinkhorn_full_iteration
 	$(BIN)/python benchmarks/sparse_kernel.py
 	$(BIN)/python benchmarks/sinkhorn_vs_pot.py
 	$(BIN)/python benchmarks/trl_step.py
-	$(BIN)/python benchmarks/penalty_experiment.py
+	$(BIN)/python experiments/penalty_experiment.py
 
 # On a CUDA machine, with its own python (GPU_PYTHON) that holds a CUDA torch and Triton:
 # the gpu-marked tests, then the GPU benchmarks (benchmarks/results/*_cuda*).
@@ -67,10 +62,23 @@ test-gpu:
 
 bench-gpu:
 	$(GPU_PYTHON) benchmarks/sparse_kernel.py --device cuda --positions 64 1024 8192 --name sparse_kernel_cuda
-	$(GPU_PYTHON) benchmarks/sparse_kernel.py --device cuda --positions 1024 8192 --sweep --name sparse_kernel_cuda_sweep
 	$(GPU_PYTHON) benchmarks/regularizers.py --device cuda --vocab 100277 --repeats 2 --name regularizers_cuda
-	$(GPU_PYTHON) benchmarks/regularizers.py --device cuda --dtype bfloat16 --vocab 100277 --positions 1024 8192 \
-		--repeats 2 --only tree "sliced L=16" "sinkhorn support m=64" "sinkhorn full (10 iterations), kNN" --name regularizers_cuda_bf16
 
 clean:
 	rm -rf $(VENV) runs build *.egg-info
+
+# verl (the `verl` extra) pins transformers <5.11, older than the trl extra's: its own venv.
+VERL_VENV  := .venv-verl
+VERL_STAMP := $(VERL_VENV)/.installed
+
+venv-verl: $(VERL_STAMP)
+
+$(VERL_STAMP): pyproject.toml Makefile
+	test -x $(VERL_VENV)/bin/python || $(PYTHON) -m venv $(VERL_VENV)
+	$(VERL_VENV)/bin/python -m pip install -q --upgrade pip
+	$(VERL_VENV)/bin/python -m pip install -q "$(TORCH)"
+	$(VERL_VENV)/bin/python -m pip install -q -e ".[verl,dev]"
+	touch $@
+
+test-verl: $(VERL_STAMP)
+	$(VERL_VENV)/bin/python -m pytest -q tests/test_verl.py

@@ -1,13 +1,15 @@
-"""``vocabmetric plot``: the map, the neighbour costs, the benchmark charts, as real PNGs.
+"""``vocabmetric plot`` (the map, the neighbour costs) and ``benchmarks/plot_results.py``
+(the benchmark charts), as real PNGs.
 
 Each kind runs through the real command (typer's runner, in process) on the ``small_store``
-fixture or on a benchmark JSON written here, and the file must be a PNG of exactly the
-asked size whose pixels show what the plot promises (the probe's colour, the red cap line,
-one line per regularizer).
+fixture, and the benchmark chart through the script's ``main`` on a benchmark JSON written
+here; the file must be a PNG of exactly the asked size whose pixels show what the plot
+promises (the probe's colour, the red cap line, one line per regularizer).
 """
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import struct
 from pathlib import Path
@@ -16,9 +18,21 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
+from conftest import REPO
 from vocabmetric.cli import app
 from vocabmetric.errors import ConfigError, StoreError
-from vocabmetric.plots import bench_rows, neighbor_costs, plot_bench, plot_map, visible
+from vocabmetric.plots import neighbor_costs, plot_map, visible
+
+
+def load_plot_results():
+    spec = importlib.util.spec_from_file_location("plot_results", REPO / "benchmarks" / "plot_results.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+plot_results = load_plot_results()
+bench_rows, plot_bench = plot_results.bench_rows, plot_results.plot_bench
 
 RUNNER = CliRunner()
 PROBE_COLOR = (0x1F, 0x77, 0xB4)  # matplotlib's C0: the first probe
@@ -123,7 +137,7 @@ def test_bench_png_has_one_row_of_panels_per_position_count(tmp_path):
     results = tmp_path / "regularizers.json"
     results.write_text(json.dumps(BENCH))
     out = tmp_path / "bench.png"
-    plot_cli(results, "--kind", "bench", "--out", out)
+    assert plot_results.main([str(results), "--out", str(out)]) == 0
     pixels = png(out)
     assert pixels.shape == (80 + 360 * 2, 1200, 3)  # N = 8 and N = 64
     for c in ((0x1F, 0x77, 0xB4), (0xFF, 0x7F, 0x0E)):  # tree (C0) and sliced (C1) are drawn
@@ -148,7 +162,7 @@ def test_bad_arguments_are_one_clear_error(small_store, tmp_path):
         plot_map(small_store, tmp_path / "m.png", probes=[untrained])
     with pytest.raises(StoreError, match="no metric 'cosine'"):
         plot_map(small_store, tmp_path / "m.png", metric="cosine")
-    for args, message in ((["--kind", "pie"], "--kind 'pie': use one of map, costs, bench"),
+    for args, message in ((["--kind", "pie"], "--kind 'pie': use one of map, costs"),
                           (["--size", "big"], "--size: expected WIDTHxHEIGHT"),
                           (["--size", "50x50"], "at least 100x100 pixels"),
                           (["--probe", "no such token at all"], "no token has the text")):

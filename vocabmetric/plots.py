@@ -1,10 +1,11 @@
-"""Pictures of a store and of the benchmarks (matplotlib, imported only here, lazily).
+"""Pictures of a store: what ``vocabmetric plot`` draws (matplotlib, imported only here, lazily).
 
 * :func:`plot_map` — the store's 2-D map (``projection2d``) with a few labelled
   neighbourhoods: each probe token and its ``k`` cheapest neighbours under one metric.
 * :func:`plot_costs` — per metric, the histogram of its neighbour costs with the cap marked.
-* :func:`plot_bench` — each regularizer's time and memory as a ratio to ``full_kl`` against V,
-  from ``benchmarks/results/regularizers.json``.
+
+:func:`new_figure` and :func:`save_png` are the two steps every picture shares; the
+benchmark charts (``benchmarks/plot_results.py``) use them too.
 
 Each writes a PNG of exactly ``size = (width, height)`` pixels (no tight bounding box) and
 returns its path. No pyplot: figures are made with :class:`matplotlib.figure.Figure` and the
@@ -15,10 +16,10 @@ with ``parse_math=False`` (a token ``"$x$"`` is text, not TeX); whitespace is ma
 
 from __future__ import annotations
 
-import json
+import logging
 import warnings
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Iterable, Sequence
 
 import numpy as np
 
@@ -26,13 +27,17 @@ from .errors import ConfigError, StoreError
 from .store import EXACT_METRICS, TREE, MetricStore
 from .tokenizers import visible
 
+LOG = logging.getLogger(__name__)
+
 DPI = 100
 #: Tokens queried to sample the neighbour costs of a metric computed on demand (l2, tree).
 SAMPLED_QUERIES = 200
 SAMPLED_K = 16
 
 
-def _figure(size: tuple[int, int], rows: int = 1, cols: int = 1):
+def new_figure(size: tuple[int, int], rows: int = 1, cols: int = 1):
+    """``(figure, axes)``: a ``size = (width, height)`` pixel figure with a ``(rows, cols)``
+    array of axes; a :class:`ConfigError` under 100×100 pixels."""
     from matplotlib.figure import Figure
 
     width, height = size
@@ -42,7 +47,8 @@ def _figure(size: tuple[int, int], rows: int = 1, cols: int = 1):
     return fig, fig.subplots(rows, cols, squeeze=False)
 
 
-def _save(fig, out: str | Path) -> Path:
+def save_png(fig, out: str | Path) -> Path:
+    """Write ``fig`` to ``out`` as a PNG, atomically (a temporary name, then a rename)."""
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp.png")
@@ -85,7 +91,7 @@ def plot_map(store: MetricStore, out: str | Path, *, probes: Sequence[int | str]
         raise StoreError(f"{store.path} has no metric {metric!r}; it has: {', '.join(store.metrics)}")
     ids = [store.resolve(p) for p in probes] if probes else default_probes(store)
     on_map = np.isfinite(xy).all(axis=1)
-    fig, axes = _figure(size)
+    fig, axes = new_figure(size)
     ax = axes[0, 0]
     ax.scatter(xy[on_map, 0], xy[on_map, 1], s=max(0.3, min(6.0, 3e4 / max(on_map.sum(), 1))), c="#7a8396",
                alpha=0.5, linewidths=0, rasterized=True)
@@ -112,7 +118,7 @@ def plot_map(store: MetricStore, out: str | Path, *, probes: Sequence[int | str]
     ax.set_xticks([])
     ax.set_yticks([])
     ax.set_aspect("equal", adjustable="datalim")
-    return _save(fig, out)
+    return save_png(fig, out)
 
 
 # -- neighbour costs ------------------------------------------------------------------------------
@@ -140,7 +146,7 @@ def plot_costs(store: MetricStore, out: str | Path, *, metrics: Sequence[str] | 
         if m not in store.metrics:
             raise StoreError(f"{store.path} has no metric {m!r}; it has: {', '.join(store.metrics)}")
     size = size or (1000, 60 + 220 * len(metrics))
-    fig, axes = _figure(size, rows=len(metrics))
+    fig, axes = new_figure(size, rows=len(metrics))
     for ax, metric in zip(axes[:, 0], metrics):
         costs, what = neighbor_costs(store, metric)
         cap = float(store.metric_attrs(metric).get("cap", np.nan))
@@ -155,73 +161,7 @@ def plot_costs(store: MetricStore, out: str | Path, *, metrics: Sequence[str] | 
         ax.set_ylabel("count")
     axes[-1, 0].set_xlabel("neighbour cost")
     fig.suptitle(f"neighbour costs per metric — {store.path.parent.name}/{store.path.name}", fontsize=11)
-    return _save(fig, out)
-
-
-# -- benchmark charts --------------------------------------------------------------------------------
-def bench_rows(results: Any) -> list[dict]:
-    """The measured rows of a regularizers benchmark result (a dict with ``rows``, or a list
-    of rows), each with ``V``, ``N``, ``regularizer``, ``time_ratio`` and ``memory_ratio``.
-
-    Tolerant: skipped rows (``"skipped"``) are dropped; a ratio missing from a row is computed
-    from ``seconds``/``peak_extra_mb`` against the ``full_kl`` row of the same V and N.
-    """
-    rows = results.get("rows") if isinstance(results, dict) else results
-    if not isinstance(rows, list):
-        raise ConfigError("a regularizers benchmark result is a list of rows or a dict with 'rows'; got "
-                          f"{type(rows).__name__}")
-    rows = [r for r in rows if isinstance(r, dict) and not r.get("skipped") and {"V", "regularizer"} <= r.keys()]
-    base = {(r["V"], r.get("N")): r for r in rows if r["regularizer"] == "full_kl"}
-    out = []
-    for r in rows:
-        r = dict(r)
-        b = base.get((r["V"], r.get("N")))
-        for ratio, value in (("time_ratio", "seconds"), ("memory_ratio", "peak_extra_mb")):
-            if r.get(ratio) is None and b is not None and r.get(value) is not None and b.get(value):
-                r[ratio] = r[value] / b[value]
-        out.append(r)
-    return out
-
-
-def plot_bench(results: str | Path | Any, out: str | Path, *, size: tuple[int, int] | None = None) -> Path:
-    """Each regularizer's forward+backward time and peak memory as a ratio to ``full_kl``
-    (the dashed line at 1) against V, log-log; one row of panels per N (positions)."""
-    if isinstance(results, (str, Path)):
-        path = Path(results)
-        try:
-            results = json.loads(path.read_text())
-        except FileNotFoundError:
-            raise ConfigError(f"benchmark results {path} do not exist; run `python benchmarks/regularizers.py`") from None
-        except json.JSONDecodeError as exc:
-            raise ConfigError(f"benchmark results {path} are not valid JSON: {exc}") from None
-    rows = bench_rows(results)
-    if not rows:
-        raise ConfigError("the benchmark results hold no measured rows (every row skipped, or none)")
-    positions = sorted({r.get("N") for r in rows}, key=lambda n: (n is None, n or 0))
-    names = list(dict.fromkeys(r["regularizer"] for r in rows if r["regularizer"] != "full_kl"))
-    size = size or (1200, 80 + 360 * len(positions))
-    fig, axes = _figure(size, rows=len(positions), cols=2)
-    for row, n in enumerate(positions):
-        for col, (ratio, label) in enumerate((("time_ratio", "time / full_kl"), ("memory_ratio", "peak memory / full_kl"))):
-            ax = axes[row, col]
-            ax.axhline(1.0, color="black", ls="--", lw=1, label="full_kl")
-            for c, name in enumerate(names):
-                pts = sorted((r["V"], r[ratio]) for r in rows
-                             if r["regularizer"] == name and r.get("N") == n and r.get(ratio) is not None)
-                if pts:
-                    v, y = zip(*pts)
-                    ax.plot(v, np.maximum(y, 1e-3), marker="o", color=f"C{c % 10}", label=name)
-            ax.set_xscale("log")
-            ax.set_yscale("log")
-            ax.set_xlabel("V (vocabulary size)")
-            ax.set_ylabel(label)
-            ax.set_title(f"{label}" + (f", N = {n} positions" if n is not None else ""), fontsize=10)
-            ax.grid(True, which="both", alpha=0.3)
-    axes[0, 1].legend(fontsize=8, loc="best")
-    machine = results.get("machine", {}) if isinstance(results, dict) else {}
-    note = f" — {machine.get('cpu', '')}, {machine.get('cores', '?')} cores (shared: read the ratios)" if machine else ""
-    fig.suptitle(f"regularizers beside full_kl, forward + backward{note}", fontsize=11)
-    return _save(fig, out)
+    return save_png(fig, out)
 
 
 def parse_size(text: str) -> tuple[int, int]:
@@ -233,18 +173,16 @@ def parse_size(text: str) -> tuple[int, int]:
     return width, height
 
 
-KINDS = ("map", "costs", "bench")
+KINDS = ("map", "costs")
 
 
 def plot(kind: str, source: str | Path, out: str | Path, *, probes: Iterable[str] = (), k: int = 8,
          metric: str | None = None, size: tuple[int, int] | None = None) -> Path:
-    """``vocabmetric plot``: ``source`` is a store (``map``, ``costs``) or a results JSON (``bench``)."""
+    """``vocabmetric plot``: draw the ``kind`` picture (one of :data:`KINDS`) of the store ``source``."""
     from .store import open_store
 
     if kind not in KINDS:
         raise ConfigError(f"--kind {kind!r}: use one of {', '.join(KINDS)}")
-    if kind == "bench":
-        return plot_bench(source, out, **({"size": size} if size else {}))
     store = open_store(source)
     if kind == "map":
         return plot_map(store, out, probes=list(probes) or None, k=k, metric=metric, **({"size": size} if size else {}))

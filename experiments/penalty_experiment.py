@@ -7,12 +7,16 @@ token is which).
 
 Setup (everything over the full cl100k_base vocabulary, V = 100,277):
 
-* **Metric** — the demo store ``runs/demo/metric.zarr`` built by ``make run``.
-* **Reference** π_ref — an interpolated trigram model of the demo corpus (the token ids
-  the pipeline cached in ``runs/demo/cache/tokenize-*/corpus.txt``, the entry whose
-  counts are the store's; see :class:`NGram`). Every token keeps some mass, so every KL
-  is finite. (A bigram is broader still; a trigram is the closest to an LM's next-token
-  distribution that this corpus supports.)
+* **Metric** — a store, read through the public API only (:func:`vocabmetric.open_store`,
+  its methods, :func:`vocabmetric.regularizers.regularizer_from_store`); by default the
+  demo store ``runs/demo/metric.zarr`` built by ``make run`` (``--store``).
+* **Reference** π_ref — an interpolated trigram model of the store's own corpus: the
+  sources the store records (``store.info()["corpus"]["sources"]``), tokenized again with
+  the store's tokenizer by :func:`vocabmetric.corpus.tokenize_corpus` into a temporary
+  directory, and refused unless its token counts equal the store's (``store.counts``), so
+  the reference is the corpus the metric was trained on (see :class:`NGram`). Every token
+  keeps some mass, so every KL is finite. (A bigram is broader still; a trigram is the
+  closest to an LM's next-token distribution that this corpus supports.)
 * **Contexts** (a, b), C of them: two-token contexts seen ≥ 80 times, most frequent first,
   b word-like; kept when the reference top token t* is a trained word-like token (letters
   only, optional leading space) not used by an earlier context, whose nearest stored
@@ -36,9 +40,9 @@ Setup (everything over the full cl100k_base vocabulary, V = 100,277):
   k2 loss     the same with ``"k2"`` (its gradient is the reverse-KL one)
   k1 reward   ``r − β·k1(x)`` before the advantages (``kl_in_reward`` with T = 1)
   exact KL    ``full_kl(z, ref)`` over the whole vocabulary (no sampling)
-  sinkhorn    ``SinkhornDivergence.from_store(store, "knn", eps=0.05, support=64, tol=1e-3)``
-  tree        ``TreeWasserstein.from_store(store)`` (the store's k-means tree)
-  sliced      ``SlicedWasserstein.from_store(store, n_projections=32)`` (unit embeddings)
+  sinkhorn    ``regularizer_from_store(store, "sinkhorn", metric="knn", eps=0.05, support=64, tol=1e-3)``
+  tree        ``regularizer_from_store(store, "tree")`` (the store's k-means tree)
+  sliced      ``regularizer_from_store(store, "sliced", n_projections=32)`` (unit embeddings)
   ==========  ==============================================================
 
   β groups: β = 1 and β = 4 for every penalty, and "price-matched": each Wasserstein
@@ -59,11 +63,13 @@ beside k3 and ``full_kl``. Torch runs on 1 thread by default (``--threads``): on
 workers spinning against the other jobs. Seeds are fixed; a rerun gives the same numbers
 (the times aside).
 
-    .venv/bin/python benchmarks/penalty_experiment.py           # ~6 min on 2 shared cores
-    .venv/bin/python benchmarks/penalty_experiment.py --quick   # 4 contexts, β = 4, 60 steps; prints only
-    .venv/bin/python benchmarks/penalty_experiment.py --redraw  # .md and plot again from the saved .json
+    .venv/bin/python experiments/penalty_experiment.py           # ~6 min on 2 shared cores
+    .venv/bin/python experiments/penalty_experiment.py --quick   # 4 contexts, β = 4, 60 steps; prints only
+    .venv/bin/python experiments/penalty_experiment.py --redraw  # .md and plot again from the saved .json
+    .venv/bin/python experiments/penalty_experiment.py --store SMALL/metric.zarr --quick --contexts 1 --steps 2 \
+        --min-near-probability 0                                 # a smoke test on a small store
 
-Writes ``benchmarks/results/penalty_experiment.{json,md}`` and ``docs/penalty_experiment.png``.
+Writes ``experiments/results/penalty_experiment.{json,md}`` and ``docs/penalty_experiment.png``.
 """
 
 from __future__ import annotations
@@ -73,6 +79,7 @@ import re
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -80,15 +87,15 @@ import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT), str(Path(__file__).resolve().parent)]
-from _machine import RESULTS, machine_info, write_results  # noqa: E402
+sys.path.insert(0, str(ROOT / "benchmarks"))  # the machine-info and results writer every benchmark uses
+from _machine import machine_info, write_results  # noqa: E402
 
-from vocabmetric.regularizers import (  # noqa: E402
-    SinkhornDivergence, SlicedWasserstein, TreeWasserstein, full_kl, kl_estimate, kl_in_reward,
-)
-from vocabmetric.store import open_store  # noqa: E402
+from vocabmetric import StoreError, open_store  # noqa: E402
+from vocabmetric.corpus import tokenize_corpus  # noqa: E402
+from vocabmetric.regularizers import full_kl, kl_estimate, kl_in_reward, regularizer_from_store  # noqa: E402
 
 STORE = ROOT / "runs" / "demo" / "metric.zarr"
+RESULTS = Path(__file__).resolve().parent / "results"
 PLOT = ROOT / "docs" / "penalty_experiment.png"
 ALPHA_BIGRAM = 20.0     # Dirichlet smoothing of the bigram toward the unigram
 ALPHA_TRIGRAM = 10.0    # and of the trigram toward the bigram
@@ -108,13 +115,22 @@ def fail(message: str) -> None:
     raise SystemExit(f"penalty_experiment: {message}")
 
 
-# -- reference: a smoothed trigram of the demo corpus ------------------------------------------
-def corpus_of(store) -> Path:
-    """The cached token-id corpus whose counts are the store's (the build that made it)."""
-    for cached in sorted((STORE.parent / "cache").glob("tokenize-*/corpus.txt")):
-        if np.array_equal(np.load(cached.parent / "counts.npy"), store.counts):
-            return cached
-    fail(f"no tokenize cache under {STORE.parent / 'cache'} matches {STORE}; run `make run` to rebuild the demo")
+# -- reference: a smoothed trigram of the store's corpus ---------------------------------------
+def tokenize_store_corpus(store, out_dir: Path, *, text_field: str = "text") -> Path:
+    """The store's recorded corpus sources, tokenized with its tokenizer into
+    ``out_dir/corpus.txt`` (one document a line, token ids); refused unless the token counts
+    equal the store's. One pass over the corpus (about 15 s for the demo's on 2 cores)."""
+    sources = [Path(s) for s in store.info().get("corpus", {}).get("sources", [])]
+    missing = [s for s in sources if not s.is_file()]
+    if not sources or missing:
+        fail(f"{store.path} records corpus sources {[str(s) for s in sources]}; "
+             f"{'none' if not sources else ', '.join(map(str, missing)) + ' missing'}: the reference needs them")
+    stats = tokenize_corpus(store.tokenizer_spec, sources, out_dir, text_field=text_field, progress=False,
+                            vocab_size=store.vocab_size)
+    if not np.array_equal(stats.counts, store.counts):
+        fail(f"tokenizing {', '.join(map(str, sources))} again gives other token counts than {store.path} holds "
+             "(changed files, or another --text-field); rebuild the store or pass the matching --text-field")
+    return out_dir / "corpus.txt"
 
 
 class NGram:
@@ -163,15 +179,16 @@ class NGram:
             yield divmod(int(key), self.vocab_size)
 
 
-def select_contexts(store, sym_op, n_contexts: int) -> list[dict]:
-    """Contexts, t*, near and far targets by the rule in the module docstring."""
+def select_contexts(store, ngram: NGram, sym_op, n_contexts: int, *, min_context_count: int = MIN_CONTEXT_COUNT,
+                    p_min_near: float = P_MIN_NEAR) -> list[dict]:
+    """Contexts, t*, near and far targets by the rule in the module docstring (the two
+    thresholds lowered only to smoke-test the script on a small store)."""
     V = store.vocab_size
-    ngram = NGram(corpus_of(store), store.counts)
     trained = store.trained
     word = np.array([bool(WORD.match(store.token_text(i))) for i in range(V)])
     pool = np.flatnonzero(trained & word)  # candidates for far
     chosen, used = [], set()
-    for a, b in ngram.frequent_contexts(MIN_CONTEXT_COUNT):
+    for a, b in ngram.frequent_contexts(min_context_count):
         if not word[b]:  # contexts that read as text
             continue
         q = ngram.pi(a, b)
@@ -179,7 +196,7 @@ def select_contexts(store, sym_op, n_contexts: int) -> list[dict]:
         if t_star in used or not (trained[t_star] and word[t_star]):
             continue
         near_list = [n.id for n in store.neighbors(t_star, 8, "knn") if trained[n.id]]
-        if not near_list or q[near_list[0]] < P_MIN_NEAR:
+        if not near_list or q[near_list[0]] < p_min_near:
             continue
         near = near_list[0]
         avoid = np.unique(np.r_[t_star, near, np.argsort(-q)[:TOP_AVOID]])
@@ -194,15 +211,18 @@ def select_contexts(store, sym_op, n_contexts: int) -> list[dict]:
         chosen.append({"context": (a, b), "t_star": t_star, "near": near, "far": int(cand[np.argmin(gap)]), "q": q})
         if len(chosen) == n_contexts:
             return chosen
+    if not chosen:
+        fail(f"no context of {store.path} satisfies the selection rule (a small store? lower --min-context-count "
+             "or --min-near-probability to smoke-test the script on it)")
     fail(f"only {len(chosen)} contexts satisfy the selection rule, {n_contexts} asked; pass --contexts {len(chosen)}")
 
 
 # -- penalties -------------------------------------------------------------------------------
 def build_regularizers(store) -> dict:
     return {
-        "sinkhorn": SinkhornDivergence.from_store(store, "knn", eps=0.05, support=64, tol=1e-3),
-        "tree": TreeWasserstein.from_store(store),
-        "sliced": SlicedWasserstein.from_store(store, n_projections=32, seed=0),
+        "sinkhorn": regularizer_from_store(store, "sinkhorn", metric="knn", eps=0.05, support=64, tol=1e-3),
+        "tree": regularizer_from_store(store, "tree"),
+        "sliced": regularizer_from_store(store, "sliced", n_projections=32, seed=0),
     }
 
 
@@ -432,8 +452,9 @@ def table_md(payload: dict) -> str:
     m, a, rows = payload["machine"], payload["args"], payload["rows"]
     lines = [
         "# Near vs far drift under KL and Wasserstein penalties", "",
-        f"`benchmarks/penalty_experiment.py{' --quick' if a['quick'] else ''}`: C = {a['contexts']} contexts, reference = "
-        f"interpolated trigram of the demo corpus, metric = the demo store (cl100k_base, V = 100,277); G = {a['group']} "
+        f"`experiments/penalty_experiment.py{' --quick' if a['quick'] else ''}`: C = {a['contexts']} contexts, reference = "
+        f"interpolated trigram of the store's corpus, metric = {payload.get('store', 'the demo store')} "
+        f"({payload.get('tokenizer', 'cl100k_base')}, V = {payload.get('vocab_size', 100277):,}); G = {a['group']} "
         f"samples per context and step, {a['steps']} Adam steps, lr {a['lr']}, seed {a['seed']}. Machine: {m['cpu']}, "
         f"{m['cores']} cores (shared), torch {m.get('torch')} on {a['threads']} thread(s); commit {payload['commit'][:10]}"
         f"{' (regularizers had uncommitted changes)' if payload['uncommitted_regularizer_changes'] else ''}.", "",
@@ -518,6 +539,14 @@ def describe(store, contexts: list[dict], sym_op) -> list[dict]:
     return out
 
 
+def shown_path(path: Path) -> str:
+    """``path`` relative to the repository when it lies inside it (as the results show it)."""
+    try:
+        return str(path.resolve().relative_to(ROOT))
+    except ValueError:
+        return str(path)
+
+
 def git_state() -> tuple[str, str]:
     run = lambda *a: subprocess.run(["git", *a], cwd=ROOT, capture_output=True, text=True).stdout.strip()  # noqa: E731
     return run("rev-parse", "HEAD"), run("status", "--porcelain", "vocabmetric/regularizers")
@@ -533,6 +562,12 @@ def main(argv=None) -> None:
     parser.add_argument("--betas", type=float, nargs="*", default=None, help="β for every penalty (default 1 4)")
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--store", type=Path, default=STORE, help="the metric store (default: the demo's, from `make run`)")
+    parser.add_argument("--text-field", default="text", help="the JSON field of the store's .jsonl sources (as built)")
+    parser.add_argument("--min-context-count", type=int, default=MIN_CONTEXT_COUNT,
+                        help=f"occurrences a two-token context needs (default {MIN_CONTEXT_COUNT})")
+    parser.add_argument("--min-near-probability", type=float, default=P_MIN_NEAR,
+                        help=f"π_ref(near) a context needs (default {P_MIN_NEAR}); lower it only for a smoke test")
     parser.add_argument("--redraw", action="store_true", help="rewrite the .md and the plot from the saved .json; no training")
     args = parser.parse_args(argv)
     if args.redraw:
@@ -540,14 +575,18 @@ def main(argv=None) -> None:
     args.contexts = args.contexts or (4 if args.quick else 12)
     args.steps = args.steps or (60 if args.quick else 150)
     betas = args.betas or ([4.0] if args.quick else [1.0, 4.0])
-    if not (STORE / "zarr.json").is_file():
-        fail(f"the demo store {STORE} is missing; build it with `make run` (a few minutes on 2 cores)")
+    try:
+        store = open_store(args.store)
+    except StoreError as exc:
+        fail(f"{exc} (the demo store is built by `make run`, a few minutes on 2 cores)")
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
-    store = open_store(STORE)
+    with tempfile.TemporaryDirectory(prefix="penalty-experiment-") as tmp:
+        ngram = NGram(tokenize_store_corpus(store, Path(tmp), text_field=args.text_field), store.counts)
     regs = build_regularizers(store)
-    sym_op = regs["sinkhorn"].op
-    contexts = select_contexts(store, sym_op, args.contexts)
+    sym_op = regs["sinkhorn"].op  # the symmetrized knn cost that Sinkhorn transports over
+    contexts = select_contexts(store, ngram, sym_op, args.contexts, min_context_count=args.min_context_count,
+                               p_min_near=args.min_near_probability)
     C = len(contexts)
     described = describe(store, contexts, sym_op)
     for d in described:
@@ -582,6 +621,7 @@ def main(argv=None) -> None:
     rows = summarize(results, C)
     payload = {
         "name": "penalty_experiment", "machine": machine_info(), "commit": commit,
+        "store": shown_path(args.store), "tokenizer": store.tokenizer_spec, "vocab_size": store.vocab_size,
         "uncommitted_regularizer_changes": dirty, "args": vars(args), "groups": groups,
         "caps": {"knn": sym_op.cap, "tree": float(store.metric_attrs("tree")["cap"])},
         "contexts": described, "q_target": float(np.mean([[d["q_near"], d["q_far"]] for d in described])),
@@ -595,7 +635,7 @@ def main(argv=None) -> None:
     if args.quick:  # a smoke run: print, keep the committed results
         print(table_md(payload))
         return
-    out = write_results("penalty_experiment", payload, table_md(payload))
+    out = write_results("penalty_experiment", payload, table_md(payload), RESULTS)
     plot(rows, groups, payload["q_target"], C, PLOT)
     print(f"wrote {out} and {PLOT} ({payload['seconds_training']:.0f} s of training)")
 
@@ -607,7 +647,7 @@ def redraw() -> None:
     if not saved.is_file():
         fail(f"{saved} does not exist; run the experiment first (without --redraw)")
     payload = json.loads(saved.read_text())
-    write_results("penalty_experiment", payload, table_md(payload))
+    write_results("penalty_experiment", payload, table_md(payload), RESULTS)
     plot(payload["rows"], payload["groups"], payload["q_target"], len(payload["contexts"]), PLOT)
     print(f"rewrote {saved.with_suffix('.md')} and {PLOT} from {saved}")
 
