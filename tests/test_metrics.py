@@ -8,7 +8,8 @@ import pytest
 from scipy.stats import spearmanr
 
 from vocabmetric.errors import VocabMetricError
-from vocabmetric.metrics import GeodesicMetric, KnnMetric, L2Metric, UmapMetric, bounded_dijkstra, knn_graph
+from vocabmetric.metrics import (GeodesicMetric, KnnMetric, L2Metric, TreeBuilder, UmapMetric, WardTreeBuilder,
+                                 bounded_dijkstra, knn_graph)
 
 
 def brute_l2(x: np.ndarray) -> np.ndarray:
@@ -243,3 +244,62 @@ def test_cap_bounds_every_stored_cost_for_every_metric(clustered, umap_twice):
         m.to_operator()  # the operator's own check (cap >= stored) passes
     with pytest.raises(VocabMetricError, match="cap=0.01 must be .* >= the largest stored cost"):
         GeodesicMetric(k_graph=5, k=50, cap=0.01).fit(x, trained, knn=graph)
+
+
+# -- argument checks without embeddings ---------------------------------------------------
+BAD_ARGUMENTS = [
+    (UmapMetric, {"n_components": -1}, r"n_components must be an integer >= 1, got -1"),
+    (UmapMetric, {"n_neighbors": 1}, r"n_neighbors must be an integer >= 2, got 1"),
+    (UmapMetric, {"n_epochs": 0}, r"n_epochs must be an integer >= 1 or unset, got 0"),
+    (UmapMetric, {"seed": -3}, r"seed must be an integer >= 0 or unset, got -3"),
+    (KnnMetric, {"k": 0}, r"k must be an integer >= 1, got 0"),
+    (KnnMetric, {"k": 2.5}, r"k must be an integer >= 1, got 2.5"),
+    (KnnMetric, {"k": True}, r"k must be an integer >= 1, got True"),
+    (KnnMetric, {"index": "ivf"}, r"index must be 'flat' or 'hnsw', got 'ivf'"),
+    (KnnMetric, {"hnsw_m": 0}, r"hnsw_m must be an integer >= 1"),
+    (KnnMetric, {"ef_search": -1}, r"ef_search must be an integer >= 1 or unset"),
+    (L2Metric, {"batch_size": 0}, r"batch_size must be an integer >= 1"),
+    (L2Metric, {"cap": float("nan")}, r"cap=nan must be finite and > 0"),
+    (GeodesicMetric, {"k_graph": 0}, r"k_graph must be an integer >= 1, got 0"),
+    (GeodesicMetric, {"n_jobs": 0}, r"n_jobs must be an integer >= 1, -1 or unset, got 0"),
+    (GeodesicMetric, {"n_cap_sources": 0}, r"n_cap_sources must be an integer >= 1"),
+    (GeodesicMetric, {"cap": "big"}, r"cap='big' must be finite and > 0"),
+    (TreeBuilder, {"branching": 1}, r"branching must be an integer >= 2, got 1"),
+    (TreeBuilder, {"max_depth": -1}, r"max_depth must be an integer >= 0, got -1"),
+    (TreeBuilder, {"niter": 0}, r"niter must be an integer >= 1, got 0"),
+    (WardTreeBuilder, {"n_neighbors": 0}, r"n_neighbors must be an integer >= 1, got 0"),
+    (WardTreeBuilder, {"progress": "yes"}, r"progress must be true, false or unset, got 'yes'"),
+]
+
+
+@pytest.mark.parametrize("builder, kwargs, match", BAD_ARGUMENTS, ids=lambda v: getattr(v, "__name__", None))
+def test_every_builder_argument_is_checked_without_embeddings(builder, kwargs, match):
+    from vocabmetric.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=f"^{builder.__name__}: {match}"):
+        builder(**kwargs).validate()
+    with pytest.raises(ConfigError, match=rf"^\[metrics.x\] {match}"):
+        builder(**kwargs).validate(where="[metrics.x]")
+
+
+def test_default_builders_validate_and_fit_checks_first(data):
+    from vocabmetric.errors import ConfigError
+
+    for builder in (KnnMetric, L2Metric, GeodesicMetric, UmapMetric, TreeBuilder, WardTreeBuilder):
+        assert builder().validate() is not None
+    x, trained = data
+    with pytest.raises(ConfigError, match="n_components must be an integer >= 1"):
+        UmapMetric(n_components=-1).fit(x, trained)
+
+
+@pytest.mark.parametrize("builder", [KnnMetric, L2Metric, GeodesicMetric, UmapMetric, TreeBuilder, WardTreeBuilder],
+                         ids=lambda b: b.__name__)
+def test_validate_covers_every_constructor_argument(builder):
+    """A new constructor argument needs its rule in ``validate()``: no argument goes unchecked."""
+    import inspect
+
+    from vocabmetric.errors import ConfigError
+
+    for name in list(inspect.signature(builder).parameters):
+        with pytest.raises(ConfigError, match=rf"^{builder.__name__}: {name}\b|^{builder.__name__}: cap="):
+            builder(**{name: object()}).validate()

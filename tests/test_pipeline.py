@@ -83,6 +83,17 @@ BAD_CONFIGS = {
     "missing tokenizer file": ('[corpus]\nsources = ["{lee}"]', r"tokenizer\.spec: file .*absent\.json does not exist"),
     "import without path": ('[corpus]\nsources = ["{lee}"]\n[embeddings]\nmethod = "import"', r"embeddings\.path is required"),
     "not toml": ('[corpus\nsources = 1', r"not valid TOML"),
+    "bad umap argument": ('[corpus]\nsources = ["{lee}"]\n[metrics.umap]\nn_components = -1',
+                          r"\[metrics\.umap\] n_components must be an integer >= 1, got -1"),
+    "bad geodesic argument": ('[corpus]\nsources = ["{lee}"]\n[metrics.geodesic]\nk_graph = 0',
+                              r"\[metrics\.geodesic\] k_graph must be an integer >= 1, got 0"),
+    "bad knn index": ('[corpus]\nsources = ["{lee}"]\n[metrics.knn]\nindex = "ivf"',
+                      r"\[metrics\.knn\] index must be 'flat' or 'hnsw', got 'ivf'"),
+    "bad tree argument": ('[corpus]\nsources = ["{lee}"]\n[metrics.tree]\nbuilder = "ward"\nn_neighbors = 0',
+                          r"\[metrics\.tree\] n_neighbors must be an integer >= 1, got 0"),
+    "bad cap": ('[corpus]\nsources = ["{lee}"]\n[metrics.tree]\ncap = -1.0', r"\[metrics\.tree\] cap=-1\.0 must be finite and > 0"),
+    "deterministic with threads": ('[corpus]\nsources = ["{lee}"]\n[embeddings]\ndeterministic = true\nworkers = 4',
+                                   r"embeddings\.deterministic = true trains on one thread"),
 }
 
 
@@ -221,3 +232,76 @@ def test_cli_info_opens_the_built_store(built):
     assert info["embeddings"]["n_trained"] == built.stats["n_trained"]
     assert set(info["metrics"]) == {"l2", "knn", "geodesic"}
     assert info["metrics"]["knn"]["k"] == 6
+
+
+# -- leftovers, content keys, deterministic builds ------------------------------------------
+def test_leftovers_of_a_dead_build_are_removed_by_the_next_one(project, built, tmp_path):
+    """A SIGKILL during the store write leaves ``OUT/.metric.zarr.tmp-<pid>``, one during a
+    stage ``cache/.<stage>-<key>.tmp-<pid>``: the next build removes them, whichever stages
+    it runs; those of a live process (a concurrent build) stay."""
+    import shutil
+
+    from test_stages import dead_pid
+
+    out = tmp_path / "out"
+    shutil.copytree(project / "reference", out)
+    dead = dead_pid()
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        left = [out / f".metric.zarr.tmp-{dead}", out / "cache" / f".embed-0123456789abcdef.tmp-{dead}"]
+        kept = out / "cache" / f".embed-0123456789abcdef.tmp-{live.pid}"
+        for d in [*left, kept]:
+            d.mkdir()
+            (d / "zarr.json").write_text("{}")
+        result = build(project / "tiny.toml", out, progress=False)
+        assert all(r.cached for r in result.stages)
+        assert [d for d in left if d.exists()] == [] and kept.is_dir()
+    finally:
+        live.kill()
+        live.wait()
+
+
+def test_a_rerun_embed_stage_with_other_vectors_rebuilds_what_reads_them(project, built, tmp_path, monkeypatch):
+    """Same config, other embeddings (word2vec on several threads differs run to run): the
+    metric stages get new keys instead of reusing entries built from the old vectors."""
+    import shutil
+
+    import vocabmetric.pipeline as pipeline
+
+    train = pipeline.train_word2vec
+
+    def noisy(*args, **kw):
+        emb = train(*args, **kw)
+        emb.vectors[emb.trained] += np.float32(1e-3)
+        return emb
+
+    out = tmp_path / "out"
+    shutil.copytree(project / "reference", out)
+    shutil.rmtree(next((out / "cache").glob("embed-*")))
+    monkeypatch.setattr(pipeline, "train_word2vec", noisy)
+    result = build(project / "tiny.toml", out, progress=False)
+    keys = {r.name: r.key for r in built.stages}
+    ran = {r.name: (r.key, r.cached) for r in result.stages}
+    assert ran["tokenize"] == (keys["tokenize"], True) and ran["embed"] == (keys["embed"], False)
+    for name in ("knn-graph", "metric-knn", "metric-geodesic", "projection2d", "store"):
+        assert ran[name][0] != keys[name] and not ran[name][1], name
+
+
+def test_deterministic_builds_are_byte_identical(project, tmp_path):
+    """``embeddings.deterministic = true`` with all cores (workers = 0) and different hash
+    seeds: the two builds' embeddings are the same bytes."""
+    config = tmp_path / "det.toml"
+    body = (project / "tiny.toml").read_text().split("[metrics.knn]")[0]
+    config.write_text(body.replace("workers = 1          #", "deterministic = true #")
+                      .replace('"hf:tokenizer.json"', f'"hf:{project / "tokenizer.json"}"'))
+    assert "deterministic = true" in config.read_text()
+    vectors = []
+    for seed in ("1", "2"):
+        out = tmp_path / f"out{seed}"
+        env = {**os.environ, "PYTHONHASHSEED": seed}
+        result = _cli("build", config, "--out", out, "-q", env=env)
+        assert result.returncode == 0, result.stderr
+        (entry,) = (out / "cache").glob("embed-*")
+        vectors.append((entry / "vectors.npy").read_bytes())
+        assert json.loads((entry / "meta.json").read_text())["params"]["workers"] == 1
+    assert vectors[0] == vectors[1]

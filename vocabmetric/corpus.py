@@ -1,11 +1,9 @@
 """Read a corpus and tokenize it, on all cores, into the line format word2vec reads.
 
-Formats (by file name):
-
-* ``.txt`` / ``.txt.gz`` — plain text; a document is a block of lines between blank lines.
-* ``.jsonl`` / ``.jsonl.gz`` — one JSON object a line; the text is in ``text_field``.
-* ``.xml.bz2`` — a Wikipedia ``pages-articles`` dump, streamed; markup is stripped with
-  gensim's ``filter_wiki`` in the worker processes.
+Formats (:mod:`vocabmetric.corpus_formats`): ``.txt``, ``.jsonl`` (each also ``.gz`` or
+``.zst``), Wikipedia ``.xml.bz2`` dumps (markup stripped as gensim's ``filter_wiki`` does, in
+the worker processes), ``.parquet`` files and directories of shards, and ``datasets``
+``save_to_disk`` directories.
 
 Output (``tokenize_corpus``): ``corpus.txt`` in gensim's ``LineSentence`` /
 ``corpus_file`` format (one document a line, token ids as decimal words, at most
@@ -19,8 +17,6 @@ from __future__ import annotations
 
 import bz2
 import glob
-import gzip
-import json
 import logging
 import os
 import re
@@ -35,6 +31,8 @@ from typing import Callable, Iterable, Iterator
 import numpy as np
 
 from ._progress import progress_bar
+from .corpus_formats import (DATASETS, FORMATS, JSONL_FORMATS, TEXT_FORMATS, dataset_texts, directory_sources,
+                             json_text, numbered_lines, parquet_texts, source_format, wiki_articles)
 from .errors import CorpusError
 from .tokenizers import encoder_for, load_tokenizer
 
@@ -45,23 +43,12 @@ MAX_LINE_TOKENS = 10000
 #: bpe-openai refuses texts of 1M characters; documents are split below that.
 MAX_DOC_CHARS = 200_000
 
-FORMATS = (".txt", ".txt.gz", ".jsonl", ".jsonl.gz", ".xml.bz2")
-
-
-def source_format(path: Path) -> str:
-    """The format of a corpus file from its name; a clear error for any other name."""
-    name = path.name.lower()
-    for suffix in (".txt.gz", ".jsonl.gz", ".xml.bz2", ".txt", ".jsonl"):
-        if name.endswith(suffix):
-            return suffix
-    raise CorpusError(
-        f"{path}: unknown corpus format; name files *{', *'.join(FORMATS)} "
-        "(plain text, JSON lines, or a Wikipedia pages-articles dump)"
-    )
+__all__ = ["FORMATS", "expand_sources", "iter_documents", "source_format", "tokenize_corpus"]
 
 
 def expand_sources(patterns: Iterable[str], base_dir: Path | None = None) -> list[Path]:
-    """Resolve paths and globs (relative to ``base_dir``); each must match a readable file."""
+    """Resolve paths and globs (relative to ``base_dir``); each must match a readable file, a
+    directory of Parquet shards (expanded to its shards) or a ``datasets`` directory."""
     out: list[Path] = []
     for pattern in patterns:
         full = Path(pattern).expanduser()
@@ -71,12 +58,11 @@ def expand_sources(patterns: Iterable[str], base_dir: Path | None = None) -> lis
         if not matches or not all(m.exists() for m in matches):
             raise CorpusError(f"corpus source {pattern!r} matches no file (looked for {full})")
         for m in matches:
-            if m.is_dir():
-                raise CorpusError(f"corpus source {m} is a directory; give files or a glob such as '{m}/*.txt'")
-            source_format(m)
-            if not os.access(m, os.R_OK):
-                raise CorpusError(f"corpus source {m} is not readable (check its permissions)")
-            out.append(m)
+            for source in directory_sources(m) if m.is_dir() else [m]:
+                source_format(source)
+                if not os.access(source, os.R_OK):
+                    raise CorpusError(f"corpus source {source} is not readable (check its permissions)")
+                out.append(source)
     return out
 
 
@@ -95,10 +81,10 @@ def iter_documents(path: Path, *, text_field: str = "text") -> Iterator[_Doc]:
     fmt = source_format(path)
     line_no = 0
     try:
-        if fmt in (".txt", ".txt.gz"):
+        if fmt in TEXT_FORMATS:
             block: list[str] = []
             size = 0
-            for line_no, line in _numbered_lines(path, fmt):
+            for line_no, line in numbered_lines(path, fmt):
                 if line.strip():
                     block.append(line)
                     size += len(line)
@@ -109,14 +95,17 @@ def iter_documents(path: Path, *, text_field: str = "text") -> Iterator[_Doc]:
                     block, size = [], 0
             if block:
                 yield from (_Doc(t) for t in _split("".join(block)))
-        elif fmt in (".jsonl", ".jsonl.gz"):
-            for line_no, line in _numbered_lines(path, fmt):
+        elif fmt in JSONL_FORMATS:
+            for line_no, line in numbered_lines(path, fmt):
                 if not line.strip():
                     continue
-                yield from (_Doc(t) for t in _split(_json_text(line, path, line_no, text_field)))
+                yield from (_Doc(t) for t in _split(json_text(line, path, line_no, text_field)))
+        elif fmt in (".parquet", DATASETS):  # their readers name the file in every error
+            for text in (parquet_texts if fmt == ".parquet" else dataset_texts)(path, text_field):
+                yield from (_Doc(t) for t in _split(text))
         else:
             with bz2.open(path, "rb") as fh:
-                for line_no, text in enumerate(_wiki_articles(fh), 1):
+                for line_no, text in enumerate(wiki_articles(fh), 1):
                     yield from (_Doc(t, wiki=True) for t in _split(text))
     except CorpusError:
         raise
@@ -125,62 +114,6 @@ def iter_documents(path: Path, *, text_field: str = "text") -> Iterator[_Doc]:
         raise CorpusError(f"{path}: cannot read {where}: {exc} (is the file truncated or corrupt?)") from exc
     except Exception as exc:  # the XML parser's errors
         raise CorpusError(f"{path}: cannot parse after page {line_no}: {exc} (is the dump truncated or corrupt?)") from exc
-
-
-def _numbered_lines(path: Path, fmt: str) -> Iterator[tuple[int, str]]:
-    """``(line number, text)`` of each line (split at ``\\n`` only), decoded as strict UTF-8."""
-    opener = gzip.open if fmt.endswith(".gz") else open
-    with opener(path, "rb") as fh:
-        for line_no, raw in enumerate(fh, 1):
-            try:
-                yield line_no, raw.decode("utf-8")
-            except UnicodeDecodeError as exc:
-                raise CorpusError(
-                    f"{path}: line {line_no} is not valid UTF-8 ({exc.reason} at byte {exc.start} of the line); "
-                    "re-encode the file as UTF-8"
-                ) from None
-
-
-def _wiki_articles(fh) -> Iterator[str]:
-    """The raw markup of each article (namespace 0, not a redirect) of a MediaWiki XML dump.
-
-    The same pages as gensim's ``extract_pages(fh, filter_namespaces=("0",))``, without
-    importing gensim in the reading process. Each ``<page>`` is cleared once read, so memory
-    stays at one page.
-    """
-    from xml.etree.ElementTree import iterparse
-
-    page_tag = ns_tag = text_tag = None
-    for _event, elem in iterparse(fh, events=("end",)):
-        if page_tag is None:  # the namespace of the dump's schema version, from the first element
-            ns = elem.tag[1 : elem.tag.index("}")] if elem.tag.startswith("{") else ""
-            if not ns.startswith("http://www.mediawiki.org/xml/export-"):
-                raise ValueError(f"{ns or elem.tag!r} is not a MediaWiki export namespace")
-            page_tag, ns_tag, text_tag = f"{{{ns}}}page", f"{{{ns}}}ns", f"./{{{ns}}}revision/{{{ns}}}text"
-        if elem.tag != page_tag:
-            continue
-        namespace, text = elem.find(ns_tag), elem.find(text_tag)
-        if namespace is not None and namespace.text == "0" and text is not None and text.text:
-            if not text.text.lstrip()[:9].lower().startswith("#redirect"):
-                yield text.text
-        elem.clear()
-
-
-def _json_text(line: str, path: Path, line_no: int, text_field: str) -> str:
-    try:
-        obj = json.loads(line)
-    except json.JSONDecodeError as exc:
-        raise CorpusError(f"{path}: line {line_no} is not valid JSON: {exc.msg} at column {exc.colno}") from exc
-    if not isinstance(obj, dict) or text_field not in obj:
-        keys = ", ".join(sorted(obj)) if isinstance(obj, dict) else type(obj).__name__
-        raise CorpusError(
-            f"{path}: line {line_no} has no field {text_field!r} (it has: {keys}); "
-            "set corpus.text_field in the config"
-        )
-    text = obj[text_field]
-    if not isinstance(text, str):
-        raise CorpusError(f"{path}: line {line_no}: field {text_field!r} is {type(text).__name__}, not a string")
-    return text
 
 
 def _split(text: str) -> Iterator[str]:

@@ -64,12 +64,19 @@ def train_word2vec(
     workers: int | None = None,
     seed: int = 0,
     alpha: float = 0.025,
+    deterministic: bool = False,
 ) -> Embeddings:
     """Word2vec (gensim, ``corpus_file`` mode) over token ids.
 
     The vocabulary comes from ``counts`` (no second pass over the corpus): every id with
     ``counts[i] >= min_count`` is a word named ``str(i)``. Cost: ``epochs`` passes over the
     corpus on ``workers`` threads; memory O(V·dim).
+
+    ``deterministic=True``: byte-identical vectors for the same corpus, seed and parameters,
+    in any process (vector initialization hashes with :func:`stable_hash`, not the salted
+    ``hash``, so ``PYTHONHASHSEED`` does not matter), by training on one thread: threads
+    interleave their updates in an order that differs run to run. Cost: training takes
+    about ``workers`` times as long.
     """
     import os
 
@@ -82,7 +89,7 @@ def train_word2vec(
             f"word2vec: only {len(words)} token ids occur at least min_count={min_count} times "
             f"in {corpus_file}; use a larger corpus or a smaller min_count"
         )
-    workers = workers or os.cpu_count() or 1
+    workers = 1 if deterministic else workers or os.cpu_count() or 1
     model = Word2Vec(
         vector_size=dim, window=window, sg=sg, negative=negative, sample=sample, min_count=1,
         workers=workers, seed=seed, alpha=alpha, hashfxn=stable_hash, epochs=epochs,
@@ -112,61 +119,23 @@ def _fallback_vectors(vocab_size: int, dim: int, seed: int) -> np.ndarray:
     return ((rng.random((vocab_size, dim), dtype=np.float32) - 0.5) / dim).astype(np.float32)
 
 
-def import_embeddings(path: Path, vocab_size: int, *, tensor: str | None = None) -> Embeddings:
-    """A model's own input-embedding matrix from ``.safetensors`` or ``.npy``.
+def import_embeddings(path: Path, vocab_size: int, *, tensor: str | None = None,
+                      matrix: str = "input") -> Embeddings:
+    """A model's own input (or output, ``matrix = "output"``) embedding matrix.
 
-    The matrix needs at least ``vocab_size`` rows; models often pad the matrix past the
-    tokenizer (to a multiple of 64), and the extra rows are dropped.
+    ``path`` is a model directory, a ``.safetensors`` or a ``.npy`` file; only the chosen
+    tensor is read, by row slices (:mod:`vocabmetric.checkpoint`). The matrix needs at least
+    ``vocab_size`` rows; rows past the tokenizer (a head padded to a multiple of 64) are
+    dropped and counted in ``params["dropped_rows"]``. All-zero rows are marked untrained.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"embeddings file {path} does not exist")
-    if path.suffix == ".npy":
-        matrix = np.load(path, mmap_mode="r")
-    elif path.suffix == ".safetensors":
-        matrix = _load_safetensors(path, tensor)
-    else:
-        raise ConfigError(f"embeddings file {path}: use a .safetensors or .npy file")
-    if matrix.ndim != 2:
-        raise VocabMetricError(f"embeddings in {path} have shape {matrix.shape}; expected (rows, dim)")
-    if matrix.shape[0] < vocab_size:
-        raise VocabMetricError(
-            f"embeddings in {path} have {matrix.shape[0]} rows but the tokenizer has {vocab_size} ids; "
-            "this matrix belongs to another tokenizer"
-        )
-    vectors = np.ascontiguousarray(matrix[:vocab_size], dtype=np.float32)
-    if not np.all(np.isfinite(vectors)):
-        raise VocabMetricError(f"embeddings in {path} contain NaN or inf")
-    norms = np.linalg.norm(vectors, axis=1)
-    trained = norms > 0
-    params = dict(path=str(path), tensor=tensor, rows=int(matrix.shape[0]), dim=int(matrix.shape[1]))
+    from .checkpoint import load_matrix
+
+    found = load_matrix(Path(path), vocab_size, matrix=matrix, tensor=tensor)
+    vectors = found.vectors
+    trained = np.linalg.norm(vectors, axis=1) > 0
+    params = dict(path=str(path), tensor=found.tensor, file=str(found.file), matrix=matrix, tied=found.tied,
+                  dtype=found.dtype, rows=found.rows, dropped_rows=found.dropped_rows, dim=int(vectors.shape[1]))
     return Embeddings(vectors, trained, np.full(vocab_size, -1, np.int32), "import", params)
-
-
-def _load_safetensors(path: Path, tensor: str | None) -> np.ndarray:
-    from safetensors import safe_open
-
-    try:
-        handle = safe_open(str(path), framework="np")
-    except Exception as exc:
-        raise VocabMetricError(f"cannot read {path} as safetensors: {exc}") from exc
-    keys = list(handle.keys())
-    if tensor is None:
-        guesses = [k for k in keys if k.endswith(("embed_tokens.weight", "wte.weight", "word_embeddings.weight"))]
-        if len(guesses) != 1:
-            raise ConfigError(
-                f"{path}: say which tensor holds the input embeddings (embeddings.tensor); it has: "
-                f"{', '.join(keys[:20])}{' …' if len(keys) > 20 else ''}"
-            )
-        tensor = guesses[0]
-    if tensor not in keys:
-        raise ConfigError(f"{path} has no tensor {tensor!r}; it has: {', '.join(keys[:20])}")
-    try:
-        return handle.get_tensor(tensor)
-    except TypeError:  # bfloat16 has no numpy dtype: go through torch
-        from safetensors.torch import load_file
-
-        return load_file(str(path))[tensor].float().numpy()
 
 
 def apply_untrained_policy(emb: Embeddings, token_texts: list[str], counts: np.ndarray, policy: str) -> Embeddings:

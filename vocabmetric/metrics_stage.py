@@ -15,7 +15,10 @@ Each table names a metric; its ``kind`` defaults to the table name::
 Every other key is a keyword of the builder's constructor (see :mod:`vocabmetric.metrics`).
 The flat kNN graph that the geodesic, umap and ward builders read is built once, as its own
 cached stage, with the largest degree any of them needs; each metric is then a cached stage
-keyed by its parameters and the embeddings, so changing one metric rebuilds only that one.
+keyed by its parameters and the content digests of what it reads (the embeddings, the
+graph), so changing one metric rebuilds only that one, and other embeddings (a rerun of a
+nondeterministic word2vec) rebuild every metric. Every builder argument is checked at
+config load (:func:`validate_metrics`, the builders' ``validate()``), before any stage runs.
 
 Whenever a metric is configured, the stage also lays the usable tokens out in 2-D (UMAP
 with 2 components on the same shared graph; the ``[projection]`` table of the config, on
@@ -68,7 +71,8 @@ def _split(name: str, table: Mapping[str, Any]) -> tuple[str, dict[str, Any]]:
 
 
 def validate_metrics(metrics: Mapping[str, Any]) -> None:
-    """Check every ``[metrics.*]`` table before any work: kind, keys, value types."""
+    """Check every ``[metrics.*]`` table before any work: kind, keys, value types, and each
+    value against its builder's own rules (``validate()``, no embeddings needed)."""
     for name, table in metrics.items():
         where = f"metrics.{name}"
         if not isinstance(table, dict):
@@ -93,6 +97,7 @@ def validate_metrics(metrics: Mapping[str, Any]) -> None:
                 same = isinstance(value, type(default)) or (isinstance(default, float) and isinstance(value, int))
                 if isinstance(default, bool) != isinstance(value, bool) or not same:
                     raise ConfigError(f"{where}.{key}: expected {type(default).__name__}, got {value!r}")
+        _builder_class(kind, table)(**params).validate(where=f"[{where}]")
 
 
 def _graph_degree(builder: Any) -> int:
@@ -106,7 +111,7 @@ def _graph_degree(builder: Any) -> int:
     return 0
 
 
-def build_metrics(metrics: Mapping[str, Any], emb: Any, stages: Stages, emb_key: str, *, progress: bool | None = None,
+def build_metrics(metrics: Mapping[str, Any], emb: Any, stages: Stages, emb_digest: str, *, progress: bool | None = None,
                   projection: Mapping[str, Any] | None = None):
     """Fit every configured metric (cached per metric). Returns ``(truncated, tree, extra)``.
 
@@ -114,7 +119,8 @@ def build_metrics(metrics: Mapping[str, Any], emb: Any, stages: Stages, emb_key:
     :class:`~vocabmetric.store.TreeArrays` or None, ``extra`` holds further arrays for the
     store: ``projection2d`` (V, 2) float32 unless ``projection["enabled"]`` is false or no
     metric is configured. ``projection``: the ``[projection]`` table (``enabled``,
-    ``n_neighbors``, ``n_epochs``, ``seed``); None means its defaults.
+    ``n_neighbors``, ``n_epochs``, ``seed``); None means its defaults. ``emb_digest``: the
+    content digest of the embed stage's arrays (:meth:`Stages.digest`), part of every key.
     """
     builders = {}
     for name, table in metrics.items():
@@ -127,9 +133,9 @@ def build_metrics(metrics: Mapping[str, Any], emb: Any, stages: Stages, emb_key:
     if project:
         degree = max(degree, min(projection["n_neighbors"], int(usable.sum())) - 1)
     graph = None
-    graph_key = ""
+    graph_digest = ""
     if degree:
-        graph_key = stage_key("knn-graph", {"k": degree}, emb_key)
+        graph_key = stage_key("knn-graph", {"k": degree}, emb_digest)
 
         def fit_graph(tmp: Path) -> None:
             base = KnnMetric(degree, progress=progress).fit(emb.vectors, usable)
@@ -137,6 +143,7 @@ def build_metrics(metrics: Mapping[str, Any], emb: Any, stages: Stages, emb_key:
             np.save(tmp / "costs.npy", base.costs_)
 
         gdir = stages.run("knn-graph", graph_key, fit_graph)
+        graph_digest = stages.digest("knn-graph")
         graph = (np.load(gdir / "indices.npy"), np.load(gdir / "costs.npy"))
 
     def nearest(need: int) -> tuple[np.ndarray, np.ndarray]:
@@ -147,7 +154,7 @@ def build_metrics(metrics: Mapping[str, Any], emb: Any, stages: Stages, emb_key:
     tree = None
     for name, (kind, builder, table) in builders.items():
         need = _graph_degree(builder)
-        key = stage_key(f"metric-{name}", table, emb_key, graph_key if need else "")
+        key = stage_key(f"metric-{name}", table, emb_digest, graph_digest if need else "")
 
         def fit(tmp: Path, builder=builder, need=need) -> None:
             knn = {"knn": nearest(need)} if need else {}
@@ -164,18 +171,18 @@ def build_metrics(metrics: Mapping[str, Any], emb: Any, stages: Stages, emb_key:
             tree = TreeArrays(*(np.load(mdir / f"{f}.npy") for f in ("parent", "weight", "leaf_of_token")), attrs)
         else:
             truncated[name] = TruncatedMetric(np.load(mdir / "indices.npy"), np.load(mdir / "costs.npy"), meta["cap"], attrs)
-    extra = {PROJECTION: _projection(projection, emb, stages, emb_key, graph_key, nearest, progress)} if project else {}
+    extra = {PROJECTION: _projection(projection, emb, stages, emb_digest, graph_digest, nearest, progress)} if project else {}
     return truncated, tree, extra
 
 
-def _projection(projection: Mapping[str, Any], emb: Any, stages: Stages, emb_key: str, graph_key: str,
+def _projection(projection: Mapping[str, Any], emb: Any, stages: Stages, emb_digest: str, graph_digest: str,
                 nearest: Any, progress: bool | None) -> np.ndarray:
     """The (V, 2) float32 UMAP layout of the usable tokens on the shared graph (cached stage)."""
     usable = emb.usable
     n_neighbors = min(projection["n_neighbors"], int(usable.sum()))
     n_epochs = projection["n_epochs"] or (SMALL_MAP_EPOCHS if usable.sum() < SMALL_MAP else 200)
     params = {"n_neighbors": n_neighbors, "n_epochs": n_epochs, "seed": projection["seed"]}
-    key = stage_key(PROJECTION, params, emb_key, graph_key)
+    key = stage_key(PROJECTION, params, emb_digest, graph_digest)
 
     def fit(tmp: Path) -> None:
         umap = UmapMetric(n_components=2, k=1, n_neighbors=n_neighbors, seed=params["seed"], n_epochs=n_epochs,

@@ -1,7 +1,7 @@
 """The build pipeline: a validated TOML config, run as cached, resumable stages.
 
 Stages, each cached under ``OUT/cache/<stage>-<key>/`` where ``key`` hashes the stage's
-parameters and the keys of the stages it reads::
+parameters and the content digests of the stage outputs it reads (:mod:`vocabmetric.stages`)::
 
     tokenize  → corpus.txt (gensim corpus_file format), counts.npy, stats.json
     embed     → vectors.npy, trained.npy, borrowed_from.npy, meta.json
@@ -11,7 +11,8 @@ parameters and the keys of the stages it reads::
 A stage writes into a temporary directory and renames it into place when done
 (:mod:`vocabmetric.stages`), so a killed run never leaves a cache entry that looks
 finished; rerunning resumes at the first unfinished stage, and a run with nothing changed
-does no work. ``force=True`` rebuilds.
+does no work. ``force=True`` rebuilds. What dead runs left (temporary stage directories,
+the store's temporary copy) is removed at the start of the next build.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from ._progress import show_progress
+from .checkpoint import checkpoint_files
 from .corpus import expand_sources, tokenize_corpus
 from .embeddings import Embeddings, apply_untrained_policy, import_embeddings, train_word2vec
 from .errors import ConfigError, CorpusError, VocabMetricError
@@ -39,6 +41,10 @@ from .tokenizers import load_tokenizer
 
 LOG = logging.getLogger(__name__)
 
+#: The store's ``corpus`` attributes of a build without a [corpus] (embeddings imported).
+NO_CORPUS = {"absent": True, "sources": [], "n_documents": 0, "n_tokens": 0, "seconds": 0.0,
+             "tokens_per_second": 0.0, "note": "no [corpus]: token counts are absent (tokens/count is all zero)"}
+
 
 # -- config -------------------------------------------------------------------------------
 class _Section(BaseModel):
@@ -46,11 +52,11 @@ class _Section(BaseModel):
 
 
 class TokenizerConfig(_Section):
-    spec: str = Field(description="'tiktoken:<encoding>' or 'hf:<path/to/tokenizer.json>'")
+    spec: str = Field(description="'tiktoken:<encoding>', 'hf:<path/to/tokenizer.json>' or 'hf:<model directory>'")
 
 
 class CorpusConfig(_Section):
-    sources: list[str] = Field(min_length=1, description="files or globs, relative to the config file")
+    sources: list[str] = Field(min_length=1, description="files, globs, Parquet shard or datasets directories, relative to the config file")
     text_field: str = "text"
     workers: int = Field(0, ge=0, description="tokenizer processes; 0 = all cores")
     batch_chars: int = Field(1_000_000, gt=0)
@@ -67,10 +73,12 @@ class EmbeddingsConfig(_Section):
     alpha: float = Field(0.025, gt=0)
     min_count: int = Field(5, ge=1)
     workers: int = Field(0, ge=0, description="word2vec threads; 0 = all cores")
-    seed: int = 0
+    seed: int = Field(0, ge=0)
+    deterministic: bool = Field(False, description="byte-identical builds: word2vec on one thread (slower)")
     untrained: Literal["isolate", "borrow"] = "isolate"
-    path: Optional[str] = Field(None, description="method = 'import': a .safetensors or .npy file")
-    tensor: Optional[str] = Field(None, description="method = 'import': the tensor name in a .safetensors file")
+    path: Optional[str] = Field(None, description="method = 'import': a model directory, a .safetensors or .npy file")
+    matrix: Literal["input", "output"] = Field("input", description="method = 'import': token embeddings or the LM head")
+    tensor: Optional[str] = Field(None, description="method = 'import': the tensor name, overriding `matrix`")
 
 
 class ReportConfig(_Section):
@@ -85,12 +93,12 @@ class ProjectionConfig(_Section):
     enabled: bool = True
     n_neighbors: int = Field(15, ge=2)
     n_epochs: Optional[int] = Field(None, gt=0, description="UMAP epochs; default: 200, fewer for small vocabularies")
-    seed: int = 0
+    seed: int = Field(0, ge=0)
 
 
 class PipelineConfig(_Section):
     tokenizer: TokenizerConfig
-    corpus: CorpusConfig
+    corpus: Optional[CorpusConfig] = Field(None, description="optional with embeddings.method = 'import'")
     embeddings: EmbeddingsConfig = Field(default_factory=EmbeddingsConfig)
     metrics: dict[str, dict[str, Any]] = Field(default_factory=dict)
     projection: ProjectionConfig = Field(default_factory=ProjectionConfig)
@@ -126,25 +134,37 @@ def load_config(path: str | os.PathLike) -> tuple[PipelineConfig, Path]:
 
 def _explain(error: dict) -> str:
     if error["type"] == "extra_forbidden":
-        return "unknown key (check its spelling against the README's config reference)"
+        return "unknown key (check its spelling against docs/building.md)"
     if error["type"] == "missing":
         return "required key is missing"
     return f"{error['msg']} (got {error.get('input')!r})"
 
 
 def _check_config(config: PipelineConfig, base: Path, path: Path) -> None:
-    try:
-        expand_sources(config.corpus.sources, base)
-    except CorpusError as exc:
-        raise ConfigError(f"{path}: corpus.sources: {exc}") from None
+    if config.corpus is not None:
+        try:
+            expand_sources(config.corpus.sources, base)
+        except CorpusError as exc:
+            raise ConfigError(f"{path}: corpus.sources: {exc}") from None
+    elif config.embeddings.method != "import":
+        raise ConfigError(f"{path}: corpus: required key is missing ([corpus] sources = [...]); "
+                          "only embeddings.method = 'import' builds without a corpus")
     spec = config.tokenizer.spec
-    if spec.startswith("hf:") and not _resolve(spec[3:], base).is_file():
-        raise ConfigError(f"{path}: tokenizer.spec: file {_resolve(spec[3:], base)} does not exist")
+    if spec.startswith("hf:"):
+        where = _resolve(spec[3:], base)
+        if not where.exists():
+            raise ConfigError(f"{path}: tokenizer.spec: file {where} does not exist")
+        if where.is_dir() and not (where / "tokenizer.json").is_file():
+            raise ConfigError(f"{path}: tokenizer.spec: model directory {where} has no tokenizer.json; "
+                              "save the fast tokenizer there or give the file's path")
     if config.embeddings.method == "import":
         if not config.embeddings.path:
             raise ConfigError(f"{path}: embeddings.path is required when embeddings.method = 'import'")
-        if not _resolve(config.embeddings.path, base).is_file():
+        if not _resolve(config.embeddings.path, base).exists():
             raise ConfigError(f"{path}: embeddings.path: file {_resolve(config.embeddings.path, base)} does not exist")
+    if config.embeddings.deterministic and config.embeddings.workers > 1:
+        raise ConfigError(f"{path}: embeddings.deterministic = true trains on one thread; remove "
+                          f"embeddings.workers = {config.embeddings.workers} or set it to 1")
     try:
         validate_metrics(config.metrics)
     except ConfigError as exc:
@@ -190,13 +210,14 @@ def build(
     out.mkdir(parents=True, exist_ok=True)
     show = show_progress(progress)
     stages = Stages(out, force)
+    stages.remove_leftovers()  # of builds killed earlier
     spec = tokenizer_spec(config, base)
     tokenizer = load_tokenizer(spec)
-    sources = expand_sources(config.corpus.sources, base)
+    sources = expand_sources(config.corpus.sources, base) if config.corpus else []
     cc, ec = config.corpus, config.embeddings
 
-    # 1. tokenize
-    tok_key = stage_key("tokenize", [tokenizer.fingerprint, _source_ids(sources), cc.text_field])
+    # 1. tokenize (none without a [corpus]: imported embeddings, counts absent)
+    tok_key = stage_key("tokenize", [tokenizer.fingerprint, _source_ids(sources), cc.text_field if cc else None])
 
     def tokenize(tmp: Path) -> None:
         stats = tokenize_corpus(spec, sources, tmp, text_field=cc.text_field, workers=cc.workers or None,
@@ -207,38 +228,45 @@ def build(
             "seconds": stats.seconds, "tokens_per_second": stats.tokens_per_second,
         }))
 
-    tok_dir = stages.run("tokenize", tok_key, tokenize)
-    counts = np.load(tok_dir / "counts.npy")
-    corpus_stats = json.loads((tok_dir / "stats.json").read_text())
+    if cc is None:
+        counts, corpus_stats = np.zeros(tokenizer.vocab_size, np.int64), dict(NO_CORPUS)
+        LOG.info("no [corpus]: token counts are absent (all zero in the store)")
+    else:
+        tok_dir = stages.run("tokenize", tok_key, tokenize, content=("corpus.txt", "counts.npy"))
+        counts = np.load(tok_dir / "counts.npy")
+        corpus_stats = json.loads((tok_dir / "stats.json").read_text())
 
     # 2. embed
     emb_params = ec.model_dump()
-    emb_key = stage_key("embed", emb_params, tok_key)
+    if ec.method == "import":  # a re-saved checkpoint at the same path is a new input
+        emb_params["checkpoint"] = _source_ids(checkpoint_files(_resolve(ec.path, base)))
+    emb_key = stage_key("embed", emb_params, stages.digest("tokenize") if cc else tok_key)
 
     def embed(tmp: Path) -> None:
         if ec.method == "import":
-            emb = import_embeddings(_resolve(ec.path, base), tokenizer.vocab_size, tensor=ec.tensor)
+            emb = import_embeddings(_resolve(ec.path, base), tokenizer.vocab_size, tensor=ec.tensor, matrix=ec.matrix)
         else:
             emb = train_word2vec(tok_dir / "corpus.txt", counts, dim=ec.dim, window=ec.window, sg=ec.sg,
                                  negative=ec.negative, epochs=ec.epochs, sample=ec.sample, min_count=ec.min_count,
-                                 workers=ec.workers or None, seed=ec.seed, alpha=ec.alpha)
+                                 workers=ec.workers or None, seed=ec.seed, alpha=ec.alpha,
+                                 deterministic=ec.deterministic)
         emb = apply_untrained_policy(emb, [tokenizer.token_text(i) for i in range(tokenizer.vocab_size)], counts, ec.untrained)
         save_array(tmp / "vectors.npy", emb.vectors)
         save_array(tmp / "trained.npy", emb.trained)
         save_array(tmp / "borrowed_from.npy", emb.borrowed_from)
         (tmp / "meta.json").write_text(json.dumps({"method": emb.method, "params": emb.params, "seconds": emb.seconds}))
 
-    emb_dir = stages.run("embed", emb_key, embed)
+    emb_dir = stages.run("embed", emb_key, embed, content=("vectors.npy", "trained.npy", "borrowed_from.npy"))
     meta = json.loads((emb_dir / "meta.json").read_text())
     emb = Embeddings(np.load(emb_dir / "vectors.npy"), np.load(emb_dir / "trained.npy"),
                      np.load(emb_dir / "borrowed_from.npy"), meta["method"], meta["params"], meta["seconds"])
 
     # 3. metrics
-    metrics, tree, extra = build_metrics(config.metrics, emb, stages, emb_key, progress=show,
+    metrics, tree, extra = build_metrics(config.metrics, emb, stages, stages.digest("embed"), progress=show,
                                          projection=config.projection.model_dump())
 
     # 4. store
-    store_key = stage_key("store", [r.key for r in stages.results])
+    store_key = stage_key("store", [[r.key, r.digest] for r in stages.results])
     store_path = out / "metric.zarr"
     store_stage = _store_is_current(store_path, store_key) and not force
     start = time.perf_counter()
@@ -250,7 +278,7 @@ def build(
     stats = {"vocab_size": tokenizer.vocab_size, "n_tokens": corpus_stats["n_tokens"],
              "n_documents": corpus_stats["n_documents"], "n_trained": int(emb.trained.sum()),
              "n_borrowed": int((emb.borrowed_from >= 0).sum()),
-             "tokens_per_second": corpus_stats["tokens_per_second"]}
+             "tokens_per_second": corpus_stats["tokens_per_second"], "corpus_absent": cc is None}
     return BuildResult(store_path, stages.results, stats, config)
 
 

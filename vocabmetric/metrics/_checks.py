@@ -7,6 +7,10 @@ The cap policy (:func:`choose_cap`): the cap is the :data:`CAP_QUANTILE` quantil
 metric over :data:`CAP_PAIRS` random trained pairs (:func:`random_pairs`), raised to the
 largest stored cost when that is higher; a given cap must be finite, > 0 and >= every
 stored cost.
+
+Argument checks (:func:`check_integer`, :func:`check_cap`, :func:`check_flag`) need no
+embeddings: every builder's ``validate()`` runs them at config load and at the start of
+``fit``, and raises :class:`~vocabmetric.errors.ConfigError` naming the argument and value.
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import VocabMetricError
+from ..errors import ConfigError, VocabMetricError
 from ..operator import CostOperator
 
 LOG = logging.getLogger(__name__)
@@ -67,6 +71,37 @@ def check_inputs(embeddings: Any, trained: Any, what: str) -> tuple[np.ndarray, 
             "mark it untrained or fix its embedding"
         )
     return emb, mask
+
+
+def argument_where(builder: Any, where: str | None) -> str:
+    """The prefix of an argument error: ``where`` (a config table, ``"[metrics.umap]"``) or
+    the builder's class name."""
+    return where or f"{type(builder).__name__}:"
+
+
+def _is_integer(value: Any) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+
+
+def check_integer(where: str, name: str, value: Any, low: int, *, unset: bool = False, also: tuple = ()) -> None:
+    """``value`` is an integer >= ``low`` (or one of ``also``, or None when ``unset``)."""
+    if (unset and value is None) or (_is_integer(value) and (value >= low or value in also)):
+        return
+    allowed = ", ".join([f"an integer >= {low}", *map(str, also)]) + (" or unset" if unset else "")
+    raise ConfigError(f"{where} {name} must be {allowed}, got {value!r}")
+
+
+def check_cap(where: str, cap: Any) -> None:
+    """A given cap is a finite number > 0 (None: derived from the data)."""
+    number = isinstance(cap, (int, float, np.number)) and not isinstance(cap, bool)
+    if cap is not None and not (number and np.isfinite(cap) and cap > 0):
+        raise ConfigError(f"{where} cap={cap!r} must be finite and > 0")
+
+
+def check_flag(where: str, name: str, value: Any) -> None:
+    """``value`` is True, False or None."""
+    if value is not None and not isinstance(value, (bool, np.bool_)):
+        raise ConfigError(f"{where} {name} must be true, false or unset, got {value!r}")
 
 
 def check_k(k: int, n_trained: int, what: str, name: str = "k") -> int:

@@ -15,7 +15,8 @@ import numpy as np
 
 from .._jit import compile_once
 from .._progress import progress_bar
-from ._checks import CAP_PAIRS, TruncatedMetricBase, check_inputs, check_k, check_knn
+from ._checks import (CAP_PAIRS, TruncatedMetricBase, argument_where, check_cap, check_flag, check_inputs, check_integer,
+                      check_k, check_knn)
 from ._knn import KnnMetric, knn_graph
 
 LOG = logging.getLogger(__name__)
@@ -53,8 +54,23 @@ class GeodesicMetric(TruncatedMetricBase):
         self.k_graph, self.k, self.cap, self.n_jobs = k_graph, k, cap, n_jobs
         self.batch_size, self.n_cap_sources, self.progress, self.seed = batch_size, n_cap_sources, progress, seed
 
+    def validate(self, where: str | None = None) -> "GeodesicMetric":
+        """Check every argument without embeddings (cheap; ``fit`` calls it first).
+
+        Raises :class:`~vocabmetric.errors.ConfigError` naming the argument and its value,
+        prefixed by ``where`` (the config table, ``"[metrics.geodesic]"``; default: the class name).
+        """
+        where = argument_where(self, where)
+        for name, low in (("k_graph", 1), ("k", 1), ("batch_size", 1), ("n_cap_sources", 1), ("seed", 0)):
+            check_integer(where, name, getattr(self, name), low)
+        check_integer(where, "n_jobs", self.n_jobs, 1, unset=True, also=(-1,))
+        check_cap(where, self.cap)
+        check_flag(where, "progress", self.progress)
+        return self
+
     def fit(self, embeddings: Any, trained: Any = None, *, knn: Any = None) -> "GeodesicMetric":
         what = type(self).__name__
+        self.validate()
         emb, mask = check_inputs(embeddings, trained, what)
         trained_ids = np.flatnonzero(mask)
         k_graph = check_k(self.k_graph, len(trained_ids), what, "k_graph")

@@ -15,8 +15,9 @@ import numpy as np
 
 from .._progress import progress_bar
 from .._vectors import l2_distance, normalized
-from ..errors import VocabMetricError
-from ._checks import CAP_PAIRS, TruncatedMetricBase, check_inputs, check_k, random_pairs
+from ..errors import ConfigError
+from ._checks import (CAP_PAIRS, TruncatedMetricBase, argument_where, check_cap, check_flag, check_inputs, check_integer,
+                      check_k, random_pairs)
 
 LOG = logging.getLogger(__name__)
 
@@ -54,10 +55,25 @@ class KnnMetric(TruncatedMetricBase):
         self.hnsw_m, self.ef_search, self.batch_size = hnsw_m, ef_search, batch_size
         self.progress, self.seed = progress, seed
 
+    def validate(self, where: str | None = None) -> "KnnMetric":
+        """Check every argument without embeddings (cheap; ``fit`` calls it first).
+
+        Raises :class:`~vocabmetric.errors.ConfigError` naming the argument and its value,
+        prefixed by ``where`` (the config table, ``"[metrics.knn]"``; default: the class name).
+        """
+        where = argument_where(self, where)
+        if self.index not in ("flat", "hnsw"):
+            raise ConfigError(f"{where} index must be 'flat' or 'hnsw', got {self.index!r}")
+        for name, low in (("k", 1), ("hnsw_m", 1), ("batch_size", 1), ("seed", 0)):
+            check_integer(where, name, getattr(self, name), low)
+        check_integer(where, "ef_search", self.ef_search, 1, unset=True)
+        check_cap(where, self.cap)
+        check_flag(where, "progress", self.progress)
+        return self
+
     def fit(self, embeddings: Any, trained: Any = None) -> "KnnMetric":
         what = type(self).__name__
-        if self.index not in ("flat", "hnsw"):
-            raise VocabMetricError(f"{what}: index must be 'flat' or 'hnsw', got {self.index!r}")
+        self.validate()
         emb, mask = check_inputs(embeddings, trained, what)
         trained_ids = np.flatnonzero(mask)
         k = check_k(self.k, len(trained_ids), what)

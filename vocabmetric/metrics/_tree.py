@@ -35,7 +35,8 @@ from .._progress import progress_bar
 from .._vectors import normalized
 from ..errors import VocabMetricError
 from ..operator import TreeMetric
-from ._checks import CAP_PAIRS, CAP_QUANTILE, check_inputs, check_k, check_knn, random_pairs
+from ._checks import (CAP_PAIRS, CAP_QUANTILE, argument_where, check_cap, check_flag, check_inputs, check_integer, check_k,
+                      check_knn, random_pairs)
 from ._knn import KnnMetric, knn_graph
 
 LOG = logging.getLogger(__name__)
@@ -69,10 +70,8 @@ class _TreeResult:
         if cap is None:
             a, b = random_pairs(trained_ids, CAP_PAIRS, seed)
             cap, statistic = float(np.quantile(tree.distance(a, b), CAP_QUANTILE)), f"p{CAP_QUANTILE * 100:g} of {len(a)} random trained pairs"
-        else:
+        else:  # checked by validate()
             cap, statistic = float(cap), "given"
-            if not np.isfinite(cap) or cap <= 0:
-                raise VocabMetricError(f"{what}: cap={cap} must be finite and > 0")
         weight[untrained_ids] = cap / 2
         self.parent_, self.weight_ = parent.astype(np.int64), weight.astype(np.float64)
         self.leaf_of_token_ = np.arange(vocab_size, dtype=np.int64)
@@ -110,12 +109,22 @@ class TreeBuilder(_TreeResult):
         self.branching, self.max_leaf_size, self.max_depth, self.cap = branching, max_leaf_size, max_depth, cap
         self.niter, self.seed, self.progress = niter, seed, progress
 
+    def validate(self, where: str | None = None) -> "TreeBuilder":
+        """Check every argument without embeddings (cheap; ``fit`` calls it first).
+
+        Raises :class:`~vocabmetric.errors.ConfigError` naming the argument and its value,
+        prefixed by ``where`` (the config table, ``"[metrics.tree]"``; default: the class name).
+        """
+        where = argument_where(self, where)
+        for name, low in (("branching", 2), ("max_leaf_size", 1), ("max_depth", 0), ("niter", 1), ("seed", 0)):
+            check_integer(where, name, getattr(self, name), low)
+        check_cap(where, self.cap)
+        check_flag(where, "progress", self.progress)
+        return self
+
     def fit(self, embeddings: Any, trained: Any = None, *, knn: Any = None) -> "TreeBuilder":
         what = type(self).__name__
-        if not isinstance(self.branching, (int, np.integer)) or self.branching < 2:
-            raise VocabMetricError(f"{what}: branching must be an integer >= 2, got {self.branching!r}")
-        if not isinstance(self.max_leaf_size, (int, np.integer)) or self.max_leaf_size < 1:
-            raise VocabMetricError(f"{what}: max_leaf_size must be an integer >= 1, got {self.max_leaf_size!r}")
+        self.validate()
         emb, mask = check_inputs(embeddings, trained, what)
         trained_ids, untrained_ids = np.flatnonzero(mask), np.flatnonzero(~mask)
         check_k(1, len(trained_ids), what, "the tree's 1 neighbour")
@@ -190,11 +199,25 @@ class WardTreeBuilder(_TreeResult):
     def __init__(self, n_neighbors: int = 10, cap: float | None = None, *, seed: int = 0, progress: bool | None = None):
         self.n_neighbors, self.cap, self.seed, self.progress = n_neighbors, cap, seed, progress
 
+    def validate(self, where: str | None = None) -> "WardTreeBuilder":
+        """Check every argument without embeddings (cheap; ``fit`` calls it first).
+
+        Raises :class:`~vocabmetric.errors.ConfigError` naming the argument and its value,
+        prefixed by ``where`` (the config table, ``"[metrics.tree]"``; default: the class name).
+        """
+        where = argument_where(self, where)
+        check_integer(where, "n_neighbors", self.n_neighbors, 1)
+        check_integer(where, "seed", self.seed, 0)
+        check_cap(where, self.cap)
+        check_flag(where, "progress", self.progress)
+        return self
+
     def fit(self, embeddings: Any, trained: Any = None, *, knn: Any = None) -> "WardTreeBuilder":
         from scipy.sparse import csr_matrix
         from sklearn.cluster import AgglomerativeClustering
 
         what = type(self).__name__
+        self.validate()
         emb, mask = check_inputs(embeddings, trained, what)
         trained_ids, untrained_ids = np.flatnonzero(mask), np.flatnonzero(~mask)
         n_t, vocab_size = len(trained_ids), len(emb)

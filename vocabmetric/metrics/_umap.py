@@ -17,7 +17,8 @@ import numpy as np
 from .._progress import show_progress
 from .._vectors import l2_distance, normalized
 from ..errors import VocabMetricError
-from ._checks import CAP_PAIRS, CAP_QUANTILE, TruncatedMetricBase, check_inputs, check_k, check_knn, random_pairs
+from ._checks import (CAP_PAIRS, CAP_QUANTILE, TruncatedMetricBase, argument_where, check_cap, check_flag, check_inputs,
+                      check_integer, check_k, check_knn, random_pairs)
 from ._knn import KnnMetric, drop_self
 
 LOG = logging.getLogger(__name__)
@@ -49,11 +50,27 @@ class UmapMetric(TruncatedMetricBase):
         self.n_components, self.k, self.n_neighbors, self.cap, self.seed = n_components, k, n_neighbors, cap, seed
         self.n_epochs, self.progress = n_epochs, progress
 
+    def validate(self, where: str | None = None) -> "UmapMetric":
+        """Check every argument without embeddings (cheap; ``fit`` calls it first).
+
+        Raises :class:`~vocabmetric.errors.ConfigError` naming the argument and its value,
+        prefixed by ``where`` (the config table, ``"[metrics.umap]"``; default: the class name).
+        """
+        where = argument_where(self, where)
+        for name, low in (("n_components", 1), ("k", 1), ("n_neighbors", 2)):
+            check_integer(where, name, getattr(self, name), low)
+        check_integer(where, "seed", self.seed, 0, unset=True)
+        check_integer(where, "n_epochs", self.n_epochs, 1, unset=True)
+        check_cap(where, self.cap)
+        check_flag(where, "progress", self.progress)
+        return self
+
     def fit(self, embeddings: Any, trained: Any = None, *, knn: Any = None) -> "UmapMetric":
         import faiss
         import umap
 
         what = type(self).__name__
+        self.validate()
         emb, mask = check_inputs(embeddings, trained, what)
         trained_ids = np.flatnonzero(mask)
         n_t = len(trained_ids)
