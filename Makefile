@@ -9,7 +9,7 @@ STAMP  := $(VENV)/.installed
 TORCH  ?= torch==2.13.0
 OUT    ?= runs/demo
 
-.PHONY: install run test test-slow test-gpu bench bench-gpu browser clean venv-verl test-verl
+.PHONY: install run test test-slow test-gpu bench bench-gpu browser loadgen clean venv-verl test-verl
 
 install: $(STAMP)
 
@@ -34,13 +34,20 @@ browser:
 	    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null) || \
 	    echo "chromium not installed: the browser tests will skip"; }
 
+# The service benchmark's load generator (hey, Debian); wrk too. Only `bench` needs them.
+loadgen:
+	@command -v hey >/dev/null && command -v wrk >/dev/null || \
+	  { command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ] && \
+	    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq hey wrk >/dev/null) || \
+	    echo "hey not installed: benchmarks/service_latency.py will stop with a message"; }
+
 test-slow: $(STAMP)
 	$(BIN)/python -m pytest -q -m slow
 
 # Every benchmark at its full sizes (about an hour on 2 cores); each writes its one result,
 # benchmarks/results/<name>.{json,md} with machine info (docs/results.md reads them), then the
 # regularizers chart and the near/far experiment (experiments/results/, docs/*.png).
-bench: $(STAMP)
+bench: $(STAMP) loadgen
 	$(BIN)/python benchmarks/pipeline_throughput.py
 	$(BIN)/python benchmarks/metrics_build.py
 	$(BIN)/python benchmarks/service_latency.py

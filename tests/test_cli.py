@@ -151,3 +151,76 @@ def test_serve_on_a_missing_store_exits_before_serving(tmp_path):
     exe = Path(sys.executable).with_name("vocabmetric")
     done = subprocess.run([str(exe), "serve", str(tmp_path / "none.zarr"), "--port", "1"], capture_output=True, text=True, timeout=60)
     assert done.returncode != 0 and "none.zarr" in done.stderr and "not a vocabmetric store" in done.stderr
+
+
+# -- issue 16: tokens, verify, serve on a damaged store -----------------------------------------
+@pytest.mark.parametrize("text", ["①", "٣", "１２"])
+def test_a_non_ascii_digit_token_is_a_text_not_an_id(small_store, text):
+    """``str.isdigit`` is true for these; ``int()`` fails on ① and reads ٣ as 3: both wrong."""
+    assert not small_store.ids_of_text(text)
+    for args in (("neighbors", small_store.path, text), ("cost", small_store.path, text, "5")):
+        result = invoke(*args)
+        assert result.exit_code == 2, (result.output, result.exception)
+        assert f"no token has the text {text!r}" in result.stderr
+
+
+def test_a_digit_string_too_long_for_an_id_is_an_error_exit(small_store):
+    result = invoke("neighbors", small_store.path, "9" * 5000)
+    assert result.exit_code == 2, (result.output, result.exception)
+    assert "5000 digits" in result.stderr and "out of range" in result.stderr
+
+
+@pytest.fixture()
+def store_copy(small_store, tmp_path):
+    """A copy of the small store to damage."""
+    import shutil
+
+    return Path(shutil.copytree(small_store.path, tmp_path / "copy.zarr"))
+
+
+def _flip_a_byte(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x40
+    path.write_bytes(bytes(data))
+
+
+def _embeddings_chunk(store: Path) -> Path:
+    return sorted(p for p in (store / "embeddings" / "c").rglob("*") if p.is_file())[0]
+
+
+def test_verify_checks_every_file_of_a_sound_store(small_store):
+    manifest = json.loads((small_store.path / "manifest.json").read_text())
+    result = invoke("verify", small_store.path)
+    assert result.exit_code == 0, result.output
+    assert f"{len(manifest['files'])} files checked" in result.stdout and "all match" in result.stdout
+
+
+def test_verify_names_the_damaged_file_and_exits_1(store_copy):
+    chunk = _embeddings_chunk(store_copy)
+    _flip_a_byte(chunk)
+    result = invoke("verify", store_copy)
+    assert result.exit_code == 1, result.output
+    assert chunk.relative_to(store_copy).as_posix() in result.stderr and "vocabmetric build" in result.stderr
+    chunk.unlink()
+    result = invoke("verify", store_copy)
+    assert result.exit_code == 1 and "missing" in result.stderr
+
+
+def test_verify_of_a_store_without_a_manifest_says_unverified(store_copy):
+    (store_copy / "manifest.json").unlink()
+    result = invoke("verify", store_copy)
+    assert result.exit_code == 1 and "unverified" in result.stderr
+
+
+def test_serve_on_a_damaged_store_prints_one_line_and_exits(store_copy):
+    """The store opens (sizes match) but an array fails its hash when the app loads it: one
+    clear line naming the file, no traceback, a non-zero exit, before anything is served."""
+    chunk = _embeddings_chunk(store_copy)
+    _flip_a_byte(chunk)
+    exe = Path(sys.executable).with_name("vocabmetric")
+    for workers in ("1", "2"):
+        done = subprocess.run([str(exe), "serve", str(store_copy), "--port", "1", "--workers", workers],
+                              capture_output=True, text=True, timeout=120)
+        errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
+        assert done.returncode != 0 and "Traceback" not in done.stderr, done.stderr[-3000:]
+        assert len(errors) == 1 and chunk.relative_to(store_copy).as_posix() in errors[0], done.stderr

@@ -317,3 +317,212 @@ def test_client_without_a_server_says_how_to_start_one():
     with Client(f"http://127.0.0.1:{free_port()}", timeout=2) as c:
         with pytest.raises(VocabMetricError, match="vocabmetric serve"):
             c.info()
+
+
+# -- issue 16: a service that cannot be knocked over ---------------------------------------------
+def _host_port(url: str) -> tuple[str, int]:
+    host, port = url.split("://")[1].split(":")
+    return host, int(port)
+
+
+def _read_until_closed(sock, timeout: float = 10.0) -> bytes:
+    """Everything the server sends until it closes the connection (or ``timeout`` s pass)."""
+    sock.settimeout(timeout)
+    data = b""
+    try:
+        while chunk := sock.recv(65536):
+            data += chunk
+    except (ConnectionResetError, TimeoutError):
+        pass
+    return data
+
+
+@pytest.fixture(scope="module")
+def guarded_url(small_store, tmp_path_factory):
+    """``vocabmetric serve --workers 2`` with 1-s header and body timeouts."""
+    log = tmp_path_factory.mktemp("guarded") / "serve.log"
+    with serve_subprocess(small_store.path, log, "--workers", "2", "--header-timeout", "1", "--body-timeout", "1",
+                          timeout=60) as url:
+        yield url
+
+
+def test_a_chunked_body_is_refused_at_the_limit_without_reading_the_rest(base_url):
+    """Item 3: a chunked body has no Content-Length; it is counted as it arrives and refused
+    at MAX_BODY_BYTES with a 413, while the client is still sending (never read whole)."""
+    import select
+    import socket
+
+    from vocabmetric.service import MAX_BODY_BYTES
+
+    host, port = _host_port(base_url)
+    sock = socket.create_connection((host, port), timeout=10)
+    head = f"POST /cost HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n"
+    first = b'{"pairs": [[0, 1]]'
+    sock.sendall(head.encode() + b"%x\r\n%s\r\n" % (len(first), first))
+    padding = b" " * (1 << 16)  # valid JSON whitespace: only its size is wrong
+    sent, answered = 0, False
+    while sent < 4 * MAX_BODY_BYTES:
+        if select.select([sock], [], [], 0)[0]:
+            answered = True
+            break
+        try:
+            sock.sendall(b"%x\r\n%s\r\n" % (len(padding), padding))
+        except OSError:  # the server closed after refusing
+            answered = True
+            break
+        sent += len(padding)
+    response = _read_until_closed(sock)
+    sock.close()
+    assert answered, f"no answer after {sent} bytes, {sent / MAX_BODY_BYTES:.0f}x the limit: the body is being read whole"
+    assert response.startswith(b"HTTP/1.1 413"), response[:200]
+    body = json.loads(response.split(b"\r\n\r\n", 1)[1])
+    assert body["error"]["type"] == "batch_too_large" and str(MAX_BODY_BYTES) in body["error"]["message"]
+
+
+OVERFLOWS = [
+    # item 4: inputs that were 500s (method, path, params or JSON body, status, type, words)
+    ("GET", "/neighbors", {"token": "①"}, 404, "token_not_found", ["'①'"]),
+    ("GET", "/cost", {"a": "①", "b": "5"}, 404, "token_not_found", ["'①'"]),
+    ("GET", "/neighbors", {"token": "9" * 5000}, 400, "bad_token", ["5000 digits", "out of range"]),
+    ("GET", "/cost", {"a": "5", "b": "1" * 4301}, 400, "bad_token", ["4301 digits"]),
+    ("POST", "/neighbors", {"ids": [1, 2**70]}, 400, "bad_token", ["ids[1]", "beyond int64"]),
+    ("POST", "/neighbors", {"ids": [-(2**64)]}, 400, "bad_token", ["ids[0]", "beyond int64"]),
+    ("POST", "/cost", {"pairs": [[1, 2], [2**63, 1]]}, 400, "bad_token", ["pairs[1][0]", "beyond int64"]),
+    ("POST", "/cost", {"pairs": [["5", 1], [2, 2**90]]}, 400, "bad_token", ["pairs[1][1]", "beyond int64"]),
+    ("POST", "/cost", {"pairs": [["①", 1]]}, 404, "token_not_found", ["'①'"]),
+]
+
+
+@pytest.mark.parametrize("method,path,given,status,type_,words", OVERFLOWS, ids=[f"{m}{p}-{n}" for n, (m, p, *_) in enumerate(OVERFLOWS)])
+def test_ids_beyond_int64_and_non_ascii_digits_are_4xx_not_500(http, method, path, given, status, type_, words):
+    response = http.get(path, params=given) if method == "GET" else http.post(path, json=given)
+    assert_error_names(response, status, type_, words)
+
+
+def test_a_json_integer_too_long_to_convert_is_a_4xx(http):
+    body = b'{"ids": [' + b"7" * 5000 + b"]}"
+    response = http.post("/neighbors", content=body, headers={"content-type": "application/json"})
+    assert 400 <= response.status_code < 500
+    _error(response)
+
+
+@pytest.mark.parametrize("text,looks_like", [("٣", 3), ("１２", 12), ("³", 3)])
+def test_only_ascii_digits_make_an_id(http, small_store, text, looks_like):
+    """Item 5: Arabic-Indic, fullwidth and superscript digits are texts, never ids."""
+    assert text.isdigit()  # what used to make it an id
+    assert not small_store.ids_of_text(text)  # no token has that text in the small store
+    assert_error_names(http.get("/neighbors", params={"token": text}), 404, "token_not_found", [repr(text)])
+    assert_error_names(http.get("/cost", params={"a": text, "b": "5"}), 404, "token_not_found", [repr(text)])
+    ascii_id = http.get("/neighbors", params={"token": str(looks_like)}).json()["query"]["id"]  # ASCII digits still work
+    assert ascii_id in (small_store.ids_of_text(str(looks_like)) or [looks_like])
+
+
+def test_two_workers_answer_keep_alive_requests_without_nagle_delay(guarded_url):
+    """Item 6: with --workers 2, header and body segments met Nagle + delayed ACK: +40 ms a request."""
+    import time
+
+    with httpx.Client(base_url=guarded_url, timeout=10) as c:
+        for _ in range(5):
+            c.get("/neighbors", params={"id": 5, "metric": "knn"})
+        times = []
+        for n in range(50):
+            t0 = time.perf_counter()
+            assert c.get("/neighbors", params={"id": 5 + n, "k": 10, "metric": "knn"}).status_code == 200
+            times.append((time.perf_counter() - t0) * 1e3)
+    assert np.median(times) < 20, f"median {np.median(times):.1f} ms over 50 keep-alive requests (Nagle: ~44 ms)"
+
+
+@pytest.mark.parametrize("sent", [b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Slow: ", b""], ids=["partial-headers", "nothing"])
+def test_a_half_open_connection_is_closed_within_the_header_timeout(guarded_url, sent):
+    """Item 7: a client that sends part of its headers (or nothing), then waits, is let go."""
+    import socket
+    import time
+
+    sock = socket.create_connection(_host_port(guarded_url), timeout=10)
+    t0 = time.monotonic()
+    sock.sendall(sent)
+    data = _read_until_closed(sock, timeout=10)
+    elapsed = time.monotonic() - t0
+    sock.close()
+    assert data == b"" and elapsed < 5, f"held {elapsed:.1f} s (header timeout 1 s)"
+
+
+def test_a_stalled_body_is_a_408_within_the_body_timeout(guarded_url):
+    import socket
+    import time
+
+    sock = socket.create_connection(_host_port(guarded_url), timeout=10)
+    t0 = time.monotonic()
+    sock.sendall(b"POST /cost HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{\"pairs\": ")
+    response = _read_until_closed(sock, timeout=10)
+    elapsed = time.monotonic() - t0
+    sock.close()
+    assert response.startswith(b"HTTP/1.1 408") and elapsed < 5, (elapsed, response[:200])
+    assert json.loads(response.split(b"\r\n\r\n", 1)[1])["error"]["type"] == "request_timeout"
+
+
+@pytest.fixture(scope="module")
+def budget_client(small_store):
+    """The real app in-process (Starlette's TestClient) with a work budget of 5,000."""
+    from starlette.testclient import TestClient
+
+    from vocabmetric.service import create_app
+
+    with TestClient(create_app(small_store.path, max_work=5000)) as c:
+        yield c
+
+
+def test_a_request_over_the_work_budget_is_a_422_naming_the_limit(budget_client, small_store):
+    """Item 8: ids × k (stored), ids × V (exact), pairs: over max_work is a 422 stating it."""
+    V = small_store.vocab_size
+    stored = budget_client.post("/neighbors", json={"ids": list(range(50)), "k": 101, "metric": "knn"})
+    assert_error_names(stored, 422, "limit_exceeded", ["50 ids", "k=101", "5,050", "5,000", "at most 49 ids"])
+    assert budget_client.post("/neighbors", json={"ids": list(range(50)), "k": 100, "metric": "knn"}).status_code == 200
+    exact = budget_client.post("/neighbors", json={"ids": list(range(6)), "k": 1, "metric": "l2"})
+    assert_error_names(exact, 422, "limit_exceeded", ["6 ids", f"{V:,} tokens", "5,000", f"at most {5000 // V} ids"])
+    assert budget_client.post("/neighbors", json={"ids": list(range(5000 // V)), "k": 1, "metric": "l2"}).status_code == 200
+    pairs = budget_client.post("/cost", json={"pairs": [[0, 1]] * 5001})
+    assert_error_names(pairs, 422, "limit_exceeded", ["5,001 pairs", "5,000"])
+    assert budget_client.get("/info").json()["limits"]["max_work"] == 5000
+
+
+def test_exact_scans_run_off_the_event_loop(http):
+    """Item 8: a batch of exact l2 scans runs in the threadpool: the event-loop thread's CPU
+    time (Server-Timing cpu) is a small part of the request's wall time."""
+    timings = []
+    for _ in range(3):  # the best of three: a garbage collection may land on the loop thread
+        response = http.post("/neighbors", json={"ids": list(range(1000)), "k": 1, "metric": "l2"})
+        assert response.status_code == 200
+        parts = dict(part.strip().split(";dur=") for part in response.headers["server-timing"].split(","))
+        timings.append((float(parts["cpu"]) / float(parts["app"]), parts))
+    assert min(timings)[0] < 0.5, timings
+
+
+def test_openapi_documents_the_errors_the_limits_and_the_metrics(http, small_store):
+    """Item 9: the error body, 400/404/413/422, k's bounds, the metrics as an enum."""
+    schema = http.get("/openapi.json").json()
+    error = schema["components"]["schemas"]["ErrorResponse"]
+    assert error["properties"]["error"]["$ref"].endswith("/ErrorDetail")
+    assert set(schema["components"]["schemas"]["ErrorDetail"]["required"]) == {"type", "message"}
+    expected = {("/neighbors", "get"): {"400", "404", "422"}, ("/neighbors", "post"): {"400", "413", "422"},
+                ("/cost", "get"): {"400", "404", "422"}, ("/cost", "post"): {"400", "404", "413", "422"}}
+    for (path, method), statuses in expected.items():
+        responses = schema["paths"][path][method]["responses"]
+        assert statuses <= set(responses), (path, method, set(responses))
+        for status in statuses:
+            assert responses[status]["content"]["application/json"]["schema"]["$ref"].endswith("/ErrorResponse")
+    params = {p["name"]: p["schema"] for p in schema["paths"]["/neighbors"]["get"]["parameters"]}
+    assert (params["k"]["minimum"], params["k"]["maximum"]) == (1, MAX_K)
+    assert params["metric"]["enum"] == small_store.metrics
+    batch = schema["components"]["schemas"]["NeighborsBatchRequest"]["properties"]
+    assert batch["ids"]["maxItems"] == MAX_BATCH and batch["ids"]["items"]["maximum"] == small_store.vocab_size - 1
+    assert (batch["k"]["minimum"], batch["k"]["maximum"]) == (1, MAX_K) and batch["metric"]["enum"] == small_store.metrics
+    assert "HTTPValidationError" not in schema["components"]["schemas"]  # FastAPI's 422 body is not what we send
+
+
+@pytest.mark.parametrize("method,path,allowed", [("DELETE", "/cost", "GET, POST"), ("PUT", "/neighbors", "GET, POST"),
+                                                  ("POST", "/healthz", "GET"), ("PATCH", "/info", "GET")])
+def test_a_405_lists_the_allowed_methods(http, method, path, allowed):
+    response = http.request(method, path)
+    assert_error_names(response, 405, "method_not_allowed", [allowed])
+    assert response.headers["allow"] == allowed

@@ -1,4 +1,4 @@
-"""The ``vocabmetric`` command: build, info, neighbors, cost, export, eval, serve, plot."""
+"""The ``vocabmetric`` command: build, info, verify, neighbors, cost, export, eval, serve, plot."""
 
 from __future__ import annotations
 
@@ -21,9 +21,9 @@ app = typer.Typer(
 )
 
 
-def _fail(exc: Exception) -> None:
+def _fail(exc: Exception, code: int = 2) -> None:
     typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
-    raise typer.Exit(code=2)
+    raise typer.Exit(code=code)
 
 
 def _open(store: Path):
@@ -67,6 +67,26 @@ def info(store: Path = typer.Argument(..., help="a metric.zarr store"), as_json:
 
     s = _open(store)
     typer.echo(json.dumps(s.info(), indent=2) if as_json else info_table(s))
+
+
+@app.command()
+def verify(store: Path = typer.Argument(..., help="a metric.zarr store")) -> None:
+    """Check every file of a store against its manifest (sizes and content hashes).
+
+    Exit 0 when all match; 1 when a file is missing, damaged or the store has no manifest."""
+    from .integrity import Manifest
+
+    if not (store / "zarr.json").is_file():
+        _fail(VocabMetricError(f"{store} is not a vocabmetric store; build one with `vocabmetric build CONFIG`"))
+    try:
+        manifest = Manifest.load(store)
+        if manifest is None:
+            _fail(VocabMetricError(f"{store} has no manifest.json (written before vocabmetric verified its stores): "
+                                   "it is unverified; rebuild it with `vocabmetric build CONFIG --out DIR`"), code=1)
+        checked = manifest.verify()
+    except VocabMetricError as exc:
+        _fail(exc, code=1)
+    typer.echo(f"{store}: {checked} files checked against manifest.json, all match")
 
 
 @app.command()
@@ -155,12 +175,24 @@ def serve(
     host: str = typer.Option("127.0.0.1", "--host", help="address to bind (loopback by default)"),
     port: int = typer.Option(8000, "--port", "-p"),
     workers: int = typer.Option(1, "--workers", help="uvicorn worker processes"),
+    header_timeout: Optional[float] = typer.Option(None, "--header-timeout", help="seconds for a request's headers to "
+                                                   "arrive [default: vocabmetric.service.HEADER_TIMEOUT, 5]"),
+    body_timeout: Optional[float] = typer.Option(None, "--body-timeout", help="seconds for a request's body to arrive "
+                                                 "[default: vocabmetric.service.BODY_TIMEOUT, 30]"),
+    limit_concurrency: Optional[int] = typer.Option(None, "--limit-concurrency", help="connections and requests at once "
+                                                    "per worker, beyond: 503 [default: vocabmetric.service.LIMIT_CONCURRENCY]"),
+    access_log: bool = typer.Option(True, "--access-log/--no-access-log", help="one log line per request"),
 ) -> None:
     """Serve neighbour costs over HTTP (GET /neighbors, /cost, /info; OpenAPI at /docs)."""
     from .service import serve as run_server
 
     _open(store)  # a clear error before the server starts
-    run_server(store, host=host, port=port, workers=workers)
+    given = dict(header_timeout=header_timeout, body_timeout=body_timeout, limit_concurrency=limit_concurrency)
+    try:
+        run_server(store, host=host, port=port, workers=workers, access_log=access_log,
+                   **{name: value for name, value in given.items() if value is not None})
+    except VocabMetricError as exc:  # e.g. an array that fails its hash when the app loads it
+        _fail(exc)
 
 
 @app.command()

@@ -1,7 +1,11 @@
-"""The FastAPI app: one store opened at startup, a handler per endpoint, the middleware, uvicorn.
+"""The FastAPI app: one store opened at startup, a handler per endpoint, and `serve`.
 
 Each handler reads the app's :class:`ServiceState` (``request.app.state.service``): the open
 store and the limits, fixed when the app is made. Nothing the client sends is used as a path.
+
+Cost amplification: a request's work — ids × k for a stored metric, ids × V for an exact
+one (``l2``/``tree``), its pairs for POST /cost — is at most ``max_work`` cost evaluations
+(``MAX_WORK``); beyond, a 422 that states the limit.
 
 Concurrency: work of size O(k) — a stored metric's neighbours, one cost, a batch of up to
 ``INLINE_PAIRS`` pairs — runs in the event loop, where a thread hop would cost more than the
@@ -25,35 +29,37 @@ warmed store, so full garbage collections do not walk its ~V text-table containe
 from __future__ import annotations
 
 import gc
+import json
 import logging
 import os
+import sys
 import time
 from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
 from fastapi import FastAPI, Query, Request
-from fastapi.exceptions import RequestValidationError
-from fastapi.responses import FileResponse, JSONResponse, Response
+from fastapi.responses import FileResponse, Response
 from fastapi.staticfiles import StaticFiles
 from starlette.concurrency import run_in_threadpool
-from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..errors import StoreError, VocabMetricError
 from ..store import EXACT_METRICS, TREE, MetricStore, open_store
+from ._errors import add_error_handlers
+from ._middleware import TimingAndBodyLimit
 from ._schema import (
-    MAX_BATCH, MAX_BODY_BYTES, MAX_K, MAX_PAIRS, CostBatchRequest, CostBatchResponse, CostResponse,
-    HealthResponse, InfoResponse, NeighborsBatchRequest, NeighborsBatchResponse, NeighborsResponse,
-    RequestError, error_of,
+    BODY_TIMEOUT, HEADER_TIMEOUT, LIMIT_CONCURRENCY, MAX_BATCH, MAX_BODY_BYTES, MAX_K, MAX_PAIRS, MAX_WORK,
+    CostBatchRequest, CostBatchResponse, CostResponse, HealthResponse, InfoResponse, NeighborsBatchRequest,
+    NeighborsBatchResponse, NeighborsResponse, RequestError, error_responses,
 )
+from ._openapi import ERROR_TABLE, openapi_for
+from ._server import FACTORY as FACTORY, OPTIONS_ENV, STORE_ENV as STORE_ENV, uvicorn_config
 from .projection import projection_bytes
 
 LOG = logging.getLogger(__name__)
 
 INLINE_IDS = 16  # a POST /neighbors batch of a stored metric up to this size runs in the event loop
 INLINE_PAIRS = 4096  # a POST /cost batch up to this size runs in the event loop
-STORE_ENV = "VOCABMETRIC_STORE"  # the store of the app factory used with several workers
-FACTORY = "vocabmetric.service._app:app_from_env"  # that factory, as uvicorn imports it
 STATIC = Path(__file__).parent.parent / "static"
 #: The first paragraph of the OpenAPI description (the package docstring's first line).
 DESCRIPTION = "The HTTP ground-cost service (FastAPI) and its Python client."
@@ -69,10 +75,12 @@ PAGE_HEADERS = {
 class ServiceState:
     """What every request reads, fixed at startup: the store, the limits, the 2-D map's body."""
 
-    def __init__(self, store: MetricStore, *, max_k: int, max_batch: int, max_pairs: int, max_body_bytes: int):
+    def __init__(self, store: MetricStore, *, max_k: int, max_batch: int, max_pairs: int, max_body_bytes: int,
+                 max_work: int):
         self.store, self.vocab_size = store, store.vocab_size
-        self.max_k, self.max_batch, self.max_pairs = max_k, max_batch, max_pairs
-        self.limits = {"max_k": max_k, "max_batch": max_batch, "max_pairs": max_pairs, "max_body_bytes": max_body_bytes}
+        self.max_k, self.max_batch, self.max_pairs, self.max_work = max_k, max_batch, max_pairs, max_work
+        self.limits = {"max_k": max_k, "max_batch": max_batch, "max_pairs": max_pairs, "max_body_bytes": max_body_bytes,
+                       "max_work": max_work}
         #: metrics whose neighbours are stored rows (O(k) to answer), not computed over V
         self.stored = {metric for metric in store.metrics if metric not in EXACT_METRICS and metric != TREE}
         self.projection = projection_bytes(store)
@@ -85,12 +93,26 @@ class ServiceState:
         if not 1 <= k <= self.max_k:
             raise RequestError(422, "limit_exceeded", f"k={k} is outside [1, {self.max_k}]; ask for fewer neighbours")
 
-    def check_ids(self, ids: np.ndarray, what: str) -> None:
-        bad = np.flatnonzero((ids < 0) | (ids >= self.vocab_size))
-        if len(bad):
-            raise RequestError(
-                400, "bad_token", f"{what}[{bad[0]}]: token id {ids[bad[0]]} is out of range [0, {self.vocab_size})"
-            )
+    def check_work(self, n_ids: int, k: int, metric: str) -> None:
+        """A 422 when ``n_ids`` queries of ``k`` neighbours under ``metric`` exceed ``max_work``."""
+        per_id = k if metric in self.stored else self.vocab_size
+        if n_ids * per_id <= self.max_work:
+            return
+        each = f"k={k} neighbours" if metric in self.stored else f"an exact scan of all {self.vocab_size:,} tokens ({metric})"
+        fewer = (f"send at most {self.max_work // per_id} ids per request" if self.max_work >= per_id else
+                 f"use a stored metric ({', '.join(sorted(self.stored))})")
+        raise RequestError(422, "limit_exceeded", f"{n_ids} ids x {each} = {n_ids * per_id:,} cost evaluations exceeds "
+                           f"the limit of {self.max_work:,} per request; {fewer}")
+
+    def out_of_range(self, where: str, i: int) -> RequestError:
+        return RequestError(400, "bad_token", f"{where}: token id {shown_int(i)} is out of range [0, {self.vocab_size})")
+
+    def check_ids(self, ids: Sequence[int], what: str) -> np.ndarray:
+        """``ids`` as int64, each checked in [0, V) first (a JSON integer may exceed int64)."""
+        for n, i in enumerate(ids):
+            if not 0 <= i < self.vocab_size:
+                raise self.out_of_range(f"{what}[{n}]", i)
+        return np.asarray(ids, dtype=np.int64)
 
     def token(self, i: int) -> dict:
         return {"id": i, "text": self.store.token_text(i)}
@@ -103,18 +125,29 @@ class ServiceState:
     def pair_ids(self, pairs: Sequence[tuple[Any, Any]]) -> np.ndarray:
         """(n, 2) int64 ids of ``pairs``; integers are checked in one pass, strings resolved."""
         flat = [t for p in pairs for t in p]
+        ids = None
         if all(type(t) is int for t in flat):
-            ids = np.asarray(flat, dtype=np.int64).reshape(-1, 2)
-        else:
+            try:
+                ids = np.asarray(flat, dtype=np.int64).reshape(-1, 2)
+            except OverflowError:  # an integer beyond int64: found below
+                pass
+        if ids is None:
             ids = np.empty((len(pairs), 2), dtype=np.int64)
             for n, (a, b) in enumerate(pairs):
                 for col, t in enumerate((a, b)):
+                    if isinstance(t, int) and not 0 <= t < self.vocab_size:
+                        raise self.out_of_range(f"pairs[{n}][{col}]", t)
                     ids[n, col] = t if isinstance(t, int) else self.store.resolve(t)
         bad = np.argwhere((ids < 0) | (ids >= self.vocab_size))
         if len(bad):
             n, col = bad[0]
-            raise RequestError(400, "bad_token", f"pairs[{n}][{col}]: token id {ids[n, col]} is out of range [0, {self.vocab_size})")
+            raise self.out_of_range(f"pairs[{n}][{col}]", int(ids[n, col]))
         return ids
+
+
+def shown_int(i: int) -> str:
+    """An integer for a message: in full, or its size when it is too long to read."""
+    return str(i) if -(2**63) <= i < 2**63 else f"({'a negative' if i < 0 else 'an'} integer of {i.bit_length()} bits, beyond int64)"
 
 
 def _state(request: Request) -> ServiceState:
@@ -157,6 +190,7 @@ def neighbors_get_for(max_k: int):
         s = _state(request)
         s.check_metric(metric)
         s.check_k(k)
+        s.check_work(1, k, metric)
         i = s.store.resolve(token if token is not None else int(token_id))
         return await _run(s.neighbors_of, i, k, metric, inline=metric in s.stored)
 
@@ -170,8 +204,8 @@ async def neighbors_post(request: Request, body: NeighborsBatchRequest):
         raise RequestError(413, "batch_too_large", f"a batch of {len(body.ids)} ids exceeds the limit of {s.max_batch}; split it")
     s.check_metric(body.metric)
     s.check_k(body.k)
-    ids = np.asarray(body.ids, dtype=np.int64)
-    s.check_ids(ids, "ids")
+    ids = s.check_ids(body.ids, "ids")
+    s.check_work(len(ids), body.k, body.metric)
 
     def answer() -> dict:
         return {"metric": body.metric, "k": body.k, "results": [s.neighbors_of(int(i), body.k, body.metric) for i in ids]}
@@ -198,6 +232,9 @@ async def cost_post(request: Request, body: CostBatchRequest):
     s = _state(request)
     if len(body.pairs) > s.max_pairs:
         raise RequestError(413, "batch_too_large", f"a batch of {len(body.pairs)} pairs exceeds the limit of {s.max_pairs}; split it")
+    if len(body.pairs) > s.max_work:
+        raise RequestError(422, "limit_exceeded", f"{len(body.pairs):,} pairs exceed the limit of {s.max_work:,} cost "
+                           "evaluations per request; split them")
     s.check_metric(body.metric)
 
     def answer() -> dict:
@@ -218,78 +255,6 @@ async def projection_get(request: Request):
 
 async def page():
     return FileResponse(STATIC / "index.html", media_type="text/html", headers=PAGE_HEADERS)
-
-
-# -- errors as JSON ----------------------------------------------------------------------------
-def _error(status: int, type_: str, message: str) -> JSONResponse:
-    return JSONResponse({"error": {"type": type_, "message": message}}, status_code=status)
-
-
-async def _request_error(request: Request, exc: RequestError):
-    return _error(exc.status, exc.type, exc.message)
-
-
-async def _store_error(request: Request, exc: VocabMetricError):
-    e = error_of(exc)
-    return _error(e.status, e.type, e.message)
-
-
-async def _validation_error(request: Request, exc: RequestValidationError):
-    problems = exc.errors()
-    if any(p.get("type") == "json_invalid" for p in problems):
-        p = next(p for p in problems if p.get("type") == "json_invalid")
-        return _error(400, "malformed_json", f"the request body is not valid JSON: {p.get('ctx', {}).get('error', p['msg'])}")
-    return _error(422, "invalid_request", "; ".join(_describe(p) for p in problems[:5]))
-
-
-async def _http_error(request: Request, exc: StarletteHTTPException):
-    type_ = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
-    message = f"{request.method} {request.url.path}: {exc.detail}"
-    return _error(exc.status_code, type_, message)
-
-
-async def _bug(request: Request, exc: Exception):  # a bug, still answered as JSON
-    LOG.exception("unhandled error on %s %s", request.method, request.url.path)
-    return _error(500, "internal_error", f"{type(exc).__name__}: {exc}")
-
-
-def _describe(problem: dict) -> str:
-    """One validation problem as 'where: what (got value)', the value shortened."""
-    where = ".".join(str(p) for p in problem.get("loc", ()) if p not in ("body",)) or "request"
-    got = repr(problem.get("input"))
-    got = got if len(got) <= 80 else got[:77] + "..."
-    return f"{where}: {problem.get('msg')} (got {got})"
-
-
-class TimingAndBodyLimit:
-    """ASGI middleware: a ``Server-Timing: app;dur=<ms>, cpu;dur=<ms>`` header on every
-    response, and a 413 for a body whose Content-Length exceeds ``max_body_bytes``.
-
-    ``app``: wall time in the app; ``cpu``: CPU time of the event-loop thread meanwhile
-    (the request's own work when it runs inline; unlike ``app``, not inflated when the OS
-    deschedules the server)."""
-
-    def __init__(self, app, max_body_bytes: int):
-        self.app, self.max_body_bytes = app, max_body_bytes
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        t0, cpu0 = time.perf_counter(), time.thread_time()
-        length = dict(scope.get("headers") or ()).get(b"content-length")
-        if length is not None and length.isdigit() and int(length) > self.max_body_bytes:
-            body = {"error": {"type": "batch_too_large",
-                              "message": f"a request body of {int(length)} bytes exceeds the limit of {self.max_body_bytes}; split it"}}
-            return await JSONResponse(body, status_code=413)(scope, receive, send)
-
-        async def timed_send(message):
-            if message["type"] == "http.response.start":
-                ms, cpu_ms = (time.perf_counter() - t0) * 1e3, (time.thread_time() - cpu0) * 1e3
-                timing = f"app;dur={ms:.3f}, cpu;dur={cpu_ms:.3f}".encode()
-                message = {**message, "headers": list(message.get("headers", [])) + [(b"server-timing", timing)]}
-            await send(message)
-
-        await self.app(scope, receive, timed_send)
 
 
 # -- the app -----------------------------------------------------------------------------------
@@ -313,6 +278,8 @@ def create_app(
     max_batch: int = MAX_BATCH,
     max_pairs: int = MAX_PAIRS,
     max_body_bytes: int = MAX_BODY_BYTES,
+    max_work: int = MAX_WORK,
+    body_timeout: float = BODY_TIMEOUT,
 ):
     """The FastAPI app serving the store at ``store_path`` (opened once, read-only, warmed).
 
@@ -324,54 +291,72 @@ def create_app(
         title="vocabmetric ground-cost service",
         version=store.attrs.get("vocabmetric_version", "?"),
         description=DESCRIPTION + f"\n\nStore `{store.path.name}`: {store.vocab_size} token ids, "
-        f"metrics {', '.join(store.metrics)}.",
+        f"metrics {', '.join(store.metrics)}.\n\n" + ERROR_TABLE,
     )
     app.state.store = store
-    app.state.service = ServiceState(store, max_k=max_k, max_batch=max_batch, max_pairs=max_pairs,
-                                     max_body_bytes=max_body_bytes)
-    app.add_middleware(TimingAndBodyLimit, max_body_bytes=max_body_bytes)
-    for exc_class, handler in ((RequestError, _request_error), (VocabMetricError, _store_error),
-                               (RequestValidationError, _validation_error), (StarletteHTTPException, _http_error),
-                               (Exception, _bug)):
-        app.add_exception_handler(exc_class, handler)
+    state = app.state.service = ServiceState(store, max_k=max_k, max_batch=max_batch, max_pairs=max_pairs,
+                                             max_body_bytes=max_body_bytes, max_work=max_work)
+    app.add_middleware(TimingAndBodyLimit, max_body_bytes=max_body_bytes, body_timeout=body_timeout)
+    add_error_handlers(app)
 
     app.get("/healthz", response_model=HealthResponse, tags=["service"])(healthz)
     app.get("/info", response_model=InfoResponse, tags=["service"])(info)
-    app.get("/neighbors", response_model=NeighborsResponse, tags=["queries"])(neighbors_get_for(max_k))
-    app.post("/neighbors", response_model=NeighborsBatchResponse, tags=["queries"])(neighbors_post)
-    app.get("/cost", response_model=CostResponse, tags=["queries"])(cost_get)
-    app.post("/cost", response_model=CostBatchResponse, tags=["queries"])(cost_post)
+    app.get("/neighbors", response_model=NeighborsResponse, tags=["queries"],
+            responses=error_responses(400, 404, 422))(neighbors_get_for(max_k))
+    app.post("/neighbors", response_model=NeighborsBatchResponse, tags=["queries"],
+             responses=error_responses(400, 408, 413, 422))(neighbors_post)
+    app.get("/cost", response_model=CostResponse, tags=["queries"], responses=error_responses(400, 404, 422))(cost_get)
+    app.post("/cost", response_model=CostBatchResponse, tags=["queries"],
+             responses=error_responses(400, 404, 408, 413, 422))(cost_post)
     app.get("/projection", tags=["explorer"], response_class=Response,
-            responses={200: {"content": {"application/octet-stream": {}}, "description": "see projection_bytes"}})(projection_get)
+            responses={200: {"content": {"application/octet-stream": {}}, "description": "see projection_bytes"},
+                       **error_responses(404)})(projection_get)
     app.get("/", include_in_schema=False)(page)
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
+    app.openapi = openapi_for(app, state)
     return app
 
 
-def server_app(store_path: str | os.PathLike):
+def server_app(store_path: str | os.PathLike, **options):
     """``create_app``, then ``gc.freeze()``: the store's text tables are ~V long-lived Python
     containers that every full collection would walk again (~0.2 s at V = 100k, a pause
     for every request in flight); frozen, the collector skips them. For server processes."""
-    app = create_app(store_path)
+    app = create_app(store_path, **options)
     gc.freeze()
     return app
 
 
 def app_from_env():
-    """App factory for ``uvicorn --factory`` and several workers: the store from $VOCABMETRIC_STORE."""
+    """App factory for ``uvicorn --factory`` and several workers: the store from
+    $VOCABMETRIC_STORE, ``create_app``'s options from $VOCABMETRIC_SERVICE_OPTIONS (JSON)."""
     path = os.environ.get(STORE_ENV)
     if not path:
         raise StoreError(f"set {STORE_ENV} to the store to serve")
-    return server_app(path)
+    return server_app(path, **json.loads(os.environ.get(OPTIONS_ENV) or "{}"))
 
 
-def serve(store_path: str | os.PathLike, host: str = "127.0.0.1", port: int = 8000, workers: int = 1, log_level: str = "info") -> None:
-    """Run the service with uvicorn until interrupted (``workers`` processes, one store each)."""
+def serve(store_path: str | os.PathLike, host: str = "127.0.0.1", port: int = 8000, workers: int = 1,
+          log_level: str = "info", *, header_timeout: float = HEADER_TIMEOUT, body_timeout: float = BODY_TIMEOUT,
+          limit_concurrency: int = LIMIT_CONCURRENCY, access_log: bool = True) -> None:
+    """Run the service with uvicorn until interrupted (``workers`` processes, one store each),
+    under :func:`~vocabmetric.service._server.uvicorn_config` (TCP_NODELAY, timeouts, caps).
+
+    Raises :class:`StoreError` before serving for a store that fails to open.
+    """
     import uvicorn
+    from uvicorn.supervisors import Multiprocess
 
+    options = {"body_timeout": body_timeout}
+    settings = dict(host=host, port=port, workers=workers, log_level=log_level, header_timeout=header_timeout,
+                    limit_concurrency=limit_concurrency, access_log=access_log)
     if workers <= 1:
-        uvicorn.run(server_app(store_path), host=host, port=port, log_level=log_level)
+        server = uvicorn.Server(uvicorn_config(server_app(store_path, **options), **settings))
+        server.run()
+        if not server.started:
+            sys.exit(3)  # uvicorn's startup failure (the port is taken, ...); it logged why
         return
-    open_store(store_path)  # a clear error before the workers start
+    warm(open_store(store_path))  # a clear error (a damaged array too) before the workers start
     os.environ[STORE_ENV] = str(Path(store_path).resolve())
-    uvicorn.run(FACTORY, factory=True, host=host, port=port, workers=workers, log_level=log_level)
+    os.environ[OPTIONS_ENV] = json.dumps(options)
+    config = uvicorn_config(FACTORY, factory=True, **settings)
+    Multiprocess(config, sockets=[config.bind_socket()]).run()

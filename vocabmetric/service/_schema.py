@@ -8,9 +8,9 @@ Every model here is what FastAPI validates a request against and renders in
 from __future__ import annotations
 
 import logging
-from typing import Any, Union
+from typing import Annotated, Any, Union
 
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictFloat, StrictInt, StrictStr, WithJsonSchema
 
 from ..errors import TokenizerError, TokenNotFound, VocabMetricError
 
@@ -20,6 +20,15 @@ MAX_K = 1024
 MAX_BATCH = 1024
 MAX_PAIRS = 100_000
 MAX_BODY_BYTES = 8 << 20
+#: Cost evaluations one request may ask for: ids × k for a stored metric, ids × V for an
+#: exact one (``l2``/``tree`` score every token per id), the number of pairs for POST /cost.
+#: 2²¹ is ~20 exact scans at V = 100k (~0.4 s of CPU), or 1,024 ids × k = 1,024 stored.
+MAX_WORK = 1 << 21
+HEADER_TIMEOUT = 5.0  # s for a request's headers to arrive, from the connection being ready for it
+BODY_TIMEOUT = 30.0  # s for a whole request body to arrive, from its headers
+KEEP_ALIVE_TIMEOUT = 5.0  # s an idle keep-alive connection stays open
+LIMIT_CONCURRENCY = 1024  # connections + requests in flight per worker; beyond: 503
+MAX_HEADER_BYTES = 16 << 10  # the request line and headers (h11's incomplete-event limit)
 
 
 # -- the service's own errors: what went wrong, as an HTTP status and a type ---------------
@@ -40,8 +49,39 @@ def error_of(exc: VocabMetricError) -> RequestError:
     return RequestError(400, "bad_request", str(exc))
 
 
+class ErrorDetail(BaseModel):
+    type: str = Field(description="a short machine-readable name, e.g. bad_token (the table in the description)")
+    message: str = Field(description="what was wrong, naming the value, and what to do")
+
+
+class ErrorResponse(BaseModel):
+    """The body of every 4xx (and of a 5xx, which is a bug)."""
+
+    error: ErrorDetail
+
+
+def error_responses(*statuses: int) -> dict[int, dict]:
+    """OpenAPI ``responses`` for the error ``statuses`` of an endpoint, all the ErrorResponse body."""
+    why = {400: "unknown metric, bad token id, malformed JSON", 404: "no token has that text (or several do)",
+           405: "a known path, another method (the Allow header lists the methods)",
+           408: "the request body did not arrive in time", 413: "a batch or body over the limits",
+           422: "a parameter of the wrong type or shape, k outside its bounds, or a request over the work budget"}
+    return {status: {"model": ErrorResponse, "description": why[status]} for status in statuses}
+
+
 # -- response and request models -----------------------------------------------------------
-TokenRef = Union[StrictInt, StrictStr]  # a JSON integer is an id, a string is resolved
+def integral(value: int | float) -> int:
+    if isinstance(value, float):
+        if not value.is_integer():
+            raise ValueError(f"expected an integer, got {value!r}")
+        return int(value)
+    return value
+
+
+#: A JSON integer: 7, and 7.0 too (JSON Schema's ``integer`` is any number without a
+#: fractional part); never a string or a bool.
+JsonInt = Annotated[Union[StrictInt, StrictFloat], AfterValidator(integral), WithJsonSchema({"type": "integer"})]
+TokenRef = Union[JsonInt, StrictStr]  # a JSON integer is an id, a string is resolved
 
 
 class TokenModel(BaseModel):
@@ -64,8 +104,8 @@ class NeighborsResponse(BaseModel):
 
 class NeighborsBatchRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    ids: list[StrictInt] = Field(description=f"token ids, at most {MAX_BATCH} by default")
-    k: StrictInt = 10
+    ids: list[JsonInt] = Field(description=f"token ids, at most {MAX_BATCH} by default")
+    k: JsonInt = 10
     metric: str = "knn"
 
 

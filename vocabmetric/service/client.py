@@ -23,6 +23,7 @@ ERROR_CLASSES: dict[str, type[VocabMetricError]] = {
     "invalid_request": ConfigError,
     "malformed_json": ConfigError,
     "no_projection": StoreError,
+    "request_timeout": ConfigError,
 }
 
 

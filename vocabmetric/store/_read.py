@@ -21,6 +21,21 @@ from ._schema import EXACT_METRICS, SCHEMA_VERSION, TREE, Neighbor, Token
 LOG = logging.getLogger(__name__)
 
 
+def token_id_of(text: str) -> int | None:
+    """The id an all-digit text names (``"12"``, ``" 7 "`` → 12, 7), or None for any other text.
+
+    Only ASCII digits make an id: ``str.isdigit`` is also true for ``"①"``, ``"٣"``, ``"１２"``,
+    which are texts. Raises :class:`TokenizerError` for more digits than any id has.
+    """
+    digits = text.strip()
+    if not (digits.isascii() and digits.isdigit()):
+        return None
+    significant = digits.lstrip("0") or "0"
+    if len(significant) > 19:  # beyond int64 (and, past 4,300 digits, beyond int())
+        raise TokenizerError(f"token id {digits[:24]}... ({len(digits)} digits) is out of range: an id has at most 19 digits")
+    return int(significant)
+
+
 def open_store(path: str | os.PathLike) -> "MetricStore":
     """Open a finished store read-only. Clear errors for a missing or unfinished one."""
     return MetricStore(path)
@@ -173,7 +188,8 @@ class MetricStore:
     def resolve(self, token: Token) -> int:
         """The id of a token given as an id or a text; clear errors otherwise.
 
-        A text must match exactly one id. An all-digit string is read as an id.
+        A text must match exactly one id. An all-digit string (ASCII digits,
+        :func:`token_id_of`) that no token has as its text is read as an id.
         """
         if isinstance(token, (int, np.integer)) and not isinstance(token, bool):
             i = int(token)
@@ -184,8 +200,9 @@ class MetricStore:
             ids = self._by_text.get(token, [])
             if len(ids) == 1:
                 return ids[0]
-            if token.strip().isdigit() and not ids:
-                return self.resolve(int(token))
+            digits = token_id_of(token) if not ids else None
+            if digits is not None:
+                return self.resolve(digits)
             if len(ids) > 1:
                 raise TokenNotFound(f"token text {token!r} matches several ids: {ids}; pass the id instead")
             raise TokenNotFound(f"no token has the text {token!r} in {self.tokenizer_spec}{self._candidates(token)}")
