@@ -151,3 +151,13 @@ def test_small_store_eval_and_table(small_store):
     text = format_eval(rows)
     assert "wordsim353" in text and "cost the cap" in text
     assert len(text.splitlines()) == 2 + len(rows) + 5
+
+
+def test_tree_fidelity_on_the_small_store(small_store):
+    from vocabmetric.eval import format_fidelity, tree_fidelity
+
+    f = tree_fidelity(small_store, n_pairs=3000, n_sources=200)
+    assert f == tree_fidelity(small_store, n_pairs=3000, n_sources=200)  # seeded
+    assert -1 <= f.spearman <= 1 and 0 < f.l2_contrast < 1 and f.tree_contrast > 0
+    assert f.n_near > 0 and 0 < f.n_random <= 3000 and f.n_trees == 1
+    assert "spearman(tree, l2)" in format_fidelity(f) and "contrast" in format_fidelity(f)

@@ -135,3 +135,37 @@ def test_builder_errors(clustered):
         WardTreeBuilder(n_neighbors=246).fit(x, trained)
     with pytest.raises(VocabMetricError, match="not fitted"):
         TreeBuilder().to_tree()
+
+
+def test_fitted_weights_raise_spearman_on_planted_clusters():
+    from scipy.stats import spearmanr
+
+    from vocabmetric._vectors import l2_distance
+
+    rng = np.random.default_rng(0)
+    centers = rng.normal(size=(8, 16)) * rng.uniform(0.5, 3, size=(8, 1))
+    x = (centers[rng.integers(0, 8, 600)] + 0.5 * rng.normal(size=(600, 16))).astype(np.float32)
+    trained = np.ones(600, bool)
+    trained[:5] = False
+    a, b = rng.integers(5, 600, 3000), rng.integers(5, 600, 3000)
+    rho = {}
+    for fit in (False, True):
+        builder = TreeBuilder(branching=4, max_leaf_size=8, fit_weights=fit, n_pairs=5000).fit(x, trained)
+        rho[fit] = spearmanr(builder.to_tree().distance(a, b), l2_distance(x, a, b)).statistic
+        assert builder.params_["fit_weights"] is fit
+    assert rho[True] > rho[False] + 0.01
+    assert builder.params_["weight_fit"]["n_pairs"] == 5000
+    assert np.all(builder.weight_ >= 0) and builder.weight_[0] == pytest.approx(builder.cap_ / 2)
+
+
+def test_weight_fit_sample_and_flag_are_validated():
+    from vocabmetric.errors import ConfigError
+
+    x = np.random.default_rng(1).normal(size=(12, 4)).astype(np.float32)
+    with pytest.raises(ConfigError, match="n_pairs = 1000 cannot be sampled: 12 trained tokens give only 66"):
+        TreeBuilder(branching=2, max_leaf_size=2, fit_weights=True, n_pairs=1000).fit(x)
+    with pytest.raises(ConfigError, match="n_pairs"):
+        TreeBuilder(n_pairs=0).validate()
+    with pytest.raises(ConfigError, match="fit_weights"):
+        TreeBuilder(fit_weights="yes").validate()
+    TreeBuilder(branching=2, max_leaf_size=2, fit_weights=True, n_pairs=60).fit(x)  # reachable

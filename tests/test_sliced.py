@@ -182,3 +182,24 @@ def test_numba_blocks_of_positions_equal_the_torch_backend():
         results.append((value.detach(), zz.grad))
     torch.testing.assert_close(results[0][0], results[1][0], rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(results[0][1], results[1][1], rtol=1e-4, atol=1e-6)
+
+
+def test_pca_directions_are_orthonormal_deterministic_and_follow_the_variance():
+    from vocabmetric.regularizers.sliced import principal_directions
+
+    rng = np.random.default_rng(3)
+    x = rng.normal(size=(400, 6)) * np.array([5.0, 3.0, 1.0, 0.5, 0.2, 0.1])
+    usable = np.ones(400, bool)
+    usable[:7] = False
+    reg = SlicedWasserstein(x, n_projections=4, directions="pca", usable=usable)
+    theta = reg.directions_
+    assert np.allclose(theta @ theta.T, np.eye(4), atol=1e-12)
+    assert np.array_equal(theta, SlicedWasserstein(x, n_projections=4, directions="pca", usable=usable).directions_)
+    assert np.allclose(theta, principal_directions(x[usable], 4), atol=1e-12)
+    assert np.abs(theta[0, 0]) > 0.99 and theta[0, 0] > 0  # the widest axis first, sign fixed
+    assert np.array_equal(SlicedWasserstein(x, n_projections=4, directions="random", seed=1).directions_,
+                          SlicedWasserstein(x, n_projections=4, seed=1).directions_)
+    with pytest.raises(VocabMetricError, match="at most 6 directions"):
+        SlicedWasserstein(x, n_projections=7, directions="pca")
+    with pytest.raises(VocabMetricError, match="'random', 'pca'"):
+        SlicedWasserstein(x, n_projections=2, directions="umap")

@@ -167,6 +167,10 @@ def eval_(
     except VocabMetricError as exc:
         _fail(exc)
     typer.echo(json.dumps([r._asdict() for r in rows], indent=2) if as_json else format_eval(rows))
+    if not as_json and "tree" in s.metrics:
+        from .eval import format_fidelity, tree_fidelity
+
+        typer.echo("\n" + format_fidelity(tree_fidelity(s)))
 
 
 @app.command()

@@ -159,3 +159,64 @@ def format_eval(rows: Sequence[EvalRow]) -> str:
         "cost the cap and tie. l2 and tree are exact for every pair.",
     ]
     return "\n".join(lines)
+
+
+# -- the tree's fidelity to l2 ---------------------------------------------------------------
+#: Random trained pairs of the fidelity measurement, and the tokens whose 10 nearest make its near pairs.
+FIDELITY_PAIRS = 20000
+FIDELITY_SOURCES = 2000
+FIDELITY_NEAR = 10
+
+
+class TreeFidelity(NamedTuple):
+    """How well the tree keeps the l2 metric (see :func:`tree_fidelity`)."""
+
+    spearman: float  # ρ(tree cost, l2) over random trained pairs
+    tree_contrast: float  # mean tree cost of 10-NN pairs ÷ median tree cost of random pairs
+    l2_contrast: float  # the same ratio under l2
+    near_spearman: float  # ρ(tree cost, l2) over the 10-NN pairs
+    n_random: int
+    n_near: int
+    n_trees: int
+
+
+def tree_fidelity(store, *, n_pairs: int = FIDELITY_PAIRS, n_sources: int = FIDELITY_SOURCES, seed: int = 0) -> TreeFidelity:
+    """Spearman(tree cost, l2) over ``n_pairs`` random trained pairs, and the near/random contrast.
+
+    ``contrast = mean cost of near pairs / median cost of random pairs``; near pairs are each
+    of ``n_sources`` random trained tokens with its :data:`FIDELITY_NEAR` nearest under l2
+    (exact: the store's faiss index). A tree that keeps the metric has ``spearman`` near 1
+    and ``tree_contrast`` near ``l2_contrast`` (a higher one: near moves relatively dearer).
+    Seeded; cost O(n_pairs·(d + depth)) plus one faiss search of ``n_sources`` rows.
+    """
+    from scipy.stats import spearmanr
+
+    from ._vectors import normalized
+
+    ids = np.flatnonzero(store.usable)
+    if len(ids) < FIDELITY_NEAR + 2:
+        raise VocabMetricError(f"tree fidelity needs at least {FIDELITY_NEAR + 2} usable tokens, the store has {len(ids)}")
+    rng = np.random.default_rng(seed)
+    a, b = rng.choice(ids, n_pairs), rng.choice(ids, n_pairs)
+    a, b = a[a != b], b[a != b]
+    src = rng.choice(ids, min(n_sources, len(ids)), replace=False)
+    _, found = store.faiss_index().search(normalized(store.embeddings()[src]).astype(np.float32), FIDELITY_NEAR + 1)
+    ok = (found >= 0) & (found != src[:, None])
+    ok &= np.cumsum(ok, axis=1) <= FIDELITY_NEAR
+    i, j = np.broadcast_to(src[:, None], found.shape)[ok], found[ok].astype(np.int64)
+    tree_r, tree_n = (store.pair_costs(x, y, TREE).astype(np.float64) for x, y in ((a, b), (i, j)))
+    l2_r, l2_n = (store.pair_costs(x, y, "l2").astype(np.float64) for x, y in ((a, b), (i, j)))
+    return TreeFidelity(float(spearmanr(tree_r, l2_r).statistic), float(tree_n.mean() / np.median(tree_r)),
+                        float(l2_n.mean() / np.median(l2_r)), float(spearmanr(tree_n, l2_n).statistic),
+                        len(a), len(i), int(getattr(store, "n_trees", 1)))
+
+
+def format_fidelity(f: TreeFidelity) -> str:
+    """Three lines: the tree's Spearman against l2 and its contrast beside l2's."""
+    return "\n".join([
+        f"tree fidelity ({f.n_trees} tree{'s' if f.n_trees != 1 else ''}): spearman(tree, l2) {f.spearman:.3f} over "
+        f"{f.n_random} random trained pairs; {FIDELITY_NEAR}-NN spearman {f.near_spearman:.3f}",
+        f"near/random contrast (mean {FIDELITY_NEAR}-NN cost / median random cost): tree {f.tree_contrast:.3f}, "
+        f"l2 {f.l2_contrast:.3f}",
+        "a tree that keeps the metric has spearman near 1 and a contrast close to l2's.",
+    ])

@@ -33,6 +33,15 @@ tokens are from each other). Moving mass between two untrained tokens is free �
 embeddings cannot tell them apart; a KL term still can. They cost nothing in the pass:
 the sorted order lists only the ``T`` usable tokens, and the last gap is ``far``.
 
+**Near and far.** For a point move of mass m from token a to b the value is
+``m·mean_l |θ_l·(x_a − x_b)|``, proportional to ``‖x_a − x_b‖`` in expectation over random
+directions: on the demo store (200 trained t*, near = t*'s nearest knn neighbour, far = a
+token at the median l2 distance) far/near is 2.83 with 64 random directions against l2's
+2.80, 2.29 with the 64 principal directions (``directions="pca"``), 3.34 with 16 of them.
+Yet in the one-step RL experiment Sliced did not tell near from far (π(far)/π(near) 1.01),
+and no direction choice tried changes its prices enough to expect otherwise: train with
+:class:`~vocabmetric.regularizers.TreeWasserstein` or Sinkhorn.
+
 Backends: ``"numba"`` (CPU; one fused pass per direction and position, compiled on first
 use and cached) and ``"torch"`` (any device; gather, cumsum, scatter per direction).
 """
@@ -153,8 +162,11 @@ class SlicedWasserstein(Penalty):
     far : float, optional
         Distance of the untrained point beyond the largest trained projection; default the
         spread of the trained projections on each direction.
-    directions : array-like, shape (L, d), optional
-        Explicit directions (normalized to unit length); overrides ``n_projections``/``seed``.
+    directions : {"random", "pca"} or array-like, shape (L, d), optional
+        ``"random"`` (default): uniform on the sphere. ``"pca"``: the ``n_projections``
+        leading principal directions of the usable embeddings (:func:`principal_directions`;
+        deterministic, orthonormal, ``n_projections ≤ d``). An array: explicit directions
+        (normalized to unit length); overrides ``n_projections``/``seed``.
     fingerprint : str, optional
         Tokenizer fingerprint, checked against ``forward(..., fingerprint=)``.
     backend : {"auto", "numba", "torch"}
@@ -217,10 +229,18 @@ class SlicedWasserstein(Penalty):
         self._configure(backend=backend, chunk_size=chunk_size)
         if far is not None and not (np.isfinite(far) and far > 0):
             raise self.config_error(f"far must be finite and > 0, got {far}")
-        if directions is None:
+        if directions is None or isinstance(directions, str):
             if not isinstance(n_projections, (int, np.integer)) or n_projections < 1:
                 raise self.config_error(f"n_projections must be a positive int, got {n_projections!r}")
-            directions = np.random.default_rng(seed).standard_normal((int(n_projections), dim))
+            if directions is None or directions == "random":
+                directions = np.random.default_rng(seed).standard_normal((int(n_projections), dim))
+            elif directions == "pca":
+                if n_projections > min(dim, int(mask.sum())):
+                    raise self.config_error(f"directions='pca' gives at most {min(dim, int(mask.sum()))} directions "
+                                            f"(d = {dim}, {int(mask.sum())} usable tokens), got n_projections={n_projections}")
+                directions = principal_directions(emb[mask], int(n_projections))
+            else:
+                raise self.config_error(f"directions must be 'random', 'pca' or an (L, {dim}) array, got {directions!r}")
         theta = np.asarray(directions, dtype=np.float64)
         if theta.ndim != 2 or theta.shape[1] != dim or not np.all(np.linalg.norm(theta, axis=1) > 0):
             raise self.config_error(f"directions must be non-zero rows of shape (L, {dim}), got {theta.shape}")
@@ -311,6 +331,17 @@ class SlicedWasserstein(Penalty):
             lanes = ROWS_AT_ONCE * max(1, torch.get_num_threads())
             chunk_size = max(lanes, chunk_rows(logits.shape[-1], logits.device) // lanes * lanes)
         return solve_by_chunks(logits, ref, chunk, chunk_size=chunk_size, dtype=dtype, where=where)
+
+
+def principal_directions(vectors: Any, n_directions: int) -> np.ndarray:
+    """The ``n_directions`` leading principal directions of ``vectors`` (T, d): rows of the
+    centred SVD's ``Vᵀ``, (n, d) float64, orthonormal; each row's sign is fixed so that its
+    largest-magnitude component is positive (deterministic). Cost O(T·d²)."""
+    x = np.asarray(vectors, dtype=np.float64)
+    _, _, vt = np.linalg.svd(x - x.mean(0), full_matrices=False)
+    vt = vt[:n_directions]
+    sign = np.sign(vt[np.arange(len(vt)), np.abs(vt).argmax(1)])
+    return vt * np.where(sign == 0, 1.0, sign)[:, None]
 
 
 def _chunk_torch(tables, p, q, value_out, dz_out) -> None:
