@@ -83,6 +83,23 @@ def test_zero_value_and_zero_gradient_at_p_equals_q(op):
             assert grad.abs().max() <= atol, (dtype, support)
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_peaked_policy_equal_to_its_reference_gets_no_push_and_values_stay_non_negative(dtype):
+    """Issue 16 item 13: p = q on peaked inputs gives 0 (float32 gradient was 1e-4); S ≥ 0 (clamped)."""
+    gen, op = torch.Generator().manual_seed(0), point_cloud_operator(1000, k=12)
+    z = torch.randn(8, 1000, generator=gen, dtype=torch.float64) * 2
+    z.scatter_add_(1, torch.randint(0, 1000, (8, 8), generator=gen), 12 + 4 * torch.rand(8, 8, generator=gen).double())
+    z, noise = z.to(dtype), torch.randn(2, 8, 1000, generator=gen).to(dtype)
+    refs = torch.cat([z, z + 1e-6 * noise[0], z + 0.5 * noise[1]])  # equal, a hair away, near
+    for support in (16, 64, None):
+        logits = torch.cat([z, z, z]).requires_grad_()
+        value = SinkhornDivergence(op, eps=CAP / 15, support=support)(logits, refs)
+        (grad,) = torch.autograd.grad(value.sum(), logits)
+        assert torch.all(value[:8] == 0) and torch.all(value >= 0) and torch.all(value[16:] > 0), (support, value)
+        assert grad[:8].abs().max() <= (1e-7 if dtype == torch.float64 else 1e-6), (support, grad.abs().max())
+        assert torch.all(grad[value == 0] == 0)
+
+
 @pytest.mark.parametrize("support", [None, 12])
 @pytest.mark.parametrize("debias", [True, False])
 def test_gradient_matches_finite_differences(op, support, debias):
@@ -209,8 +226,7 @@ def test_asymmetric_operator_is_symmetrized_and_says_so(caplog):
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 def test_fused_cpu_kernel_equals_the_gathered_torch_path(dtype):
-    """The numba kernel (CPU) and the gather-and-logsumexp path (any device) compute the
-    same log-kernel, -inf weights included, on an operator with rows of uneven degree."""
+    """Numba and the gathered torch path agree (-inf weights, rows of uneven degree)."""
     from vocabmetric.regularizers._sparse_kernel import SparseLogKernel, numba_sparse_lse
 
     if numba_sparse_lse() is None:
@@ -232,9 +248,7 @@ def test_fused_cpu_kernel_equals_the_gathered_torch_path(dtype):
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 def test_support_kernel_equals_the_log_domain_sum(dtype):
-    """The support mode's linear-domain batched product, for one problem, stacked copies
-    and an arbitrary subset of positions, equals logsumexp(h − C/ε) — also at ε = cap/90,
-    where sums fall below float32's range and positions are recomputed in the log domain."""
+    """The support kernel equals logsumexp(h − C/ε): one problem, stacked copies, subsets, ε = cap/90."""
     from vocabmetric.regularizers._support import DenseLogKernel
 
     gen = torch.Generator().manual_seed(5)
@@ -255,8 +269,7 @@ def test_support_kernel_equals_the_log_domain_sum(dtype):
 
 
 def test_chunks_give_the_same_values_and_gradients_as_one_solve(op):
-    """Chunks of 3, 3 and 1 positions (the fused kernel's scratch reused at three sizes)
-    match one solve of all 7, value and gradient, and a second call matches the first."""
+    """Chunks of 3, 3, 1 positions match one solve of all 7 (value, gradient), and a second call."""
     z, r = logits_pair(200, n=7, scale=3.0)
     results = []
     for chunk_size in (3, None, None):
@@ -272,9 +285,7 @@ def test_chunks_give_the_same_values_and_gradients_as_one_solve(op):
 
 
 def test_positions_that_finish_early_leave_the_others_untouched(op):
-    """The solver hands the potentials of finished positions back to its buffer pool: a
-    chunk where one position converges at once (p = q), one fast and two slow must give
-    each position what it gets alone, value and gradient."""
+    """Positions done early (p = q, fast, slow) get what they get alone: the pool hands back only the dead."""
     z, r = logits_pair(200, n=4, scale=3.0, seed=5)
     r[0] = z[0]  # converges at the first check
     r[1] = z[1] + 0.01 * torch.randn(200, generator=torch.Generator().manual_seed(0), dtype=z.dtype)
@@ -372,9 +383,7 @@ def test_neighbour_move_costs_less_than_far_move_on_a_real_store(small_store):
 
 
 def test_locality_order_puts_a_shuffled_chain_of_neighbours_back_together():
-    """The kernel's token order (reverse Cuthill–McKee) is a permutation, and on a graph of
-    local neighbours whose ids were shuffled it brings neighbours back within a few
-    positions of each other; the kernel's CSR table is relabelled by it."""
+    """The token order (RCM) is a permutation that brings a shuffled chain's neighbours back together."""
     from vocabmetric.regularizers._sparse_kernel import SparseLogKernel, locality_order
 
     V, rng = 2000, np.random.default_rng(0)

@@ -94,6 +94,25 @@ class Solver:
     def split(self, x: torch.Tensor, k: int) -> tuple[torch.Tensor, ...]:
         return x.chunk(k, self.pos)
 
+    def along(self, mask: torch.Tensor) -> torch.Tensor:
+        """A per-position mask ``(n,)`` shaped to broadcast over (positions, tokens)."""
+        return mask if self.pos == 1 else mask[:, None]
+
+    def pair_where(self, todo: torch.Tensor, a, b, log_a, log_b, g, rows):
+        """:meth:`pair` on the positions ``todo`` only; elsewhere ``f = g`` (the warm start,
+        the solution where a = b). Returns ``(f, g, error)`` over all positions."""
+        if bool(todo.all()):
+            return self.pair(a, b, log_a, log_b, g, rows)
+        pick = todo.nonzero()[:, 0]
+        f_all, g_all = g.clone(), g.clone()
+        if pick.numel():
+            take = lambda x: x.index_select(self.pos, pick)  # noqa: E731
+            f, gp, err = self.pair(take(a), take(b), take(log_a), take(log_b), take(g), rows[pick])
+            f_all.index_copy_(self.pos, pick, f)
+            g_all.index_copy_(self.pos, pick, gp)
+            return f_all, g_all, err
+        return f_all, g_all, 0.0
+
     def taker(self, active: torch.Tensor, n: int) -> Callable:
         """``x ↦`` the positions ``active`` of x, or ``x`` itself (no copy) while all are."""
         return (lambda x: x) if active.numel() == n else (lambda x: x.index_select(self.pos, active))
@@ -208,14 +227,22 @@ class NewtonSolver(Solver):
 
 def solve_chunk(solver: Solver, p: torch.Tensor, q: torch.Tensor, debias: bool):
     """Value and ``∂/∂p`` (up to a constant) of S_ε (or OT_ε) for a chunk of positions
-    (``p``, ``q`` and ``∂/∂p`` in the solver's layout)."""
+    (``p``, ``q`` and ``∂/∂p`` in the solver's layout).
+
+    Where ``p = q`` bit for bit, OT(p, q) *is* OT(p, p): the pair takes the symmetric
+    solve's potential (f = g = f_pp), so S_ε = 0 and ``h = f_pq − f_pp = 0`` exactly, not
+    up to the two solves' different rounding (float32 Newton steps had left 1e-3 there).
+    The value is clamped at 0 (S_ε ≥ 0 and OT_ε ≥ 0; a negative value is rounding), with
+    ``h = 0`` where it was: the gradient of ``max(S, 0)``."""
     log_p, log_q = log_probs(p), log_probs(q)
-    rows = torch.arange(solver.positions(p), device=p.device)
+    n = solver.positions(p)
+    rows = torch.arange(n, device=p.device)
     rows2 = rows.repeat(2)
     shape = list(p.shape)
     shape[solver.pos] *= 2
     zeros = p.new_zeros(shape)
     info: dict = {}
+    tokens = solver.tokens
     if debias:
         # anneal the self-transport potentials f_pp, g_qq (each updated from itself); the
         # pair then starts from g_qq, so only two problems pay the ε schedule
@@ -224,17 +251,23 @@ def solve_chunk(solver: Solver, p: torch.Tensor, q: torch.Tensor, debias: bool):
         both, err_sym = solver.symmetric(solver.cat([p, q]), log_pq, both, rows2)
         fpp, gqq = solver.split(both, 2)
         info["marginal_error_sym"] = err_sym
+        same = (p == q).all(tokens)  # OT(p, q) = OT(p, p): one solve for the three problems
+        gqq = torch.where(solver.along(same), fpp, gqq) if bool(same.any()) else gqq
         g = gqq  # warm start from OT(q, q)'s potential: the solution itself when p = q
     else:  # f ← T_q(g), g ← T_p(f): the pair's ε schedule, from g's end
         f, g = solver.split(solver.anneal(solver.cat([log_q, log_p]), zeros, True, rows2), 2)
-    f, g, err = solver.pair(p, q, log_p, log_q, g, rows)
+        same = torch.zeros(n, dtype=torch.bool, device=p.device)
+    f, g, err = solver.pair_where(~same, p, q, log_p, log_q, g, rows)
     info["marginal_error"] = err
-    tokens = solver.tokens
     value = (p * f).sum(tokens) + (q * g).sum(tokens)
     grad = f
     if debias:  # OT(a, a) = 2⟨a, f_aa⟩
         value = value - (p * fpp).sum(tokens) - (q * gqq).sum(tokens)
         grad = f - fpp
+    below = value <= 0  # p = q gives exactly 0 here already
+    if bool(below.any()):
+        value = value.clamp(min=0)
+        grad = grad.masked_fill(solver.along(below), 0.0)
     info["iterations"] = solver.iterations
     return value, grad, info
 

@@ -57,8 +57,10 @@ step (ε-scaling, Feydy 2019 Alg. 3.5) of the self-transport potentials; at the 
 the two symmetric problems OT(p, p), OT(q, q) (update ``f ← ½(f + T_p(f))``, stacked in one
 kernel call) run to a marginal error ``tol``, then the pair OT(p, q) (alternating
 updates; Newton steps in support mode) starts from OT(q, q)'s potential — the exact
-solution when p = q. A position leaves the active set as soon as it has converged.
-Without debiasing the pair is annealed.
+solution when p = q; where p = q bit for bit the pair takes it as is, so S_ε and its
+gradient are exactly 0 there. Values are clamped at 0 (S_ε ≥ 0), gradient 0 where clamped.
+A position leaves the active set as soon as it has converged. Without debiasing the
+pair is annealed.
 
 Gradient (envelope theorem, never backpropagation through the iterations):
 ``∂S/∂p = f_pq − f_pp`` (defined up to a constant) and, through the softmax,
@@ -264,7 +266,9 @@ class SinkhornDivergence(Penalty):
         scratch: dict = {}
 
         def chunk(p, q, value_out, dz_out) -> None:
-            q = q.div_(q.sum(-1, keepdim=True))  # p and q must carry the same mass exactly
+            # p and q must carry the same mass exactly; normalizing both alike keeps p = q
+            # bit for bit where the logits are equal (the solver then reuses one solve)
+            p, q = p.div_(p.sum(-1, keepdim=True)), q.div_(q.sum(-1, keepdim=True))
             if self.support is not None:  # writes dz_out itself, from the support's potentials
                 value, info = solve_support_chunk(
                     p, q, support=self.support, table=self._torch_table(p.device), cap=self.op.cap,
