@@ -69,6 +69,11 @@ def expected_chunks(meta: dict) -> int:
     return math.prod(math.ceil(s / c) if s else 0 for s, c in zip(shape, chunk)) if shape else 1
 
 
+def chunk_count(files: Iterable[str], key: str) -> int:
+    """How many of ``files`` (store-relative paths) are chunks of array ``key``."""
+    return sum(1 for rel in files if rel.startswith(f"{key}/c/"))
+
+
 def write_manifest(root: Path) -> dict:
     """Hash every file under ``root`` and write ``root/manifest.json`` atomically.
 
@@ -90,7 +95,7 @@ def write_manifest(root: Path) -> dict:
                 arrays[key] = {"shape": meta["shape"], "chunks": expected_chunks(meta)}
     manifest = {"format": FORMAT, "arrays": arrays, "files": dict(sorted(files.items()))}
     for key, info in arrays.items():
-        have = sum(1 for rel in files if rel.startswith(f"{key}/c/"))
+        have = chunk_count(files, key)
         if have != info["chunks"]:
             raise StoreError(f"{root}: array {key} has {have} of its {info['chunks']} chunk files; "
                              "write it with write_empty_chunks=True")
@@ -132,7 +137,12 @@ class Manifest:
 
     def array_of(self, rel: str) -> str:
         """The array a file belongs to ('' for group metadata and the index)."""
-        parent = rel.rsplit("/c/", 1)[0] if "/c/" in rel else rel.rsplit("/", 1)[0] if rel.endswith("zarr.json") else ""
+        if "/c/" in rel:
+            parent = rel.rsplit("/c/", 1)[0]
+        elif rel.endswith("/zarr.json"):
+            parent = rel.rsplit("/", 1)[0]
+        else:
+            return ""
         return parent if parent in self.arrays else ""
 
     def _files(self, prefix: str | None) -> Iterable[tuple[str, tuple[int, str]]]:
@@ -143,7 +153,7 @@ class Manifest:
     def check_presence(self) -> None:
         """Every listed file exists with its listed size; every array lists all its chunks."""
         for key, info in self.arrays.items():
-            have = sum(1 for rel in self.files if rel.startswith(f"{key}/c/"))
+            have = chunk_count(self.files, key)
             if have != info["chunks"]:
                 raise self._fail(key, f"{key}/c/…", f"lists {have} of {info['chunks']} chunks")
         for rel, (size, _) in self.files.items():
