@@ -10,7 +10,10 @@ marked ``trained = False`` and the *untrained policy* decides what they get:
   several qualify; ``borrowed_from[i]`` records the donor, and the token gets neighbours.
 
 Their rows still hold a deterministic small random vector (so nothing downstream sees a
-zero row), but no metric uses a row that was neither trained nor borrowed.
+zero row), but no metric uses a row that is not :attr:`Embeddings.usable`.
+
+Every token's *provenance* says how it got its vector: :data:`PROVENANCE` names the codes
+of :attr:`Embeddings.provenance` (and of the store's ``tokens/provenance``).
 """
 
 from __future__ import annotations
@@ -26,6 +29,13 @@ import numpy as np
 from .errors import ConfigError, VocabMetricError
 
 LOG = logging.getLogger(__name__)
+
+#: Provenance codes, by index: how a token got its vector.
+#: ``none`` — no vector a metric may use (every cost to it is the cap); ``trained`` — learned
+#: from the corpus or imported; ``borrowed`` — a trained token's vector with the same
+#: normalized text; ``composed`` — built from the token's parts (``untrained = "compose"``).
+PROVENANCE = ("none", "trained", "borrowed", "composed")
+NONE, TRAINED, BORROWED, COMPOSED = range(len(PROVENANCE))
 
 
 def stable_hash(text: str) -> int:
@@ -43,11 +53,22 @@ class Embeddings:
     method: str
     params: dict = field(default_factory=dict)
     seconds: float = 0.0
+    composed: np.ndarray | None = None  # (V,) bool: built from the token's parts, or None
 
     @property
     def usable(self) -> np.ndarray:
-        """Rows a metric may use: trained, or borrowed from a trained token."""
-        return self.trained | (self.borrowed_from >= 0)
+        """Rows a metric may use: trained, borrowed from a trained token, or composed."""
+        return self.provenance != NONE
+
+    @property
+    def provenance(self) -> np.ndarray:
+        """(V,) uint8 codes into :data:`PROVENANCE`; trained wins over borrowed over composed."""
+        codes = np.full(len(self.trained), NONE, np.uint8)
+        if self.composed is not None:
+            codes[np.asarray(self.composed, bool)] = COMPOSED
+        codes[self.borrowed_from >= 0] = BORROWED
+        codes[self.trained] = TRAINED
+        return codes
 
 
 def train_word2vec(
@@ -157,4 +178,5 @@ def apply_untrained_policy(emb: Embeddings, token_texts: list[str], counts: np.n
             borrowed[i] = donor
             vectors[i] = emb.vectors[donor]
     LOG.info("borrow: %d untrained ids took a trained token's vector", (borrowed >= 0).sum())
-    return Embeddings(vectors, emb.trained, borrowed, emb.method, {**emb.params, "untrained": policy}, emb.seconds)
+    return Embeddings(vectors, emb.trained, borrowed, emb.method, {**emb.params, "untrained": policy}, emb.seconds,
+                      emb.composed)
