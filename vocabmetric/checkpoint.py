@@ -249,10 +249,8 @@ def read_rows(entry: TensorEntry, rows: int, *, slice_bytes: int = SLICE_BYTES) 
             part = buf[: (hi - lo) * dim].reshape(hi - lo, dim)
             if fh.readinto(memoryview(part).cast("B")) != part.nbytes:
                 raise ConfigError(f"{entry.file}: tensor {entry.name!r} ends early (is the file truncated?)")
-            if entry.dtype == "BF16":  # bf16 is the high half of a float32: widen, shift, reinterpret
-                bits = out[lo:hi].view(np.uint32)
-                bits[...] = part
-                bits <<= 16
+            if entry.dtype == "BF16":  # bf16 is the high half of a float32: widen and shift in one pass
+                np.left_shift(part, 16, out=out[lo:hi].view(np.uint32), dtype=np.uint32)
             else:
                 out[lo:hi] = part
             finite = np.isfinite(out[lo:hi]).all(axis=1)
