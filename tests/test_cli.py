@@ -44,7 +44,7 @@ def spaced(small_store):
 def _rows(table: str) -> list[list[str]]:
     """The body rows of a neighbour table (after the title, header and rule lines)."""
     lines = table.strip().splitlines()
-    assert lines[1].split() == ["rank", "id", "token", "cost"], table
+    assert lines[1].split() == ["rank", "id", "token", "cost", "provenance"], table
     assert set(lines[2].replace(" ", "")) == {"-"}
     return [line.split() for line in lines[3:]]
 
@@ -62,6 +62,7 @@ def test_neighbors_prints_rank_id_visible_text_and_cost(small_store, spaced):
         assert row[0] == str(rank) and row[1] == str(n.id)
         assert row[2] == n.text.replace(" ", "␣")  # the leading space is shown, never blank
         assert float(row[3]) == pytest.approx(n.cost, abs=5e-5)
+        assert row[4] == small_store.provenance_of(n.id)
     assert any(row[2].startswith("␣") for row in rows)
 
 
@@ -69,7 +70,8 @@ def test_neighbors_prints_rank_id_visible_text_and_cost(small_store, spaced):
 def test_neighbors_json_equals_the_api(small_store, spaced, metric):
     result = invoke("neighbors", small_store.path, str(spaced), "-k", 6, "--metric", metric, "--json")
     assert result.exit_code == 0, result.output
-    assert json.loads(result.stdout) == [n._asdict() for n in small_store.neighbors(spaced, k=6, metric=metric)]
+    assert json.loads(result.stdout) == [{**n._asdict(), "provenance": small_store.provenance_of(n.id)}
+                                         for n in small_store.neighbors(spaced, k=6, metric=metric)]
 
 
 @pytest.mark.parametrize("metric", ["l2", "knn", "tree"])

@@ -126,15 +126,15 @@ def _query_id(driver) -> int | None:
     return int(value) if value is not None else None
 
 
-def _table(driver, side: str) -> list[tuple[int, int, str, float]]:
-    """(rank, id, token as shown, cost) of each row of one neighbour table, read from the DOM."""
+def _table(driver, side: str) -> list[tuple[int, int, str, float, str]]:
+    """(rank, id, token as shown, cost, provenance) of each row of one neighbour table, read from the DOM."""
     from selenium.webdriver.common.by import By
 
     rows = []
     for tr in driver.find_elements(By.CSS_SELECTOR, f"#table-{side} tbody tr"):
-        rank, id_, token, cost = (td.text for td in tr.find_elements(By.TAG_NAME, "td"))
-        assert tr.get_attribute("data-id") == id_
-        rows.append((int(rank), int(id_), token, float(cost)))
+        rank, id_, token, cost, provenance = (td.text for td in tr.find_elements(By.TAG_NAME, "td"))
+        assert tr.get_attribute("data-id") == id_ and tr.get_attribute("data-provenance") == provenance
+        rows.append((int(rank), int(id_), token, float(cost), provenance))
     return rows
 
 
@@ -151,12 +151,13 @@ def _search(driver, text: str) -> None:
     driver.find_element("css selector", "#search button[type=submit]").click()
 
 
-def _expected(store, query: int, metric: str, k: int) -> list[tuple[int, int, str, float]]:
-    return [(rank, n.id, shown(n.text), n.cost) for rank, n in enumerate(store.neighbors(query, k=k, metric=metric), 1)]
+def _expected(store, query: int, metric: str, k: int) -> list[tuple[int, int, str, float, str]]:
+    return [(rank, n.id, shown(n.text), n.cost, store.provenance_of(n.id))
+            for rank, n in enumerate(store.neighbors(query, k=k, metric=metric), 1)]
 
 
 def _same_rows(got, want) -> None:
-    assert [r[:3] for r in got] == [r[:3] for r in want]
+    assert [r[:3] + r[4:] for r in got] == [r[:3] + r[4:] for r in want]
     np.testing.assert_allclose([r[3] for r in got], [r[3] for r in want], rtol=1e-3, atol=1e-6)
 
 
@@ -316,6 +317,26 @@ def test_html_token_text_is_shown_as_text_never_as_html(browser, html_url, html_
     except NoAlertPresentException:
         pass
     browser.save_screenshot(str(tmp_path / "explorer-html-tokens.png"))
+
+
+def test_the_query_and_every_row_show_their_provenance(browser, tmp_path):
+    from test_provenance import EXPECTED, four_provenances, write
+
+    from vocabmetric import open_store
+
+    store = open_store(write(tmp_path / "metric.zarr", four_provenances()))
+    with serve_in_thread(store.path) as url:
+        _open(browser, url)
+        _search(browser, " w40")  # composed
+        _wait(browser, lambda d: _query_id(d) == 40, "the composed query")
+        info = browser.find_element("id", "query-info")
+        assert info.get_attribute("data-provenance") == "composed" and "· composed" in info.text
+        _same_rows(_table(browser, "a"), _expected(store, 40, "knn", 10))
+        assert {row[4] for row in _table(browser, "a")} >= {"trained", "composed"}
+        assert [row[4] for row in _table(browser, "a")] == [EXPECTED[row[1]] for row in _table(browser, "a")]
+        _search(browser, " w55")  # no vector
+        _wait(browser, lambda d: _query_id(d) == 55, "the query without a vector")
+        assert "· none" in info.text and "no neighbours" in info.text and _table(browser, "a") == []
 
 
 # -- the page and the map over HTTP (no browser needed) ----------------------------------------------

@@ -112,8 +112,9 @@ def test_get_neighbors_by_id_and_by_text_equal_the_api(http, small_store, probes
         assert expected, f"token {i} has no {metric} neighbours"
         by_id = http.get("/neighbors", params={"id": i, "k": 7, "metric": metric}).json()
         by_text = http.get("/neighbors", params={"token": small_store.token_text(i), "k": 7, "metric": metric}).json()
-        assert by_id["query"] == {"id": i, "text": small_store.token_text(i)} and by_id["metric"] == metric
-        assert _as_neighbors(by_id) == expected
+        assert by_id["query"] == {"id": i, "text": small_store.token_text(i), "provenance": small_store.provenance_of(i)}
+        assert by_id["metric"] == metric and _as_neighbors(by_id) == expected
+        assert [n["provenance"] for n in by_id["neighbors"]] == [small_store.provenance_of(n.id) for n in expected]
         assert by_text == by_id
 
 
@@ -210,7 +211,8 @@ def duplicate_text_url(tmp_path_factory):
 def test_ambiguous_text_is_a_404_listing_the_candidate_ids(duplicate_text_url):
     response = httpx.get(f"{duplicate_text_url}/neighbors", params={"token": " twin"})
     assert_error_names(response, 404, "token_not_found", ["' twin'", "[7, 9]"])
-    assert httpx.get(f"{duplicate_text_url}/neighbors", params={"id": 7, "k": 4}).json()["query"] == {"id": 7, "text": " twin"}
+    query = httpx.get(f"{duplicate_text_url}/neighbors", params={"id": 7, "k": 4}).json()["query"]
+    assert query == {"id": 7, "text": " twin", "provenance": "trained"}
     with Client(duplicate_text_url) as c, pytest.raises(TokenNotFound, match="several ids"):
         c.cost(" twin", 3)
 

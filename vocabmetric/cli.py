@@ -62,7 +62,7 @@ def build(
 
 @app.command()
 def info(store: Path = typer.Argument(..., help="a metric.zarr store"), as_json: bool = typer.Option(False, "--json")) -> None:
-    """What a store holds: tokenizer, corpus, embeddings, metrics."""
+    """What a store holds: tokenizer, corpus, embeddings (tokens per provenance), metrics."""
     from .report import info_table
 
     s = _open(store)
@@ -97,7 +97,7 @@ def neighbors(
     metric: str = typer.Option("knn", "--metric", "-m", help="metric name (see `vocabmetric info`)"),
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
-    """The k nearest tokens of TOKEN, with their costs."""
+    """The k nearest tokens of TOKEN, with their costs and provenance (trained, borrowed, composed)."""
     from .report import neighbor_table
 
     s = _open(store)
@@ -107,7 +107,7 @@ def neighbors(
     except VocabMetricError as exc:
         _fail(exc)
     if as_json:
-        typer.echo(json.dumps([r._asdict() for r in rows], ensure_ascii=False))
+        typer.echo(json.dumps([{**r._asdict(), "provenance": s.provenance_of(r.id)} for r in rows], ensure_ascii=False))
     else:
         typer.echo(neighbor_table(s, query, rows, metric))
 

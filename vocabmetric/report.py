@@ -1,4 +1,8 @@
-"""Plain-text tables for the terminal: the build report, store info, neighbour tables."""
+"""Plain-text tables for the terminal: the build report, store info, neighbour tables.
+
+Every table says how its tokens got their vectors (:data:`~vocabmetric.embeddings.PROVENANCE`):
+``info`` and the build report count each provenance, neighbour tables show it per row.
+"""
 
 from __future__ import annotations
 
@@ -34,6 +38,19 @@ def _imported_from(params: dict) -> str:
     return text
 
 
+#: One letter per provenance, for tables with several columns of tokens.
+PROVENANCE_MARK = {"trained": "t", "borrowed": "b", "composed": "c", "none": "-"}
+
+
+def provenance_line(counts: dict) -> str:
+    """``26,013 trained, 120 borrowed, 70,000 composed, 4,144 none (no vector)`` from
+    ``{name: tokens}`` (:func:`~vocabmetric.store.provenance_counts`); a zero count is left
+    out unless it is ``trained``."""
+    order = [name for name in counts if name != "none"] + ["none"]
+    return ", ".join(f"{counts[name]:,} {name}" + (" (no vector: the cap to every token)" if name == "none" else "")
+                     for name in order if counts.get(name) or name == "trained")
+
+
 def _seconds(s: float) -> str:
     return f"{s:.1f} s" if s < 120 else f"{s / 60:.1f} min"
 
@@ -44,6 +61,7 @@ def build_report(result: Any, *, probes: Sequence[str] = (), k: int = 8) -> str:
 
     st = result.stats
     v, trained = st["vocab_size"], st["n_trained"]
+    store = open_store(result.store_path)
     lines = [
         f"store          {result.store_path}",
         f"vocabulary     {v:,} token ids",
@@ -52,6 +70,7 @@ def build_report(result: Any, *, probes: Sequence[str] = (), k: int = 8) -> str:
         f"({st['tokens_per_second'] / 1e6:.2f}M tok/s when tokenized)",
         f"trained        {trained:,} of {v:,} ids ({100 * trained / v:.1f}%)"
         + (f", {st['n_borrowed']:,} borrowed" if st.get("n_borrowed") else ""),
+        f"provenance     {provenance_line(store.info()['embeddings']['provenance'])}",
         "",
         _table(
             ["stage", "time", ""],
@@ -59,7 +78,6 @@ def build_report(result: Any, *, probes: Sequence[str] = (), k: int = 8) -> str:
             "<><",
         ),
     ]
-    store = open_store(result.store_path)
     metrics = [m for m in store.metrics if m != "l2"] or ["l2"]
     for probe in probes:
         try:
@@ -72,28 +90,34 @@ def build_report(result: Any, *, probes: Sequence[str] = (), k: int = 8) -> str:
 
 
 def side_by_side(store: Any, query: int, metrics: Sequence[str], k: int) -> str:
-    """The k nearest of ``query`` under several metrics, one column pair per metric."""
+    """The k nearest of ``query`` under several metrics: token, cost and provenance (one
+    letter, :data:`PROVENANCE_MARK`, explained under the table) per metric."""
     columns = {m: store.neighbors(query, k=k, metric=m) for m in metrics}
-    header = ["#"] + [h for m in metrics for h in (m, "cost")]
+    header = ["#"] + [h for m in metrics for h in (m, "cost", "")]
     rows = []
     for r in range(k):
         row: list[Any] = [r + 1]
         for m in metrics:
             col = columns[m]
-            row += [visible(col[r].text), f"{col[r].cost:.3f}"] if r < len(col) else ["", ""]
+            row += ([visible(col[r].text), f"{col[r].cost:.3f}", PROVENANCE_MARK[store.provenance_of(col[r].id)]]
+                    if r < len(col) else ["", "", ""])
         rows.append(row)
-    title = f"nearest to {visible(store.token_text(query))!s} (id {query})"
+    title = f"nearest to {visible(store.token_text(query))!s} (id {query}, {store.provenance_of(query)})"
     if not store.usable[query]:
-        title += ": never trained, so it has no neighbours"
-    return title + "\n" + _table(header, rows, ">" + "<>" * len(metrics))
+        title += ": it has no vector, so it has no neighbours"
+    legend = "provenance: " + ", ".join(f"{mark} {name}" for name, mark in PROVENANCE_MARK.items())
+    return title + "\n" + _table(header, rows, ">" + "<><" * len(metrics)) + "\n" + legend
 
 
 def neighbor_table(store: Any, query: int, rows: Sequence[Any], metric: str) -> str:
-    """Rank, id, token (leading space shown as ␣), cost."""
-    title = f"{metric} neighbours of {visible(store.token_text(query))} (id {query})"
+    """Rank, id, token (leading space shown as ␣), cost, provenance; the query's provenance
+    in the title."""
+    title = f"{metric} neighbours of {visible(store.token_text(query))} (id {query}, {store.provenance_of(query)})"
     if not rows:
-        return title + ": none (the token was never trained, or the metric stores no neighbours for it)"
-    body = _table(["rank", "id", "token", "cost"], [[r + 1, n.id, visible(n.text), f"{n.cost:.4f}"] for r, n in enumerate(rows)], ">><>")
+        return title + ": none (the token has no vector, or the metric stores no neighbours for it)"
+    body = _table(["rank", "id", "token", "cost", "provenance"],
+                  [[r + 1, n.id, visible(n.text), f"{n.cost:.4f}", store.provenance_of(n.id)] for r, n in enumerate(rows)],
+                  ">><><")
     return title + "\n" + body
 
 
@@ -111,6 +135,7 @@ def info_table(store: Any) -> str:
         f"embeddings   {emb.get('method')} dim {emb.get('dim')}: {emb.get('n_trained', 0):,} trained"
         + (f", {emb['n_borrowed']:,} borrowed" if emb.get("n_borrowed") else "")
         + _imported_from(emb.get("params") or {}),
+        f"provenance   {provenance_line(emb['provenance'])}",
         "",
         _table(
             ["metric", "kind", "k", "cap", "cap from"],

@@ -14,6 +14,12 @@
 ``GET  /openapi.json`` the schema (limits, metrics and error bodies included); ``/docs``
 =====================  ==============================================================
 
+Every token in an answer — ``query`` and each of ``neighbors`` (GET/POST /neighbors),
+``a`` and ``b`` (GET /cost) — is ``{"id", "text", "provenance"}`` (neighbours add ``cost``):
+``provenance`` says how it got its vector, one of :data:`~vocabmetric.embeddings.PROVENANCE`
+(``"trained"``, ``"borrowed"``, ``"composed"``, ``"none"``), looked up in a (V,) uint8 array
+held in memory. GET /info counts them (``embeddings.provenance``).
+
 How a token given as a string is read (``token=``, ``a=``, ``b=``, and strings in
 ``pairs``): exactly as :meth:`MetricStore.resolve` reads it — the token whose text it is
 (leading space included: ``token=%20beautiful``); an all-digit string is read as an id

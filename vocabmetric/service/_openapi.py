@@ -15,6 +15,15 @@ from fastapi.openapi.utils import get_openapi
 
 LOG = logging.getLogger(__name__)
 
+#: How tokens in responses say where their vector came from, in the schema's description.
+PROVENANCE_NOTE = """Every token in a response (the `query` and each of its `neighbors`, `a` and `b` of GET /cost)
+carries `provenance`, how it got its vector: `trained` (learned from the corpus or imported), `borrowed`
+(a trained token's vector with the same normalized text), `composed` (built from the token's parts) or
+`none` (no vector: it costs the cap to every other token and has no neighbours). GET /info counts them
+(`embeddings.provenance`).
+
+"""
+
 #: The error types, in the schema's description (the same table as the package docstring).
 ERROR_TABLE = """Every error is `{"error": {"type": "...", "message": "..."}}` (the message names the bad value):
 

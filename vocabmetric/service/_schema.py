@@ -8,10 +8,11 @@ Every model here is what FastAPI validates a request against and renders in
 from __future__ import annotations
 
 import logging
-from typing import Annotated, Any, Union
+from typing import Annotated, Any, Literal, Union
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictFloat, StrictInt, StrictStr, WithJsonSchema
 
+from ..embeddings import PROVENANCE
 from ..errors import TokenizerError, TokenNotFound, VocabMetricError
 
 LOG = logging.getLogger(__name__)
@@ -82,17 +83,24 @@ def integral(value: int | float) -> int:
 #: fractional part); never a string or a bool.
 JsonInt = Annotated[Union[StrictInt, StrictFloat], AfterValidator(integral), WithJsonSchema({"type": "integer"})]
 TokenRef = Union[JsonInt, StrictStr]  # a JSON integer is an id, a string is resolved
+#: How a token got its vector, by name (an enum in the schema): one of ``PROVENANCE``.
+Provenance = Literal[PROVENANCE]  # type: ignore[valid-type]  # Literal[("a", "b")] is Literal["a", "b"]
+PROVENANCE_DESCRIPTION = ("how the token got its vector: trained (learned from the corpus or imported), borrowed "
+                          "(a trained token's vector with the same normalized text), composed (built from the "
+                          "token's parts), none (no vector: it costs the cap to every other token)")
 
 
 class TokenModel(BaseModel):
     id: int = Field(description="token id")
     text: str = Field(description="token text (undecodable bytes as \\xNN)")
+    provenance: Provenance = Field(description=PROVENANCE_DESCRIPTION)
 
 
 class NeighborModel(BaseModel):
     id: int
     text: str
     cost: float
+    provenance: Provenance = Field(description=PROVENANCE_DESCRIPTION)
 
 
 class NeighborsResponse(BaseModel):
@@ -150,6 +158,7 @@ class InfoResponse(BaseModel):
     created: str
     tokenizer: dict[str, Any]
     corpus: dict[str, Any]
-    embeddings: dict[str, Any]
+    embeddings: dict[str, Any] = Field(description="method, dim, params, n_trained, n_borrowed, n_composed, and "
+                                       "provenance: {trained, borrowed, composed, none: number of tokens}")
     metrics: dict[str, dict[str, Any]] = Field(description="metric name -> kind, k, cap, cap_statistic")
     limits: dict[str, int]

@@ -3,6 +3,8 @@
 // It uses only the service's endpoints (GET info, neighbors, projection), by relative URL so
 // the page also works behind a path prefix. Token text is untrusted: it reaches the DOM only
 // through textContent (tokenNode) and the canvas through fillText, never as HTML.
+// Every token the service returns carries its provenance (trained, borrowed, composed, none:
+// how it got its vector); the query line, the tables and the tooltip show it.
 "use strict";
 
 (() => {
@@ -11,12 +13,20 @@
   const WHITESPACE = { " ": "␣", "\n": "↵", "\t": "⇥", "\r": "␍" };
   const LABELS_PER_TABLE = 6; // neighbours labelled on the map, per table
   const PICK_RADIUS = 8; // CSS px: how close the pointer must be to a point to hover or click it
+  const PROVENANCE_TITLES = {
+    trained: "learned from the corpus (or imported)",
+    borrowed: "a trained token's vector with the same normalized text",
+    composed: "built from the token's parts",
+    none: "no vector: it costs the cap to every other token",
+  };
+  const PROVENANCE = Object.keys(PROVENANCE_TITLES);
 
   const state = {
     info: null,
     query: null, // {id, text}
     rows: { a: [], b: [] }, // neighbours shown in each table
     texts: new Map(), // id -> token text, from every answer seen
+    provenance: new Map(), // id -> provenance, from every answer seen
     seq: 0, // the latest search; older answers are dropped
     map: null, // {n, ids, x, y, width, height, pointOf}
     view: null, // {scale, tx, ty}: screen = (x * scale + tx, (height - y) * scale + ty), CSS px
@@ -51,6 +61,15 @@
         span.appendChild(document.createTextNode(part));
       }
     }
+    return span;
+  }
+
+  /** A <span class="provenance NAME"> saying how a token got its vector. */
+  function provenanceNode(name) {
+    const span = document.createElement("span");
+    span.className = `provenance ${PROVENANCE.includes(name) ? name : "unknown"}`;
+    span.textContent = name || "?";
+    span.title = PROVENANCE_TITLES[name] || "";
     return span;
   }
 
@@ -113,7 +132,10 @@
       setStatus("");
       state.query = a.query;
       state.rows = { a: a.neighbors, b: b.neighbors };
-      for (const t of [a.query, ...a.neighbors, ...b.neighbors]) state.texts.set(t.id, t.text);
+      for (const t of [a.query, ...a.neighbors, ...b.neighbors]) {
+        state.texts.set(t.id, t.text);
+        state.provenance.set(t.id, t.provenance);
+      }
       showQuery();
       renderTable("a");
       renderTable("b");
@@ -132,10 +154,11 @@
     info.replaceChildren();
     if (!state.query) return;
     const q = state.query;
-    info.append("query ", tokenNode(q.text), ` — id ${q.id}`);
+    info.append("query ", tokenNode(q.text), ` — id ${q.id} · `, provenanceNode(q.provenance));
     info.dataset.id = String(q.id);
+    info.dataset.provenance = q.provenance;
     document.body.dataset.queryId = String(q.id);
-    if (state.map && state.map.pointOf[q.id] < 0) info.append(" (not on the map: never trained)");
+    if (state.map && state.map.pointOf[q.id] < 0) info.append(" (not on the map: no vector)");
     const noNeighbors = ["a", "b"].filter((s) => state.rows[s].length === 0);
     if (noNeighbors.length) info.append(` · no neighbours under ${noNeighbors.map(metricOf).join(", ")}`);
   }
@@ -148,10 +171,11 @@
       const tr = document.createElement("tr");
       tr.dataset.id = String(n.id);
       if (other.has(n.id)) tr.className = "shared";
-      const cells = [String(rank + 1), String(n.id), null, n.cost.toPrecision(4)];
-      cells.forEach((value, col) => {
+      tr.dataset.provenance = n.provenance;
+      const cells = [String(rank + 1), String(n.id), tokenNode(n.text), n.cost.toPrecision(4), provenanceNode(n.provenance)];
+      cells.forEach((value) => {
         const td = document.createElement("td");
-        if (value === null) td.appendChild(tokenNode(n.text));
+        if (typeof value !== "string") td.appendChild(value);
         else {
           td.textContent = value;
           td.className = "num";
@@ -219,7 +243,7 @@
     state.map = parseProjection(await response.arrayBuffer());
     resetView();
     drawMap();
-    $("map-status").textContent = `${state.map.n.toLocaleString()} trained tokens on the map (loaded in ${Math.round(performance.now() - t0)} ms)`;
+    $("map-status").textContent = `${state.map.n.toLocaleString()} tokens with a vector on the map (loaded in ${Math.round(performance.now() - t0)} ms)`;
     document.body.dataset.map = "ready";
     showQuery();
   }
@@ -376,6 +400,7 @@
     const id = state.map.ids[i];
     const fill = (text) => {
       tooltip.replaceChildren(`#${id} `, text === undefined ? "…" : tokenNode(text));
+      if (state.provenance.has(id)) tooltip.append(" ", provenanceNode(state.provenance.get(id)));
     };
     fill(state.texts.get(id));
     tooltip.dataset.id = String(id);
@@ -388,6 +413,7 @@
         try {
           const answer = await getJSON(`neighbors?id=${id}&k=1&metric=${encodeURIComponent(cheapMetric())}`);
           state.texts.set(id, answer.query.text);
+          state.provenance.set(id, answer.query.provenance);
           if (state.hover === i) fill(answer.query.text);
         } catch (e) { /* leave the id */ }
       }, 40);

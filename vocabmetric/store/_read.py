@@ -13,10 +13,11 @@ import numpy as np
 
 from .. import _vectors
 from .._version import __version__
+from ..embeddings import BORROWED, NONE, PROVENANCE, TRAINED
 from ..errors import StoreError, TokenizerError, TokenNotFound, VocabMetricError
 from ..integrity import REBUILD, Manifest, open_group, read_array
 from ..operator import CostOperator, TreeMetric
-from ._schema import EXACT_METRICS, SCHEMA_VERSION, TREE, Neighbor, Token
+from ._schema import EXACT_METRICS, PROVENANCE_KEY, SCHEMA_VERSION, TREE, Neighbor, Token, provenance_counts
 
 LOG = logging.getLogger(__name__)
 
@@ -112,9 +113,13 @@ class MetricStore:
         return dict(self._root[f"metrics/{metric}"].attrs)
 
     def info(self) -> dict:
-        """Tokenizer, corpus, embeddings, versions, and the metrics with their k and cap."""
+        """Tokenizer, corpus, embeddings (with ``provenance``: tokens per provenance), versions,
+        and the metrics with their k and cap."""
         out = {k: v for k, v in self.attrs.items() if k != "complete"}
         out["path"] = str(self.path)
+        if "provenance" not in out.get("embeddings", {}):  # a store built before tokens/provenance
+            counts = provenance_counts(self.provenance)
+            out["embeddings"] = {**out.get("embeddings", {}), "n_composed": counts["composed"], "provenance": counts}
         out["metrics"] = {m: {k: v for k, v in self.metric_attrs(m).items() if k != "params"} for m in self.metrics}
         return out
 
@@ -142,9 +147,51 @@ class MetricStore:
         return self._array("tokens/borrowed_from")
 
     @property
+    def provenance(self) -> np.ndarray:
+        """(V,) uint8, read-only: how each token got its vector, a code into
+        :data:`~vocabmetric.embeddings.PROVENANCE` (:meth:`provenance_of` names it).
+
+        A store built before ``tokens/provenance`` derives it from ``tokens/trained`` and
+        ``tokens/borrowed_from`` (trained wins over borrowed; it has no composed tokens).
+        Read or derived once, O(V).
+        """
+        codes = self.__dict__.get("_provenance")
+        if codes is None:
+            if PROVENANCE_KEY in self._root:
+                codes = self._array(PROVENANCE_KEY)
+                self._check_provenance(codes)
+            else:
+                codes = np.full(self.vocab_size, NONE, np.uint8)
+                codes[self.borrowed_from >= 0] = BORROWED
+                codes[self.trained] = TRAINED
+            codes.setflags(write=False)
+            self.__dict__["_provenance"] = codes
+        return codes
+
+    def _check_provenance(self, codes: np.ndarray) -> None:
+        if codes.dtype != np.uint8 or codes.shape != (self.vocab_size,):
+            raise StoreError(f"{self.path}: array {PROVENANCE_KEY} is {codes.dtype} {codes.shape}, expected uint8 "
+                             f"({self.vocab_size},); the store is corrupt: {REBUILD}")
+        if codes.size and codes.max() >= len(PROVENANCE):
+            bad = int(np.argmax(codes >= len(PROVENANCE)))
+            raise StoreError(f"{self.path}: array {PROVENANCE_KEY} gives token {bad} the code {int(codes[bad])}, "
+                             f"beyond the {len(PROVENANCE)} provenances {PROVENANCE}; the store is corrupt: {REBUILD}")
+
+    def provenance_of(self, token: Token) -> str:
+        """How ``token`` (an id or a text) got its vector: ``"trained"``, ``"borrowed"``,
+        ``"composed"`` or ``"none"`` (no vector: every cost to it is the cap)."""
+        return PROVENANCE[self.provenance[self.resolve(token)]]
+
+    @property
     def usable(self) -> np.ndarray:
-        """Tokens with a vector a metric may use (trained, or borrowed)."""
-        return self.trained | (self.borrowed_from >= 0)
+        """(V,) bool, read-only: tokens with a vector a metric may use, i.e. any provenance but
+        ``none`` (trained, borrowed or composed). Computed once."""
+        usable = self.__dict__.get("_usable")
+        if usable is None:
+            usable = self.provenance != NONE
+            usable.setflags(write=False)
+            self.__dict__["_usable"] = usable
+        return usable
 
     def embeddings(self, normalized: bool = False) -> np.ndarray:
         """The (V, d) float32 matrix; rows of unusable tokens are placeholders."""

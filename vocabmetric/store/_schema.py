@@ -5,12 +5,17 @@ Layout (written by :func:`~vocabmetric.store.write_store`, read by :class:`~voca
     metric.zarr/                attrs: schema_version, vocabmetric_version, created, complete,
                                        tokenizer {spec, fingerprint, vocab_size},
                                        corpus {sources, n_documents, n_tokens},
-                                       embeddings {method, params, n_trained, n_borrowed}
+                                       embeddings {method, params, n_trained, n_borrowed,
+                                                   n_composed, provenance {name: count}}
       tokens/bytes              all token byte strings concatenated (uint8)
       tokens/offsets            (V+1,) int64: token i is bytes[offsets[i]:offsets[i+1]]
       tokens/count              (V,) int64 corpus frequency
       tokens/trained            (V,) bool: the embedding was learned from the corpus
       tokens/borrowed_from      (V,) int32: donor id under the `borrow` policy, else -1
+      tokens/provenance         (V,) uint8: how each token got its vector, a code into
+                                vocabmetric.embeddings.PROVENANCE (none, trained, borrowed,
+                                composed); stores built before it derive it from
+                                tokens/trained and tokens/borrowed_from
       embeddings                (V, d) float32
       projection2d              (V, 2) float32 2-D map (UMAP) of the usable tokens, NaN rows
                                 for the rest (optional: stores built before it lack it)
@@ -36,11 +41,21 @@ from typing import NamedTuple, Union
 
 import numpy as np
 
+from ..embeddings import PROVENANCE
+
 SCHEMA_VERSION = 1
 EXACT_METRICS = ("l2",)  # computed on demand from the embeddings for any pair
 TREE = "tree"
 
 Token = Union[int, np.integer, str]
+PROVENANCE_KEY = "tokens/provenance"
+
+
+def provenance_counts(codes: np.ndarray) -> dict[str, int]:
+    """``{name: tokens}`` for each provenance of :data:`~vocabmetric.embeddings.PROVENANCE`
+    (zeros included), from (V,) uint8 codes. O(V)."""
+    counts = np.bincount(np.asarray(codes, np.intp), minlength=len(PROVENANCE))
+    return {name: int(n) for name, n in zip(PROVENANCE, counts)}
 
 
 class Neighbor(NamedTuple):

@@ -13,9 +13,10 @@ import numpy as np
 
 from .. import _vectors
 from .._version import __version__
+from ..embeddings import COMPOSED
 from ..errors import StoreError
 from ..integrity import write_manifest
-from ._schema import SCHEMA_VERSION, TREE, TreeArrays, TruncatedMetric
+from ._schema import SCHEMA_VERSION, TREE, TreeArrays, TruncatedMetric, provenance_counts
 
 
 def write_store(
@@ -60,6 +61,8 @@ def write_store(
     put(tokens, "count", data=np.asarray(counts, np.int64), chunks=(1 << 18,))
     put(tokens, "trained", data=np.asarray(embeddings.trained, bool), chunks=(1 << 18,))
     put(tokens, "borrowed_from", data=np.asarray(embeddings.borrowed_from, np.int32), chunks=(1 << 18,))
+    provenance = np.asarray(embeddings.provenance, np.uint8)
+    put(tokens, "provenance", data=provenance, chunks=(1 << 18,))
     put(root, "embeddings", data=np.asarray(vectors, np.float32), chunks=(rows, vectors.shape[1]))
     for name, arr in extra_arrays.items():
         put(root, name, data=arr, chunks=(rows,) + arr.shape[1:])
@@ -90,6 +93,8 @@ def write_store(
                     "dim": int(vectors.shape[1]),
                     "n_trained": int(np.sum(embeddings.trained)),
                     "n_borrowed": int(np.sum(embeddings.borrowed_from >= 0)),
+                    "n_composed": int(np.sum(provenance == COMPOSED)),
+                    "provenance": provenance_counts(provenance),
                 },
             }
         )
