@@ -183,8 +183,11 @@ def parquet_texts(path: Path, text_field: str) -> Iterator[str]:
             raise CorpusError(f"{path}: no column {text_field!r} (it has: {', '.join(columns)}); "
                               "set corpus.text_field in the config")
         _check_string(pf.schema_arrow.field(text_field).type, path, text_field)
-        for batch in pf.iter_batches(batch_size=ROWS_PER_BATCH, columns=[text_field]):
-            yield from (t for t in batch.column(0).to_pylist() if t)
+        # One reader per row group: a single iter_batches over the whole file keeps what it
+        # read in Arrow's pool (236 MB after a 0.25 GB file), this stays at one row group's pages.
+        for group in range(pf.metadata.num_row_groups):
+            for batch in pf.iter_batches(batch_size=ROWS_PER_BATCH, row_groups=[group], columns=[text_field]):
+                yield from (t for t in batch.column(0).to_pylist() if t)
     except (pa.ArrowException, OSError) as exc:
         raise CorpusError(f"{path}: cannot read as Parquet: {exc} (is the file truncated or corrupt?)") from exc
 
