@@ -150,7 +150,58 @@ def test_small_store_eval_and_table(small_store):
     assert by["l2", "simlex999"].n_stored == by["l2", "simlex999"].n_pairs
     text = format_eval(rows)
     assert "wordsim353" in text and "cost the cap" in text
-    assert len(text.splitlines()) == 2 + len(rows) + 5
+    assert len(text.splitlines()) == 2 + len(rows) + 7
+    assert "all-pairs" in text.splitlines()[0] and "covered" in text.splitlines()[0]
+
+
+def _direct_all_pairs(store, dataset: str, cost_of) -> tuple[float, int, int]:
+    """ρ over all single-token pairs, straight from scipy: each word's first usable
+    single-token form, else its first single-token form; a pair with an unusable token
+    costs ``cost_of``'s cap. Returns (ρ, single-token pairs, usable pairs)."""
+    def token(word):
+        forms = [" " + word, word, " " + word[:1].upper() + word[1:], word[:1].upper() + word[1:]]
+        single = [store.ids_of_text(f)[0] for f in forms if len(store.ids_of_text(f)) == 1]
+        return ([i for i in single if store.usable[i]] or single or [None])[0]
+
+    found = [(token(p.word1), token(p.word2), p.similarity) for p in read_pairs(dataset_path(dataset))]
+    found = [f for f in found if f[0] is not None and f[1] is not None]
+    a, b, human = (np.array([f[k] for f in found]) for k in range(3))
+    cost = cost_of(a, b)
+    rho = spearmanr(-cost, human).statistic if np.ptp(cost) > 0 else np.nan  # a constant cost has no ρ
+    return rho, len(found), int(np.sum(store.usable[a] & store.usable[b]))
+
+
+def test_all_pairs_spearman_and_coverage_against_scipy(planted, small_store):
+    """The all-pairs ρ and the single-token coverage, computed directly: l2 (cap 2) and the
+    planted truncated metric (cap 1) on the planted store, whose untrained word is single-token
+    but not usable; l2 and knn (dense) on the real small store."""
+    store = planted[0]
+    unit = store.embeddings(normalized=True).astype(np.float64)
+
+    def l2(a, b, s=store, u=unit):
+        return np.where(a == b, 0, np.where(s.usable[a] & s.usable[b], np.linalg.norm(u[a] - u[b], axis=1), 2.0))
+
+    def planted_cost(a, b, dense=store.operator("planted").dense()):
+        return np.where(a == b, 0, np.where(store.usable[a] & store.usable[b], dense[a, b], 1.0))
+
+    for metric, cost_of in (("l2", l2), ("planted", planted_cost)):
+        (row,) = evaluate(store, [metric], ["wordsim353"])
+        rho, n_single, n_usable = _direct_all_pairs(store, "wordsim353", cost_of)
+        assert row.n_single == n_single > row.n_pairs == n_usable  # the untrained word's pairs count here only
+        assert row.single_coverage == pytest.approx(n_usable / n_single)
+        assert row.spearman_all == pytest.approx(rho, abs=1e-6)
+    unit = small_store.embeddings(normalized=True).astype(np.float64)
+    knn = small_store.operator("knn")
+    dense = knn.dense()
+    rows = {(r.metric, r.dataset): r for r in evaluate(small_store, ["l2", "knn"])}
+    for dataset in ("wordsim353", "simlex999"):
+        for metric, cost_of in (("l2", lambda a, b: l2(a, b, small_store, unit)),
+                                ("knn", lambda a, b: np.where(small_store.usable[a] & small_store.usable[b],
+                                                              dense[a, b], np.float32(knn.cap)))):
+            rho, n_single, n_usable = _direct_all_pairs(small_store, dataset, cost_of)
+            row = rows[metric, dataset]
+            assert (row.n_single, row.n_pairs) == (n_single, n_usable) and n_single > 0
+            np.testing.assert_allclose(row.spearman_all, rho, atol=1e-6)  # NaN (a constant cost) on both sides too
 
 
 def test_tree_fidelity_on_the_small_store(small_store):
@@ -159,5 +210,5 @@ def test_tree_fidelity_on_the_small_store(small_store):
     f = tree_fidelity(small_store, n_pairs=3000, n_sources=200)
     assert f == tree_fidelity(small_store, n_pairs=3000, n_sources=200)  # seeded
     assert -1 <= f.spearman <= 1 and 0 < f.l2_contrast < 1 and f.tree_contrast > 0
-    assert f.n_near > 0 and 0 < f.n_random <= 3000 and f.n_trees == 1
+    assert f.n_near > 0 and 0 < f.n_random <= 3000 and f.n_trees == small_store.n_trees
     assert "spearman(tree, l2)" in format_fidelity(f) and "contrast" in format_fidelity(f)

@@ -8,6 +8,9 @@ marked ``trained = False`` and the *untrained policy* decides what they get:
 * ``borrow``: the vector of a trained token with the same text after case and
   leading-space normalization (``" Paris"`` ← ``"paris"``), the most frequent one when
   several qualify; ``borrowed_from[i]`` records the donor, and the token gets neighbours.
+* ``compose``: a vector built from the token's parts (its last BPE merge, or FastText
+  n-grams; :mod:`vocabmetric.compose`) for every token that has text; ``composed[i]`` marks
+  them. Tokens with no text (invalid UTF-8 fragments, gaps, special tokens) stay untrained.
 
 Their rows still hold a deterministic small random vector (so nothing downstream sees a
 zero row), but no metric uses a row that is not :attr:`Embeddings.usable`.
@@ -160,11 +163,13 @@ def import_embeddings(path: Path, vocab_size: int, *, tensor: str | None = None,
 
 
 def apply_untrained_policy(emb: Embeddings, token_texts: list[str], counts: np.ndarray, policy: str) -> Embeddings:
-    """Apply ``isolate`` (nothing to do) or ``borrow`` (see the module docstring)."""
+    """Apply ``isolate`` (nothing to do) or ``borrow`` (see the module docstring); ``compose``
+    needs the tokenizer: :func:`vocabmetric.compose.compose_untrained`."""
     if policy == "isolate":
         return emb
     if policy != "borrow":
-        raise ConfigError(f"embeddings.untrained = {policy!r}; use 'isolate' or 'borrow'")
+        raise ConfigError(f"embeddings.untrained = {policy!r}; use 'isolate' or 'borrow' here, or 'compose' "
+                          "through vocabmetric.compose.compose_untrained (it needs the tokenizer)")
     best: dict[str, int] = {}
     for i in np.flatnonzero(emb.trained):
         key = token_texts[i].strip().lower()

@@ -4,15 +4,20 @@ For each metric of a store and each dataset, the score is Spearman's rank correl
 
     ρ = spearman(−cost(a, b), human_similarity(a, b))
 
-over the dataset's pairs whose two words are each one trained token; higher is better
+over the dataset's pairs whose two words are each one usable token (trained, borrowed or
+composed: ``spearman``), and over *all* pairs whose two words are each one token
+(``spearman_all``): there a pair with a token that has no vector (provenance ``none``)
+costs the metric's cap, so those pairs tie at the bottom of the ranking. Higher is better
 (1: the metric orders the pairs exactly as people do). WordSim353 rates relatedness
 ("cup"–"coffee" is close), SimLex-999 rates similarity proper ("cup"–"coffee" is far), so
 word2vec-style metrics usually score lower on SimLex.
 
 A word is looked up as a single token in the forms ``" word"`` (leading space: the form
 inside running text for byte-level BPE), ``"word"``, ``" Word"``, ``"Word"``, in that order;
-the first form that is exactly one usable (trained or borrowed) token is used. A pair whose
-words are not both found is not *covered*; ``coverage = n_pairs / n_total``.
+the first form that is exactly one usable token is used; for ``spearman_all``, a word with
+no usable form takes its first form that is one token at all. A pair whose words are not
+both usable tokens is not *covered*: ``coverage = n_pairs / n_total`` over the dataset and
+``single_coverage = n_pairs / n_single`` over its ``n_single`` single-token pairs.
 
 Truncated metrics (knn, geodesic, umap) store only each token's k nearest: a covered pair
 that is not among the stored neighbours costs the cap, so those pairs tie at the bottom of
@@ -57,6 +62,9 @@ class EvalRow(NamedTuple):
     n_total: int  # pairs in the dataset
     coverage: float  # n_pairs / n_total
     n_stored: int = 0  # covered pairs with a stored cost (not the cap); all of them for l2, tree
+    spearman_all: float = float("nan")  # ρ over all n_single pairs, a token with no vector costing the cap
+    n_single: int = 0  # pairs whose words are both single tokens, usable or not
+    single_coverage: float = 0.0  # n_pairs / n_single
 
 
 class Pair(NamedTuple):
@@ -99,14 +107,15 @@ def word_forms(word: str) -> list[str]:
     return list(dict.fromkeys([" " + word, word, " " + cap, cap]))
 
 
-def token_of_word(store, word: str) -> int | None:
-    """The id of the first form of ``word`` that is exactly one usable token, else None."""
+def token_of_word(store, word: str, *, usable_only: bool = True) -> int | None:
+    """The id of the first form of ``word`` that is exactly one usable token, else None.
+
+    ``usable_only=False``: failing that, the first form that is exactly one token at all.
+    """
     usable = store.usable
-    for form in word_forms(word):
-        ids = store.ids_of_text(form)
-        if len(ids) == 1 and usable[ids[0]]:
-            return ids[0]
-    return None
+    single = [ids[0] for ids in map(store.ids_of_text, word_forms(word)) if len(ids) == 1]
+    found = [i for i in single if usable[i]] or ([] if usable_only else single)
+    return found[0] if found else None
 
 
 def evaluate(store, metrics: Sequence[str] | None = None, datasets: Iterable[str] = tuple(DATASETS)) -> list[EvalRow]:
@@ -115,27 +124,51 @@ def evaluate(store, metrics: Sequence[str] | None = None, datasets: Iterable[str
     ``metrics`` defaults to every metric of the store (``l2`` first). Unknown metric names
     raise :class:`~vocabmetric.errors.StoreError` listing the store's metrics.
     """
-    from scipy.stats import spearmanr
-
     metrics = list(store.metrics if metrics is None else metrics)
     for m in metrics:
         store._check_metric(m)
     rows = []
     for name in datasets:
         pairs = read_pairs(dataset_path(name))
-        found = [(token_of_word(store, p.word1), token_of_word(store, p.word2), p.similarity) for p in pairs]
-        covered = [(a, b, s) for a, b, s in found if a is not None and b is not None]
-        a = np.array([c[0] for c in covered], dtype=np.int64)
-        b = np.array([c[1] for c in covered], dtype=np.int64)
-        human = np.array([c[2] for c in covered], dtype=np.float64)
+        a_all, b_all, human_all = _token_pairs(store, pairs)
+        usable = store.usable
+        both = usable[a_all] & usable[b_all]
+        a, b, human = a_all[both], b_all[both], human_all[both]
         for metric in metrics:
-            cost = store.pair_costs(a, b, metric).astype(np.float64) if len(a) else np.zeros(0)
+            cost_all = _costs_or_cap(store, a_all, b_all, metric)
+            cost = cost_all[both]
             stored = len(a)
             if metric in store.metrics and _is_truncated(store, metric):
                 stored = int(np.sum((cost < np.float32(store.metric_attrs(metric)["cap"])) | (a == b)))
-            rho = float(spearmanr(-cost, human).statistic) if len(a) >= 3 and np.ptp(cost) > 0 else float("nan")
-            rows.append(EvalRow(metric, name, rho, len(a), len(pairs), len(a) / len(pairs) if pairs else 0.0, stored))
+            rows.append(EvalRow(metric, name, _rho(cost, human), len(a), len(pairs),
+                                len(a) / len(pairs) if pairs else 0.0, stored, _rho(cost_all, human_all),
+                                len(a_all), len(a) / len(a_all) if len(a_all) else 0.0))
     return rows
+
+
+def _token_pairs(store, pairs: Sequence[Pair]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Token ids (each word's usable form first) and human scores of the single-token pairs."""
+    found = [(token_of_word(store, p.word1, usable_only=False), token_of_word(store, p.word2, usable_only=False),
+              p.similarity) for p in pairs]
+    found = [f for f in found if f[0] is not None and f[1] is not None]
+    return (np.array([f[0] for f in found], dtype=np.int64), np.array([f[1] for f in found], dtype=np.int64),
+            np.array([f[2] for f in found], dtype=np.float64))
+
+
+def _costs_or_cap(store, a: np.ndarray, b: np.ndarray, metric: str) -> np.ndarray:
+    """The metric's costs, with the cap for a pair of distinct tokens one of which has no vector."""
+    if not len(a):
+        return np.zeros(0)
+    cost = store.pair_costs(a, b, metric).astype(np.float64)
+    usable = store.usable
+    return np.where((usable[a] & usable[b]) | (a == b), cost, np.float64(np.float32(store._cap(metric))))
+
+
+def _rho(cost: np.ndarray, human: np.ndarray) -> float:
+    """Spearman ρ(−cost, human), ties by average rank; NaN under 3 pairs or a constant cost."""
+    from scipy.stats import spearmanr
+
+    return float(spearmanr(-cost, human).statistic) if len(cost) >= 3 and np.ptp(cost) > 0 else float("nan")
 
 
 def _is_truncated(store, metric: str) -> bool:
@@ -144,17 +177,20 @@ def _is_truncated(store, metric: str) -> bool:
 
 def format_eval(rows: Sequence[EvalRow]) -> str:
     """A plain-text table of :func:`evaluate`'s rows, with how to read it."""
-    header = f"{'metric':<12} {'dataset':<12} {'spearman':>9} {'pairs':>9} {'coverage':>9} {'stored':>8}"
+    header = (f"{'metric':<12} {'dataset':<12} {'spearman':>9} {'pairs':>9} {'coverage':>9} {'all-pairs':>10} "
+              f"{'1-token':>8} {'covered':>8} {'stored':>7}")
     lines = [header, "-" * len(header)]
     for r in rows:
-        rho = "n/a" if np.isnan(r.spearman) else f"{r.spearman:+.3f}"
+        rho, rho_all = ("n/a" if np.isnan(x) else f"{x:+.3f}" for x in (r.spearman, r.spearman_all))
         stored = f"{r.n_stored / r.n_pairs:.0%}" if r.n_pairs else "-"
         lines.append(f"{r.metric:<12} {r.dataset:<12} {rho:>9} {f'{r.n_pairs}/{r.n_total}':>9} "
-                     f"{r.coverage:>9.1%} {stored:>8}")
+                     f"{r.coverage:>9.1%} {rho_all:>10} {r.n_single:>8} {r.single_coverage:>8.1%} {stored:>7}")
     lines += [
         "",
-        "spearman: rank correlation of -cost with human similarity over the covered pairs (higher is better).",
-        "pairs: pairs whose two words are each one trained token (' word', 'word', ' Word', 'Word').",
+        "spearman: rank correlation of -cost with human similarity over the covered pairs (higher is better);",
+        "pairs, coverage: pairs whose two words are each one usable token (' word', 'word', ' Word', 'Word').",
+        "all-pairs: the same over all 1-token pairs (both words single tokens, usable or not), a token with",
+        "no vector costing the cap (those pairs tie); covered: the usable share of the 1-token pairs.",
         "stored: covered pairs with a stored cost; in truncated metrics (knn, geodesic, umap) the others",
         "cost the cap and tie. l2 and tree are exact for every pair.",
     ]

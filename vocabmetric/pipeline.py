@@ -4,7 +4,7 @@ Stages, each cached under ``OUT/cache/<stage>-<key>/`` where ``key`` hashes the 
 parameters and the content digests of the stage outputs it reads (:mod:`vocabmetric.stages`)::
 
     tokenize  → corpus.txt (gensim corpus_file format), counts.npy, stats.json
-    embed     → vectors.npy, trained.npy, borrowed_from.npy, meta.json
+    embed     → vectors.npy, trained.npy, borrowed_from.npy (composed.npy under compose), meta.json
     metrics   → one cache entry per metric (and one for the shared kNN graph, one for the 2-D map)
     store     → OUT/metric.zarr
 
@@ -32,6 +32,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from ._progress import show_progress
 from .checkpoint import checkpoint_files
 from .corpus import expand_sources, tokenize_corpus
+from .compose import compose_untrained
 from .embeddings import Embeddings, apply_untrained_policy, import_embeddings, train_word2vec
 from .errors import ConfigError, CorpusError, VocabMetricError
 from .metrics_stage import build_metrics, validate_metrics
@@ -75,7 +76,9 @@ class EmbeddingsConfig(_Section):
     workers: int = Field(0, ge=0, description="word2vec threads; 0 = all cores")
     seed: int = Field(0, ge=0)
     deterministic: bool = Field(False, description="byte-identical builds: word2vec on one thread (slower)")
-    untrained: Literal["isolate", "borrow"] = "isolate"
+    untrained: Literal["isolate", "borrow", "compose"] = "isolate"
+    compose: Literal["merges", "fasttext"] = Field("merges", description="untrained = 'compose': from the "
+                                                   "tokenizer's merges, or FastText n-grams over the token texts")
     path: Optional[str] = Field(None, description="method = 'import': a model directory, a .safetensors or .npy file")
     matrix: Literal["input", "output"] = Field("input", description="method = 'import': token embeddings or the LM head")
     tensor: Optional[str] = Field(None, description="method = 'import': the tensor name, overriding `matrix`")
@@ -162,6 +165,9 @@ def _check_config(config: PipelineConfig, base: Path, path: Path) -> None:
             raise ConfigError(f"{path}: embeddings.path is required when embeddings.method = 'import'")
         if not _resolve(config.embeddings.path, base).exists():
             raise ConfigError(f"{path}: embeddings.path: file {_resolve(config.embeddings.path, base)} does not exist")
+    if config.embeddings.untrained == "compose" and config.embeddings.compose == "fasttext" and config.corpus is None:
+        raise ConfigError(f"{path}: embeddings.compose = 'fasttext' trains on the corpus and needs a [corpus]; "
+                          "use embeddings.compose = 'merges' with imported embeddings")
     if config.embeddings.deterministic and config.embeddings.workers > 1:
         raise ConfigError(f"{path}: embeddings.deterministic = true trains on one thread; remove "
                           f"embeddings.workers = {config.embeddings.workers} or set it to 1")
@@ -238,6 +244,9 @@ def build(
 
     # 2. embed
     emb_params = ec.model_dump()
+    composing = ec.untrained == "compose"
+    if not composing:  # keeps the keys of builds from before `compose` existed
+        emb_params.pop("compose")
     if ec.method == "import":  # a re-saved checkpoint at the same path is a new input
         emb_params["checkpoint"] = _source_ids(checkpoint_files(_resolve(ec.path, base)))
     emb_key = stage_key("embed", emb_params, stages.digest("tokenize") if cc else tok_key)
@@ -250,16 +259,24 @@ def build(
                                  negative=ec.negative, epochs=ec.epochs, sample=ec.sample, min_count=ec.min_count,
                                  workers=ec.workers or None, seed=ec.seed, alpha=ec.alpha,
                                  deterministic=ec.deterministic)
-        emb = apply_untrained_policy(emb, [tokenizer.token_text(i) for i in range(tokenizer.vocab_size)], counts, ec.untrained)
+        if composing:
+            emb = compose_untrained(emb, tokenizer, method=ec.compose, corpus_file=tok_dir / "corpus.txt" if cc else None,
+                                    counts=counts if cc else None, fasttext_params=_fasttext_params(ec))
+            save_array(tmp / "composed.npy", emb.composed)
+        else:
+            emb = apply_untrained_policy(emb, [tokenizer.token_text(i) for i in range(tokenizer.vocab_size)], counts,
+                                         ec.untrained)
         save_array(tmp / "vectors.npy", emb.vectors)
         save_array(tmp / "trained.npy", emb.trained)
         save_array(tmp / "borrowed_from.npy", emb.borrowed_from)
         (tmp / "meta.json").write_text(json.dumps({"method": emb.method, "params": emb.params, "seconds": emb.seconds}))
 
-    emb_dir = stages.run("embed", emb_key, embed, content=("vectors.npy", "trained.npy", "borrowed_from.npy"))
+    emb_files = ("vectors.npy", "trained.npy", "borrowed_from.npy") + (("composed.npy",) if composing else ())
+    emb_dir = stages.run("embed", emb_key, embed, content=emb_files)
     meta = json.loads((emb_dir / "meta.json").read_text())
     emb = Embeddings(np.load(emb_dir / "vectors.npy"), np.load(emb_dir / "trained.npy"),
-                     np.load(emb_dir / "borrowed_from.npy"), meta["method"], meta["params"], meta["seconds"])
+                     np.load(emb_dir / "borrowed_from.npy"), meta["method"], meta["params"], meta["seconds"],
+                     np.load(emb_dir / "composed.npy") if composing else None)
 
     # 3. metrics
     metrics, tree, extra = build_metrics(config.metrics, emb, stages, stages.digest("embed"), progress=show,
@@ -278,8 +295,16 @@ def build(
     stats = {"vocab_size": tokenizer.vocab_size, "n_tokens": corpus_stats["n_tokens"],
              "n_documents": corpus_stats["n_documents"], "n_trained": int(emb.trained.sum()),
              "n_borrowed": int((emb.borrowed_from >= 0).sum()),
+             "n_composed": int(emb.composed.sum()) if emb.composed is not None else 0,
              "tokens_per_second": corpus_stats["tokens_per_second"], "corpus_absent": cc is None}
     return BuildResult(store_path, stages.results, stats, config)
+
+
+def _fasttext_params(ec: EmbeddingsConfig) -> dict:
+    """The corpus model's training parameters, for FastText under ``compose = 'fasttext'``."""
+    workers = 1 if ec.deterministic else ec.workers or os.cpu_count() or 1
+    return dict(dim=ec.dim, window=ec.window, sg=ec.sg, negative=ec.negative, epochs=ec.epochs, sample=ec.sample,
+                min_count=ec.min_count, workers=workers, seed=ec.seed, alpha=ec.alpha)
 
 
 def _store_is_current(path: Path, key: str) -> bool:
