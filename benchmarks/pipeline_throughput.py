@@ -9,8 +9,15 @@
     directly on the same ``corpus_file`` with the same parameters (demo.toml's, fewer epochs),
     on 1 and 2 threads. Both sides are timed on ``train()`` only (gensim's own vocabulary scan
     is reported separately; vocabmetric builds its vocabulary from the token counts).
+(c) HF tokenizer.json: cl100k_base written as a byte-level BPE tokenizer.json
+    (``vocabmetric._bpe_ranks.ranks_to_tokenizer_json``: its merges recovered from the ranks,
+    cl100k's split regex in the form Oniguruma reads alike) on the same texts: the
+    ``tokenizers`` library's own ``encode_batch`` (its threads on all cores) against
+    ``tokenize_corpus("hf:...")`` with 2 workers, on the library (``VOCABMETRIC_BPE_FAST=0``)
+    and on the exact tiktoken fast path. Targets: the HF path >= 1.0x ``encode_batch``, the
+    fast path >= 2.5x.
 
-    .venv/bin/python benchmarks/pipeline_throughput.py [--epochs 1] [--repeat 2] [--w2v-repeat 1]
+    .venv/bin/python benchmarks/pipeline_throughput.py [--epochs 1] [--repeat 2] [--w2v-repeat 1] [--no-word2vec]
     # writes benchmarks/results/pipeline_throughput.{json,md}
 
 Timings are wall-clock on a shared machine: other processes compete for the cores, so the
@@ -81,28 +88,32 @@ _COLD_RUN = """
 import json, sys, time
 from pathlib import Path
 from vocabmetric.corpus import tokenize_corpus
-from vocabmetric.tokenizers import encoder_for
+from vocabmetric.tokenizers import batch_encoder
 spec, sources, out, text_field, workers, vocab_size = json.loads(sys.argv[1])
 import resource
-encoder_for(spec)  # as in a build: the tokenizer is loaded before the tokenize stage
+load = time.perf_counter()
+batch_encoder(spec)  # as in a build: the tokenizer is loaded (and an hf: file checked) before the stage
+load = time.perf_counter() - load
 start, cpu = time.perf_counter(), time.process_time()
 stats = tokenize_corpus(spec, [Path(s) for s in sources], Path(out), text_field=text_field, workers=workers,
                         vocab_size=vocab_size, progress=False)
 seconds, main_cpu = time.perf_counter() - start, time.process_time() - cpu
 children = resource.getrusage(resource.RUSAGE_CHILDREN)  # the worker processes, reaped by now
-print(json.dumps({"seconds": seconds, "tokens": stats.n_tokens, "main_cpu": main_cpu,
+print(json.dumps({"seconds": seconds, "tokens": stats.n_tokens, "main_cpu": main_cpu, "load_seconds": load,
                   "workers_cpu": children.ru_utime + children.ru_stime}))
 """
 
 
-def _tokenize_in_fresh_process(spec, sources, out: Path, text_field: str, workers: int, vocab_size: int) -> dict:
+def _tokenize_in_fresh_process(spec, sources, out: Path, text_field: str, workers: int, vocab_size: int,
+                               env: dict | None = None) -> dict:
     """tokenize_corpus timed in a new interpreter, so that imports count as they do in a build."""
     import json
     import subprocess
 
     shutil.rmtree(out, ignore_errors=True)
     arg = json.dumps([spec, [str(s) for s in sources], str(out), text_field, workers, vocab_size])
-    done = subprocess.run([sys.executable, "-c", _COLD_RUN, arg], capture_output=True, text=True, check=True, cwd=ROOT)
+    done = subprocess.run([sys.executable, "-c", _COLD_RUN, arg], capture_output=True, text=True, check=True, cwd=ROOT,
+                          env={**os.environ, **(env or {})})
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
@@ -139,6 +150,65 @@ def tokenization(sources, text_field: str, spec: str, vocab_size: int, texts: li
         row["ratio_to_raw"] = row["tokens_per_second"] / rows["raw Rust tokenizer, 1 process"]["tokens_per_second"]
     assert len({r["tokens"] for n, r in rows.items() if "x3" not in n}) == 1, "the pipeline and the raw tokenizer saw different texts"
     return rows
+
+
+def hf_tokenization(sources, text_field: str, texts: list[str], repeat: int, work: Path) -> dict:
+    """(c): the library's encode_batch against the pipeline's two HF paths, on the same texts."""
+    import json
+
+    from bpe_openai import registry
+    from tokenizers import Tokenizer
+
+    from vocabmetric._bpe_ranks import ranks_to_tokenizer_json
+    from vocabmetric.tokenizers import batch_encoder
+
+    meta = registry.ENCODING_CONSTRUCTORS["cl100k_base"]()
+    pattern = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+               r"|\s*[\r\n]+|\s+(?!\S)|\s+")  # Llama 3's tokenizer.json writes cl100k's regex so
+    path = work / "cl100k" / "tokenizer.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(ranks_to_tokenizer_json(meta["mergeable_ranks"], pattern, meta["special_tokens"]),
+                               ensure_ascii=False), encoding="utf-8")
+    spec = f"hf:{path}"
+    hf = Tokenizer.from_file(str(path))
+    vocab_size = hf.get_vocab_size()
+    rows = {}
+    for name, encode in (("tokenizers encode_batch, 1 process (its threads)", hf.encode_batch),
+                         ("tokenizers encode_batch_fast, 1 process (its threads)", hf.encode_batch_fast)):
+        cpu = time.process_time()
+        seconds, n = _best(lambda: sum(len(e.ids) for e in encode(texts, add_special_tokens=False)), repeat)
+        cpu = (time.process_time() - cpu) / repeat
+        rows[name] = {"seconds": seconds, "tokens": n, "cores": os.cpu_count(), "cpu_seconds": cpu,
+                      "idle_estimate_seconds": cpu / os.cpu_count()}  # its threads, all busy
+    start = time.perf_counter()
+    fast = batch_encoder(spec)
+    check_seconds = time.perf_counter() - start
+    assert fast.engine == "tiktoken", "cl100k as tokenizer.json should pass the structural check"
+    cpu = time.process_time()
+    seconds, n = _best(lambda: sum(len(a) for a in fast(texts)), repeat)
+    cpu = (time.process_time() - cpu) / repeat
+    rows["exact fast path (tiktoken engine), 1 process, 1 thread"] = {
+        "seconds": seconds, "tokens": n, "cores": 1, "cpu_seconds": cpu, "idle_estimate_seconds": cpu}
+    library = {"VOCABMETRIC_BPE_FAST": "0"}
+    for label, env, corpus in (("tokenizers library (VOCABMETRIC_BPE_FAST=0)", library, sources),
+                               ("exact fast path", {}, sources),
+                               ("tokenizers library, demo corpus x3", library, list(sources) * 3),
+                               ("exact fast path, demo corpus x3", {}, list(sources) * 3)):
+        runs = [_tokenize_in_fresh_process(spec, corpus, work / "hf-tok", text_field, 2, vocab_size, env)
+                for _ in range(repeat)]
+        best = min(runs, key=lambda r: r["seconds"])
+        rows[f"vocabmetric tokenize_corpus hf:, 2 workers, {label}"] = {
+            "seconds": best["seconds"], "tokens": best["tokens"], "cores": 2,
+            "cpu_seconds": best["main_cpu"] + best["workers_cpu"], "load_seconds": best["load_seconds"],
+            "idle_estimate_seconds": max(best["main_cpu"], best["workers_cpu"] / 2)}
+    base = rows["tokenizers encode_batch, 1 process (its threads)"]
+    for row in rows.values():
+        row["tokens_per_second"] = row["tokens"] / row["seconds"]
+        row["ratio_to_encode_batch"] = row["tokens_per_second"] / (base["tokens"] / base["seconds"])
+        row["idle_estimate_tokens_per_second"] = row["tokens"] / row["idle_estimate_seconds"]
+        row["idle_estimate_ratio"] = row["idle_estimate_tokens_per_second"] / (base["tokens"] / base["idle_estimate_seconds"])
+    assert len({r["tokens"] for n, r in rows.items() if "x3" not in n}) == 1, "the HF rows saw different texts"
+    return {"rows": rows, "load_and_check_seconds": check_seconds, "vocab_size": vocab_size}
 
 
 def word2vec(corpus_file: Path, counts: np.ndarray, params: dict, epochs: int, repeat: int) -> dict:
@@ -208,7 +278,23 @@ def to_markdown(payload: dict) -> str:
               f"{two['cpu_seconds'] / raw['cpu_seconds']:.2f}× (2 workers).", "",
               "Where the single-process time goes (seconds):", "", "| step | seconds |", "|---|---|"]
     lines += [f"| {k} | {v:.2f} |" for k, v in payload["profile"].items()]
-    w2v = payload["word2vec"]
+    hf = payload["hf_tokenization"]
+    lines += ["", f"**HF tokenizer.json** (cl100k_base written as a byte-level BPE tokenizer.json, "
+              f"{hf['vocab_size']:,} ids; the same texts; targets: HF path ≥ 1.0× `encode_batch`, fast path ≥ 2.5×)", "",
+              "| what | cores | wall s | tokens/s (wall) | vs encode_batch (wall) | CPU s | idle-machine estimate s "
+              "| tokens/s (estimate) | vs encode_batch (estimate) |", "|---|---|---|---|---|---|---|---|---|"]
+    for name, r in hf["rows"].items():
+        lines.append(f"| {name} | {r['cores']} | {r['seconds']:.2f} | {r['tokens_per_second'] / 1e6:.2f}M "
+                     f"| {r['ratio_to_encode_batch']:.2f}× | {r['cpu_seconds']:.2f} | {r['idle_estimate_seconds']:.2f} "
+                     f"| {r['idle_estimate_tokens_per_second'] / 1e6:.2f}M | {r['idle_estimate_ratio']:.2f}× |")
+    lines += ["", "The estimate for `encode_batch` is its CPU time over the cores (its threads all busy), for the "
+              "pipeline the busiest process (as above). The x3 rows are the same corpus three times over, the "
+              "fixed costs (gensim's import, the workers' start) spread thinner; their ratio is to the x1 "
+              "`encode_batch` rate.", "", f"Not in the timings: loading the tokenizer.json and its structural check for the fast path, "
+              f"{hf['load_and_check_seconds']:.1f} s once per build (the worker processes inherit the engine)."]
+    w2v = payload.get("word2vec")
+    if w2v is None:
+        return "\n".join(lines) + "\n"
     lines += ["", f"**word2vec** ({payload['w2v_epochs']} epoch(s), demo.toml's dim/window/sg/negative/sample/min_count; "
               "target: within 10% of gensim)", "",
               "| threads | vocabmetric s | gensim s | vocabmetric words/s | gensim words/s | gensim time / vocabmetric time | CPU s vocabmetric / gensim |",
@@ -231,6 +317,7 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=1, help="word2vec epochs (demo.toml trains 5)")
     parser.add_argument("--repeat", type=int, default=2, help="tokenization runs (best is kept)")
     parser.add_argument("--w2v-repeat", type=int, default=1, help="word2vec runs per side")
+    parser.add_argument("--no-word2vec", action="store_true", help="tokenization only (a quick look; not for the results)")
     args = parser.parse_args()
     config, base = load_config(CONFIG)
     spec = tokenizer_spec(config, base)
@@ -248,14 +335,19 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         tok = tokenization(sources, config.corpus.text_field, spec, vocab_size, texts, args.repeat, work)
+        hf = hf_tokenization(sources, config.corpus.text_field, texts, args.repeat, work)
         out = work / "w2v"
         stats = tokenize_corpus(spec, sources, out, text_field=config.corpus.text_field, workers=2, progress=False,
                                 vocab_size=vocab_size)
-        w2v = word2vec(out / "corpus.txt", stats.counts, config.embeddings.model_dump(), args.epochs, args.w2v_repeat)
+        w2v = None if args.no_word2vec else word2vec(out / "corpus.txt", stats.counts, config.embeddings.model_dump(),
+                                                     args.epochs, args.w2v_repeat)
     payload = {"config": str(CONFIG.relative_to(ROOT)), "n_tokens": stats.n_tokens, "repeat": args.repeat,
-               "w2v_epochs": args.epochs, "w2v_repeat": args.w2v_repeat, "load_average": load, "profile": profile, "tokenization": tok,
+               "w2v_epochs": args.epochs, "w2v_repeat": args.w2v_repeat, "load_average": load, "profile": profile, "tokenization": tok, "hf_tokenization": hf,
                "word2vec": w2v, "load_average_end": os.getloadavg(), "machine": machine_info("cpu")}
     md = to_markdown(payload)
+    if args.no_word2vec:
+        print(md)
+        return
     path = write_results("pipeline_throughput", payload, md)
     print(md, f"\nwritten {path}")
 

@@ -34,7 +34,7 @@ from ._progress import progress_bar
 from .corpus_formats import (DATASETS, FORMATS, JSONL_FORMATS, TEXT_FORMATS, dataset_texts, directory_sources,
                              json_text, numbered_lines, parquet_texts, source_format, wiki_articles)
 from .errors import CorpusError
-from .tokenizers import encoder_for, load_tokenizer
+from .tokenizers import batch_encoder, load_tokenizer
 
 LOG = logging.getLogger(__name__)
 
@@ -132,12 +132,20 @@ _WORKER_ENCODE: dict[str, Callable[[list[str]], list[np.ndarray]]] = {}
 
 
 def _init_worker(spec: str) -> None:
-    """Load the encoder once per worker process (a tiktoken spec skips the vocabulary tables)."""
-    if spec.startswith("tiktoken:"):
-        enc = encoder_for(spec)
-        _WORKER_ENCODE[spec] = lambda texts: [np.asarray(enc.encode(t) if t else (), dtype=np.uint32) for t in texts]
-    else:
-        _WORKER_ENCODE[spec] = load_tokenizer(spec).encode_batch
+    """Load the encoder once per process, without the vocabulary tables (:func:`batch_encoder`).
+
+    A worker forked after :func:`_warm_up` already has it: an ``hf:`` file is neither parsed
+    nor checked again.
+    """
+    if spec not in _WORKER_ENCODE:
+        _WORKER_ENCODE[spec] = batch_encoder(spec)
+
+
+def _start_worker(spec: str) -> None:
+    """A pool worker: the processes are the parallelism, so the tokenizers library's own
+    threads stay off (each would start one per core: workers × cores threads on the cores)."""
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    _init_worker(spec)
 
 
 def _encode_shard(spec: str, vocab_size: int, docs: list[_Doc], shard_path: str) -> tuple[int, int, np.ndarray]:
@@ -146,17 +154,43 @@ def _encode_shard(spec: str, vocab_size: int, docs: list[_Doc], shard_path: str)
         _init_worker(spec)
     texts = [_clean_wiki(d.text) if d.wiki else d.text for d in docs]
     arrays = _WORKER_ENCODE[spec](texts)
+    all_ids = np.concatenate(arrays) if arrays else np.zeros(0, np.uint32)
     tmp = shard_path + ".tmp"
-    with open(tmp, "w", encoding="ascii") as out:
-        for ids in arrays:
-            for start in range(0, len(ids), MAX_LINE_TOKENS):
-                out.write(" ".join(map(str, ids[start : start + MAX_LINE_TOKENS].tolist())))
-                out.write("\n")
+    with open(tmp, "wb") as out:
+        out.write(_id_lines(all_ids, np.array([len(a) for a in arrays], dtype=np.int64), vocab_size))
     os.replace(tmp, shard_path)
     # one bincount per shard, not per document: O(V) per document would dominate short documents
-    all_ids = np.concatenate(arrays) if arrays else np.zeros(0, np.uint32)
     counts = np.bincount(all_ids, minlength=vocab_size).astype(np.int64)
     return len(docs), len(all_ids), counts
+
+
+_DIGITS: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+
+
+def _id_lines(ids: np.ndarray, doc_lengths: np.ndarray, vocab_size: int) -> bytes:
+    """The shard text: each document's ids as decimal words, at most MAX_LINE_TOKENS a line.
+
+    The bytes of ``" ".join(map(str, chunk)) + "\\n"`` per chunk, without a Python string per id
+    (that was a sixth of the pipeline's time): a (V, width) table of each id's digits and a
+    space is gathered and masked, then each line's last space becomes a newline. O(N·width).
+    """
+    if not ids.size:
+        return b""
+    size = max(vocab_size, int(ids.max()) + 1)
+    if size not in _DIGITS:
+        digits = np.char.encode(np.arange(size).astype(str), "ascii")
+        table = np.zeros((size, digits.itemsize + 1), dtype=np.uint8)
+        table[:, :-1] = digits.view(np.uint8).reshape(size, digits.itemsize)
+        table[table == 0] = ord(" ")  # the byte after each id's digits: its separator
+        _DIGITS[size] = table, (np.char.str_len(digits) + 1).astype(np.int64)
+    table, widths = _DIGITS[size]
+    width = widths[ids]
+    out = table[ids][np.arange(table.shape[1]) < width[:, None]]
+    starts = np.repeat(np.cumsum(doc_lengths) - doc_lengths, doc_lengths)
+    position = np.arange(ids.size) - starts  # within the document
+    line_end = ((position + 1) % MAX_LINE_TOKENS == 0) | (position == np.repeat(doc_lengths, doc_lengths) - 1)
+    out[(np.cumsum(width) - 1)[line_end]] = ord("\n")
+    return out.tobytes()
 
 
 def _clean_wiki(markup: str) -> str:
@@ -281,7 +315,7 @@ def _tokenize_batches(spec: str, vocab_size: int, batches: Iterator[list[_Doc]],
             shards.append(shard_dir / f"shard-{i:06d}.txt")
             collect(_encode_shard(spec, vocab_size, batch, str(shards[-1])))
         return
-    with ProcessPoolExecutor(workers, initializer=_init_worker, initargs=(spec,)) as pool:
+    with ProcessPoolExecutor(workers, initializer=_start_worker, initargs=(spec,)) as pool:
         pending: set = set()
         try:
             for i, batch in enumerate(batches):

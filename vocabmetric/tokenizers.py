@@ -8,6 +8,11 @@ Specs:
   used instead (the same ids and bytes).
 * ``hf:PATH/tokenizer.json`` — any Hugging Face ``tokenizers`` JSON file; ``hf:MODEL_DIR``
   — the ``tokenizer.json`` of a model directory (``save_pretrained``, a hub-cache snapshot).
+  A plain byte-level BPE file is encoded by an exact tiktoken engine on its own merges
+  (:mod:`vocabmetric._bpe_ranks` proves when that is exact, and checks it on the file);
+  any other file, or ``VOCABMETRIC_BPE_FAST=0``, by the ``tokenizers`` library, after one
+  warning that says why. Either way the ids are ``encode(text, add_special_tokens=False)``'s,
+  without truncation or padding: added-token strings in a text become their ids.
 
 Every id in ``[0, vocab_size)`` is addressable, special tokens and gaps included: a gap
 (an id no token uses, as 100256 in cl100k_base) has empty bytes. Row i of every array in
@@ -25,12 +30,14 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 from functools import cached_property
 from pathlib import Path
-from typing import Any, Protocol, Sequence, runtime_checkable
+from typing import Any, Callable, Protocol, Sequence, runtime_checkable
 
 import numpy as np
 
+from ._bpe_ranks import byte_level_alphabet, exact_engine
 from .errors import TokenizerError
 
 LOG = logging.getLogger(__name__)
@@ -43,7 +50,7 @@ class Tokenizer(Protocol):
     * ``spec``, ``fingerprint``, ``vocab_size`` — the build's cache keys and the store's
       ``tokenizer`` attributes (:func:`~vocabmetric.pipeline.build`, ``write_store``);
     * ``encode_batch(texts)`` — the corpus count (:mod:`vocabmetric.corpus`; its worker
-      processes rebuild only the encoder of a ``tiktoken:`` spec, :func:`encoder_for`);
+      processes load only the encoder, :func:`batch_encoder`);
     * ``token_text(i)`` — the texts the untrained-token policy matches on;
     * ``token_bytes_array()`` — the store's token table, row i = id i.
 
@@ -156,10 +163,25 @@ class TiktokenTokenizer(_Base):
 
     def encode_batch(self, texts: Sequence[str]) -> list[np.ndarray]:
         """Encode texts as ordinary text: special-token strings in a corpus are not specials."""
-        enc = self._encoder
-        if hasattr(enc, "encode_ordinary"):  # tiktoken
-            return [np.asarray(enc.encode_ordinary(t), dtype=np.uint32) for t in texts]
-        return [np.asarray(enc.encode(t) if t else (), dtype=np.uint32) for t in texts]
+        return _ordinary(self._encoder)(texts)
+
+
+def _ordinary(enc) -> Callable[[Sequence[str]], list[np.ndarray]]:
+    if hasattr(enc, "encode_ordinary"):  # tiktoken (its encode refuses special-token strings)
+        return lambda texts: [np.asarray(enc.encode_ordinary(t), dtype=np.uint32) for t in texts]
+    return lambda texts: [np.asarray(enc.encode(t) if t else (), dtype=np.uint32) for t in texts]
+
+
+def batch_encoder(spec: str) -> Callable[[Sequence[str]], list[np.ndarray]]:
+    """``texts → id arrays`` for a spec, without the vocabulary tables: what a worker process loads.
+
+    The same ids as ``load_tokenizer(spec).encode_batch``. An ``hf:`` file is checked for the
+    exact fast path once per process (:func:`_hf_encoder`).
+    """
+    kind, _, rest = spec.partition(":")
+    if kind == "hf":
+        return _hf_encoder(_hf_file(Path(rest), spec))
+    return _ordinary(encoder_for(spec))
 
 
 
@@ -203,24 +225,9 @@ class HFTokenizer(_Base):
     """A Hugging Face ``tokenizers`` JSON file, or the ``tokenizer.json`` of a model directory."""
 
     def __init__(self, path: str | Path):
-        from tokenizers import Tokenizer as _HF
-
-        self.path = Path(path)
-        self.spec = f"hf:{self.path}"
-        if self.path.is_dir():
-            if not (self.path / "tokenizer.json").is_file():
-                raise TokenizerError(
-                    f"model directory {self.path} has no tokenizer.json (spec {self.spec!r}); save the fast "
-                    "tokenizer there (AutoTokenizer.from_pretrained(...).save_pretrained(dir)) or give its file"
-                )
-            self.path = self.path / "tokenizer.json"
-        if not self.path.is_file():
-            raise TokenizerError(f"tokenizer file {self.path} does not exist (spec {self.spec!r})")
-        try:
-            hf = _HF.from_file(str(self.path))
-        except Exception as exc:
-            raise TokenizerError(f"cannot load {self.path} as a tokenizers JSON file: {exc}") from exc
-        self._read(hf)
+        self.spec = f"hf:{Path(path)}"
+        self.path = _hf_file(Path(path), self.spec)
+        self._read(_load_hf(self.path))
 
     @classmethod
     def from_hf(cls, hf: Any, spec: str = "hf:<in memory>") -> "HFTokenizer":
@@ -246,9 +253,80 @@ class HFTokenizer(_Base):
         for i, s in self._special.items():
             self._bytes[i] = s.encode()
 
+    @cached_property
+    def _encode(self) -> Callable[[Sequence[str]], list[np.ndarray]]:
+        return _hf_encoder(self.path, self._hf)
+
     def encode_batch(self, texts: Sequence[str]) -> list[np.ndarray]:
-        encs = self._hf.encode_batch(list(texts), add_special_tokens=False)
-        return [np.asarray(e.ids, dtype=np.uint32) for e in encs]
+        """``encode(t, add_special_tokens=False).ids`` per text, untruncated (exact fast path or the library)."""
+        return self._encode(texts)
+
+
+def _hf_file(path: Path, spec: str) -> Path:
+    """The tokenizer.json of an ``hf:`` spec (a file, or a model directory holding one)."""
+    if path.is_dir():
+        if not (path / "tokenizer.json").is_file():
+            raise TokenizerError(
+                f"model directory {path} has no tokenizer.json (spec {spec!r}); save the fast "
+                "tokenizer there (AutoTokenizer.from_pretrained(...).save_pretrained(dir)) or give its file"
+            )
+        path = path / "tokenizer.json"
+    if not path.is_file():
+        raise TokenizerError(f"tokenizer file {path} does not exist (spec {spec!r})")
+    return path
+
+
+def _load_hf(path: Path):
+    from tokenizers import Tokenizer as _HF
+
+    try:
+        return _HF.from_file(str(path))
+    except Exception as exc:
+        raise TokenizerError(f"cannot load {path} as a tokenizers JSON file: {exc}") from exc
+
+
+#: One encoder per tokenizer file and process, so that a refused fast path warns once.
+_HF_ENCODERS: dict[tuple, Callable[[Sequence[str]], list[np.ndarray]]] = {}
+
+
+def _hf_encoder(path: Path | None, hf: Any = None) -> Callable[[Sequence[str]], list[np.ndarray]]:
+    """The exact tiktoken engine of a tokenizer.json when :mod:`._bpe_ranks` proves it exact, else
+    the ``tokenizers`` library's ``encode_batch_fast``. A refusal is logged once per file."""
+    fast = os.environ.get("VOCABMETRIC_BPE_FAST", "1") != "0"
+    key = (str(path), path.stat().st_size, path.stat().st_mtime_ns, fast) if path is not None else None
+    if key in _HF_ENCODERS:
+        return _HF_ENCODERS[key]
+    hf = hf if hf is not None else _load_hf(path)
+    name = str(path) if path is not None else "<in-memory tokenizer>"
+    encode = None
+    if fast:
+        spec = json.loads(path.read_text(encoding="utf-8") if path is not None else hf.to_str())
+        if getattr(hf, "encode_special_tokens", False):
+            reason = "it encodes special tokens as text (encode_special_tokens is on)"
+        else:
+            encode, reason = exact_engine(spec, hf, name)
+        if encode is None:
+            LOG.warning("%s: no exact fast path, tokenizing with the tokenizers library (slower): %s", name, reason)
+        else:
+            LOG.info("%s: tokenizing with the exact tiktoken engine on its merges", name)
+    encode = encode or _library_encoder(hf)
+    if key is not None:
+        _HF_ENCODERS[key] = encode
+    return encode
+
+
+def _library_encoder(hf: Any) -> Callable[[Sequence[str]], list[np.ndarray]]:
+    if hf.truncation is not None or hf.padding is not None:  # a corpus is counted whole; leave the caller's as is
+        hf = type(hf).from_str(hf.to_str())
+        hf.no_truncation()
+        hf.no_padding()
+    encode = getattr(hf, "encode_batch_fast", hf.encode_batch)  # ids without offsets (tokenizers >= 0.20)
+
+    def encode_batch(texts: Sequence[str]) -> list[np.ndarray]:
+        return [np.asarray(e.ids, dtype=np.uint32) for e in encode(list(texts), add_special_tokens=False)]
+
+    encode_batch.engine = "tokenizers"  # type: ignore[attr-defined]
+    return encode_batch
 
 
 def _uses_byte_level(hf) -> bool:
@@ -258,16 +336,8 @@ def _uses_byte_level(hf) -> bool:
 
 
 def _byte_level_decoder() -> dict[str, int]:
-    """GPT-2's byte-to-unicode table, inverted: the printable char that stands for each byte."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return {chr(c): b for b, c in zip(bs, cs)}
+    """GPT-2's byte-to-unicode table, inverted: the byte each printable char stands for."""
+    return {c: b for b, c in byte_level_alphabet().items()}
 
 
 def _hf_token_bytes(text: str, decoder: dict[str, int] | None) -> bytes:
