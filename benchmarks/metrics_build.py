@@ -1,11 +1,13 @@
 """Build time and peak memory of every ground metric, with baselines side by side.
 
 Data: random-but-clustered embeddings, a two-level Gaussian mixture (V tokens, d=128, V/200
-overlapping clusters of Zipf-like sizes, 5 % of tokens untrained; see
-``clustered_embeddings``), generated from a seed in each worker.
+overlapping clusters of Zipf-like sizes, a fraction ``--untrained`` of tokens untrained, 5 %
+by default, 0 for a fully-trained vocabulary; see ``clustered_embeddings``), generated from a
+seed in each worker.
 
 Each metric is built in its own subprocess (so ``ru_maxrss``, the RSS high-water mark, is
-that metric's peak; the data itself is reported as ``data_mb``), with ``--threads`` cores
+that metric's peak; the data itself is reported as ``data_mb``; ``cpu_s`` is the build's
+user + system CPU time over all threads, the figure to read on busy cores), with ``--threads`` cores
 for faiss (OpenMP) and numba. The pipeline's settings: knn k=64 (flat and hnsw),
 geodesic k_graph=10 / k=128, umap 8-D / k=64, tree k-means branching 16, Ward on the
 10-NN graph. The kNN graph is built once (by the flat knn worker) and read by geodesic,
@@ -13,8 +15,13 @@ umap and ward, as in the pipeline; its time is the knn time.
 
 Baselines in the same run:
 
-* ``floor``: faiss exact all-kNN (``IndexFlatIP`` search of every vector, k+1 hits), with
-  none of our work (float64 recompute, self drop by id, cap) — the knn floor.
+* ``floor``: faiss exact all-kNN (``IndexFlatIP`` search of every vector, k+1 hits, faiss's
+  default BLAS blocks), with none of our work (float64 recompute, self drop by id, cap) — the
+  knn floor.
+* ``knn_flat_before``: the flat kNN build as it was before issue 17 (faiss's default
+  1024-vector database blocks, each pair's distance recomputed by ``l2_distance``), to read
+  the speed-up side by side; it reports the share of sampled rows whose neighbour set equals
+  ``knn_flat``'s.
 * per-source shortest paths on the same symmetrized 10-NN graph, single-threaded:
   ``scipy.sparse.csgraph.dijkstra`` full, and with ``limit`` = the source's 128-th path
   length (so it settles about as many nodes as ours), against our bounded numba kernel.
@@ -22,9 +29,12 @@ Baselines in the same run:
 
 Usage::
 
-    python benchmarks/metrics_build.py                      # V = 100277 and 200019
+    python benchmarks/metrics_build.py                      # V = 100277 and 248077
     python benchmarks/metrics_build.py --sizes 20000        # a quick check
     python benchmarks/metrics_build.py --sizes 20000 --only knn_flat geodesic tree_kmeans
+    python benchmarks/metrics_build.py --sizes 248077 --untrained 0 --only knn_flat geodesic tree_kmeans floor knn_hnsw
+
+The TARGET metrics run first, then the rest (results are written after each metric).
 
 Results merge into ``benchmarks/results/metrics_build.{json,md}`` keyed by V. CPU timings
 on a shared machine are noisy: prefer the ratios.
@@ -48,13 +58,14 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE))
 
-WORKERS = ["floor", "knn_flat", "knn_hnsw", "geodesic", "umap", "tree_kmeans", "tree_ward"]
-TARGET = ("knn_flat", "geodesic", "tree_kmeans")  # the issue's budget: ≤ 15 min, ≤ 8 GB at V=200019
+WORKERS = ["floor", "knn_flat", "knn_flat_before", "knn_hnsw", "geodesic", "umap", "tree_kmeans", "tree_ward"]
+TARGET = ("knn_flat", "geodesic", "tree_kmeans")  # the budget: ≤ 15 min, ≤ 8 GB at V = 248077 (issue 17)
+TARGET_V = 248077
 K, K_GRAPH, K_GEO, UMAP_NEIGHBORS = 64, 10, 128, 15
 
 
-def clustered_embeddings(vocab_size: int, dim: int, seed: int = 0):
-    """A two-level Gaussian mixture: (V, d) float32 and the trained mask (5 % untrained).
+def clustered_embeddings(vocab_size: int, dim: int, seed: int = 0, untrained: float = 0.05):
+    """A two-level Gaussian mixture: (V, d) float32 and the trained mask (``untrained`` of them off).
 
     V/4000 "topics" ~ N(0, I); V/200 clusters at topic + 0.4·N(0, I) with Zipf-like
     sizes; tokens at cluster + s·N(0, I), s ~ U(1, 2) per cluster. The overlap is chosen so
@@ -69,7 +80,7 @@ def clustered_embeddings(vocab_size: int, dim: int, seed: int = 0):
     label = rng.choice(n_clusters, vocab_size, p=sizes / sizes.sum())
     spread = rng.uniform(1.0, 2.0, n_clusters).astype(np.float32)
     x = centers[label] + spread[label, None] * rng.normal(size=(vocab_size, dim)).astype(np.float32)
-    trained = rng.random(vocab_size) >= 0.05
+    trained = rng.random(vocab_size) >= untrained  # drawn whatever the fraction: same vectors
     return np.ascontiguousarray(x, dtype=np.float32), trained
 
 
@@ -77,17 +88,22 @@ def peak_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: kB
 
 
+def cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
 # -- workers (each in its own process) ----------------------------------------------------
-def worker(name: str, vocab_size: int, dim: int, threads: int, work: Path) -> dict:
+def worker(name: str, vocab_size: int, dim: int, threads: int, work: Path, untrained: float) -> dict:
     import faiss
 
     faiss.omp_set_num_threads(threads)
-    x, trained = clustered_embeddings(vocab_size, dim)
+    x, trained = clustered_embeddings(vocab_size, dim, untrained=untrained)
     out = {"data_mb": peak_mb()}
     graph = None
     if name in ("geodesic", "umap", "tree_ward"):
         graph = (np.load(work / "knn_indices.npy"), np.load(work / "knn_costs.npy"))
-    t0 = time.perf_counter()
+    t0, cpu0 = time.perf_counter(), cpu_seconds()
     if name == "floor":
         from vocabmetric.metrics import normalized
 
@@ -100,7 +116,7 @@ def worker(name: str, vocab_size: int, dim: int, threads: int, work: Path) -> di
         from vocabmetric.metrics import KnnMetric
 
         m = KnnMetric(k=K, index=name[4:], progress=False).fit(x, trained)
-        out["seconds"] = time.perf_counter() - t0
+        out["seconds"], out["cpu_s"] = time.perf_counter() - t0, cpu_seconds() - cpu0
         if name == "knn_flat":
             np.save(work / "knn_indices.npy", m.indices_[:, :UMAP_NEIGHBORS])
             np.save(work / "knn_costs.npy", m.costs_[:, :UMAP_NEIGHBORS])
@@ -110,12 +126,17 @@ def worker(name: str, vocab_size: int, dim: int, threads: int, work: Path) -> di
             approx = m.indices_[:: max(vocab_size // 2000, 1)]
             ok = exact[:, 0] >= 0
             out["recall_at_64"] = float(np.mean([len(set(a) & set(b)) / K for a, b in zip(exact[ok], approx[ok])]))
+    elif name == "knn_flat_before":
+        out.update(knn_flat_before(x, trained, dim, t0, cpu0))
+        exact = np.load(work / "knn_sample.npy")
+        before = out.pop("indices")[:: max(vocab_size // 2000, 1)]
+        out["same_sets_as_knn_flat"] = float(np.mean([set(a) == set(b) for a, b in zip(exact, before)]))
     elif name == "geodesic":
         from vocabmetric.metrics import GeodesicMetric
 
         m = GeodesicMetric(k_graph=K_GRAPH, k=K_GEO, n_jobs=threads, progress=False).fit(
             x, trained, knn=(graph[0][:, :K_GRAPH], graph[1][:, :K_GRAPH]))
-        out["seconds"] = time.perf_counter() - t0
+        out["seconds"], out["cpu_s"] = time.perf_counter() - t0, cpu_seconds() - cpu0
         out["ms_per_source_all_threads"] = 1000 * out["seconds"] / trained.sum()
         out.update(dijkstra_baselines(graph, trained, vocab_size, m))
     elif name == "umap":
@@ -132,7 +153,7 @@ def worker(name: str, vocab_size: int, dim: int, threads: int, work: Path) -> di
             b = TreeBuilder(branching=16, progress=False).fit(x, trained)
         else:
             b = WardTreeBuilder(n_neighbors=K_GRAPH, progress=False).fit(x, trained, knn=(graph[0][:, :K_GRAPH], graph[1][:, :K_GRAPH]))
-        out["seconds"] = time.perf_counter() - t0
+        out["seconds"], out["cpu_s"] = time.perf_counter() - t0, cpu_seconds() - cpu0
         tree = b.to_tree()
         a, c = random_pairs(np.flatnonzero(trained), 20000, 1)
         out["spearman_vs_l2"] = float(spearmanr(tree.distance(a, c), l2_distance(x, a, c)).statistic)
@@ -143,8 +164,32 @@ def worker(name: str, vocab_size: int, dim: int, threads: int, work: Path) -> di
         out["spearman_vs_l2_near"] = float(spearmanr(tree.distance(ii, jj), l2_distance(x, ii, jj)).statistic)
         out["depth"], out["n_nodes"] = int(tree.depth.max()), int(tree.n_nodes)
     out.setdefault("seconds", time.perf_counter() - t0)
+    out.setdefault("cpu_s", cpu_seconds() - cpu0)
     out["peak_mb"] = peak_mb()
     return out
+
+
+def knn_flat_before(x, trained, dim, t0, cpu0) -> dict:
+    """KnnMetric(index="flat").fit before issue 17, its steps inlined: (V, K) ids, time, CPU."""
+    import faiss
+
+    from vocabmetric.metrics import KnnMetric, drop_self, l2_distance, normalized, random_pairs
+
+    trained_ids = np.flatnonzero(trained)
+    unit = normalized(x)[trained_ids]
+    index = faiss.IndexFlatIP(dim)
+    index.add(unit)
+    found = np.empty((len(unit), K), dtype=np.int64)
+    for s in range(0, len(unit), 4096):
+        _, hits = index.search(unit[s : s + 4096], K + 1)
+        found[s : s + len(hits)] = drop_self(hits, np.arange(s, s + len(hits)))
+    indices = np.full((len(x), K), -1, dtype=np.int64)
+    costs = np.zeros((len(x), K))
+    indices[trained_ids] = trained_ids[found]
+    costs[trained_ids] = l2_distance(x, np.repeat(trained_ids, K), trained_ids[found].ravel()).reshape(-1, K)
+    a, b = random_pairs(trained_ids, 20000, 0)
+    m = KnnMetric(k=K, progress=False)._finish(indices, costs, l2_distance(x, a, b), None, index="flat")
+    return {"seconds": time.perf_counter() - t0, "cpu_s": cpu_seconds() - cpu0, "indices": m.indices_}
 
 
 def dijkstra_baselines(graph, trained, vocab_size, fitted, n_sources: int = 200) -> dict:
@@ -180,12 +225,20 @@ def dijkstra_baselines(graph, trained, vocab_size, fitted, n_sources: int = 200)
 
 
 # -- driver ---------------------------------------------------------------------------------
-def run_worker(name, vocab_size, dim, threads, work, timeout) -> dict:
+def machine_info_apart() -> dict:
+    """``machine_info()`` from a child process: it imports torch, gensim and zarr, and Linux
+    carries a parent's RSS high-water mark into the workers it forks (``ru_maxrss``)."""
+    code = "import json, _machine; print(json.dumps(_machine.machine_info()))"
+    return json.loads(subprocess.run([sys.executable, "-c", code], cwd=HERE, capture_output=True, text=True,
+                                     check=True).stdout)
+
+
+def run_worker(name, vocab_size, dim, threads, work, timeout, untrained) -> dict:
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "NUMBA_NUM_THREADS": str(threads),
            "OPENBLAS_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
     cmd = [sys.executable, __file__, "--worker", name, "--sizes", str(vocab_size), "--dim", str(dim),
-           "--threads", str(threads), "--work", str(work)]
-    t = time.perf_counter()
+           "--threads", str(threads), "--work", str(work), "--untrained", str(untrained)]
+    t, load = time.perf_counter(), os.getloadavg()
     try:
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -194,6 +247,7 @@ def run_worker(name, vocab_size, dim, threads, work, timeout) -> dict:
         return {"error": proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else f"exit {proc.returncode}"}
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     result["wall_with_startup_s"] = time.perf_counter() - t
+    result["load_average_start"], result["load_average_end"] = load, os.getloadavg()
     return result
 
 
@@ -204,18 +258,33 @@ def table(runs: dict, threads: int) -> str:
              "embeddings before the build.", ""]
     for v, run in sorted(runs.items(), key=lambda kv: int(kv[0])):
         res = run["results"]
-        lines += [f"## V = {int(v):,}", "", "| metric | build s | peak MB | data MB | notes |", "|---|---:|---:|---:|---|"]
+        untrained = run.get("untrained", 0.05)
+        lines += [f"## V = {int(v):,}", "", f"{untrained:.0%} of tokens untrained."]
+        if "load_average_start" in run:
+            lines[-1] += (f" Load average (1 min) {run['load_average_start'][0]:.1f} at the start, "
+                          f"{run['load_average_after'][0]:.1f} at the end: other jobs shared the 2 cores, so "
+                          "wall time overstates what the build needs; `CPU s` (all threads) does not.")
+        lines += ["", "| metric | build s | CPU s | peak MB | data MB | load at start | notes |",
+                  "|---|---:|---:|---:|---:|---:|---|"]
         floor = res.get("floor", {}).get("seconds")
         for name in WORKERS:
             r = res.get(name)
             if r is None:
                 continue
             if "error" in r:
-                lines.append(f"| {name} | — | — | — | {r['error']} |")
+                lines.append(f"| {name} | — | — | — | — | — | {r['error']} |")
                 continue
             note = ""
             if name == "knn_flat" and floor:
                 note = f"{r['seconds'] / floor:.2f}× the faiss floor"
+                if "cpu_s" in r and "cpu_s" in res["floor"]:
+                    note += f" ({r['cpu_s'] / res['floor']['cpu_s']:.2f}× its CPU time)"
+            if name == "knn_flat_before":
+                flat = res.get("knn_flat", {})
+                note = ("before issue 17 (faiss's default blocks, per-pair recompute)"
+                        + (f": {r['cpu_s'] / flat['cpu_s']:.2f}× knn_flat's CPU time, {r['seconds'] / flat['seconds']:.2f}× its wall"
+                           if "cpu_s" in flat and "cpu_s" in r else "")
+                        + f"; sampled rows with knn_flat's neighbour set: {r['same_sets_as_knn_flat']:.4f}")
             if name == "knn_hnsw":
                 note = f"recall@64 {r['recall_at_64']:.3f}" + (f", {r['seconds'] / floor:.2f}× the floor" if floor else "")
             if name == "geodesic":
@@ -230,31 +299,37 @@ def table(runs: dict, threads: int) -> str:
                         f"depth {r['depth']}, {r['n_nodes']:,} nodes")
             if name == "floor":
                 note = "faiss IndexFlatIP all-kNN, k=65 (baseline)"
-            lines.append(f"| {name} | {r['seconds']:.1f} | {r['peak_mb']:.0f} | {r['data_mb']:.0f} | {note} |")
+            cpu = f"{r['cpu_s']:.0f}" if "cpu_s" in r else "—"
+            load = f"{r['load_average_start'][0]:.1f}" if "load_average_start" in r else "—"
+            lines.append(f"| {name} | {r['seconds']:.1f} | {cpu} | {r['peak_mb']:.0f} | {r['data_mb']:.0f} | {load} | {note} |")
         ok = [res.get(n, {}) for n in TARGET]
         if all("seconds" in r for r in ok):
             total, peak = sum(r["seconds"] for r in ok), max(r["peak_mb"] for r in ok)
-            lines += ["", f"knn + geodesic + tree (k-means): **{total / 60:.1f} min**, peak **{peak / 1024:.2f} GB** "
-                      f"(target at V = 200,019: ≤ 15 min and ≤ 8 GB)."]
+            line = f"knn + geodesic + tree (k-means): **{total / 60:.1f} min**, peak **{peak / 1024:.2f} GB**"
+            if all("cpu_s" in r for r in ok):
+                cpu = sum(r["cpu_s"] for r in ok)
+                line += f"; {cpu / 60:.1f} min of CPU time (on 2 idle cores the wall time lies between half that and all of it)"
+            lines += ["", line + f" (target at V = {TARGET_V:,}: ≤ 15 min and ≤ 8 GB on 2 cores)."]
         lines.append("")
     return "\n".join(lines)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--sizes", type=int, nargs="+", default=[100277, 200019])
+    ap.add_argument("--sizes", type=int, nargs="+", default=[100277, TARGET_V])
     ap.add_argument("--dim", type=int, default=128)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--only", nargs="+", choices=WORKERS, default=WORKERS)
+    ap.add_argument("--untrained", type=float, default=0.05, help="fraction of untrained tokens (0: fully trained)")
     ap.add_argument("--timeout", type=int, default=3600, help="seconds per metric")
     ap.add_argument("--worker", choices=WORKERS, help=argparse.SUPPRESS)
     ap.add_argument("--work", type=Path, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
-        print(json.dumps(worker(args.worker, args.sizes[0], args.dim, args.threads, args.work)))
+        print(json.dumps(worker(args.worker, args.sizes[0], args.dim, args.threads, args.work, args.untrained)))
         return
 
-    from _machine import RESULTS, machine_info, write_results
+    from _machine import RESULTS, write_results
 
     previous = RESULTS / "metrics_build.json"
     runs = {}
@@ -262,21 +337,23 @@ def main() -> None:
         old = json.loads(previous.read_text())
         if old.get("dim") == args.dim and old.get("threads") == args.threads:
             runs = old.get("runs", {})
-    needs_graph = {"knn_hnsw", "geodesic", "umap", "tree_kmeans", "tree_ward"}
+    needs_graph = {"knn_hnsw", "knn_flat_before", "geodesic", "umap", "tree_kmeans", "tree_ward"}
     for v in args.sizes:
         only = list(args.only)
         if needs_graph & set(only) and "knn_flat" not in only:
             only.insert(0, "knn_flat")  # they read its kNN graph
         results = {}
+        runs[str(v)] = {"results": results, "machine": machine_info_apart(), "untrained": args.untrained,
+                        "load_average_start": os.getloadavg()}
+        order = [w for w in TARGET if w in only] + [w for w in WORKERS if w in only and w not in TARGET]
         with tempfile.TemporaryDirectory(prefix="metrics_build-") as work:
-            for name in [w for w in WORKERS if w in only]:
+            for name in order:
                 print(f"V={v} {name} ...", file=sys.stderr, flush=True)
-                results[name] = run_worker(name, v, args.dim, args.threads, Path(work), args.timeout)
+                results[name] = run_worker(name, v, args.dim, args.threads, Path(work), args.timeout, args.untrained)
                 print(f"  {json.dumps(results[name])}", file=sys.stderr, flush=True)
-        runs[str(v)] = {"results": results, "machine": machine_info(),
-                        "load_average_after": os.getloadavg()}
-        payload = {"benchmark": "metrics_build", "dim": args.dim, "threads": args.threads, "runs": runs}
-        write_results("metrics_build", payload, table(runs, args.threads))
+                runs[str(v)]["load_average_after"] = os.getloadavg()
+                payload = {"benchmark": "metrics_build", "dim": args.dim, "threads": args.threads, "runs": runs}
+                write_results("metrics_build", payload, table(runs, args.threads))
     print(table(runs, args.threads))
 
 

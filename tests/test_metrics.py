@@ -303,3 +303,19 @@ def test_validate_covers_every_constructor_argument(builder):
     for name in list(inspect.signature(builder).parameters):
         with pytest.raises(ConfigError, match=rf"^{builder.__name__}: {name}\b|^{builder.__name__}: cap="):
             builder(**{name: object()}).validate()
+
+
+def test_row_distances_equal_l2_distance_bit_for_bit_and_zero_on_empty_slots():
+    from vocabmetric._vectors import l2_distance
+    from vocabmetric.metrics._knn import row_distances
+
+    rng = np.random.default_rng(3)
+    x = (rng.standard_normal((500, 24)) * rng.uniform(0.1, 5, (500, 1))).astype(np.float32)
+    rows = rng.choice(500, 120, replace=False)
+    nbr = rng.integers(0, 500, (120, 9))
+    nbr[rng.random(nbr.shape) < 0.1] = -1
+    got = row_distances(x, rows, nbr, block=32)
+    want = l2_distance(x, np.broadcast_to(rows[:, None], nbr.shape), np.maximum(nbr, 0))
+    filled = nbr >= 0
+    assert np.array_equal(got[filled], want[filled])
+    assert np.all(got[~filled] == 0)

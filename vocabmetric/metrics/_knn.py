@@ -9,6 +9,7 @@ the exact float64 l2 distance, whichever index found the neighbours.
 from __future__ import annotations
 
 import logging
+from contextlib import contextmanager
 from typing import Any
 
 import numpy as np
@@ -20,6 +21,11 @@ from ._checks import (CAP_PAIRS, TruncatedMetricBase, argument_where, check_cap,
                       check_k, random_pairs)
 
 LOG = logging.getLogger(__name__)
+
+#: Database vectors per BLAS block of the flat search (faiss's default is 1024).
+FLAT_DATABASE_BLOCK = 8192
+#: Rows per block of the float64 recompute: a (block, k, d) float64 difference, ~16 MB at k=64, d=128.
+ROW_BLOCK = 256
 
 
 class KnnMetric(TruncatedMetricBase):
@@ -77,15 +83,12 @@ class KnnMetric(TruncatedMetricBase):
         emb, mask = check_inputs(embeddings, trained, what)
         trained_ids = np.flatnonzero(mask)
         k = check_k(self.k, len(trained_ids), what)
-        unit = normalized(emb)
-        found = self._search(unit[trained_ids], k)  # positions among trained, -1 = none
+        found = self._search(normalized(emb[trained_ids]), k)  # positions among trained, -1 = none
         indices = np.full((len(emb), k), -1, dtype=np.int64)
         costs = np.zeros((len(emb), k), dtype=np.float64)
-        rows_t = np.repeat(trained_ids, k)
         ids = np.where(found >= 0, trained_ids[np.maximum(found, 0)], -1)
         indices[trained_ids] = ids
-        ok = ids.ravel() >= 0
-        costs[trained_ids] = _scatter(ok, l2_distance(emb, rows_t[ok], ids.ravel()[ok]), ids.shape)
+        costs[trained_ids] = row_distances(emb, trained_ids, ids)
         a, b = random_pairs(trained_ids, CAP_PAIRS, self.seed)
         return self._finish(indices, costs, l2_distance(emb, a, b), self.cap, index=self.index)
 
@@ -102,9 +105,10 @@ class KnnMetric(TruncatedMetricBase):
         index.add(unit)
         out = np.empty((n, k), dtype=np.int64)
         starts = range(0, n, self.batch_size)
-        for s in progress_bar(starts, self.progress, desc=f"{self.index} kNN", unit="batch"):
-            _, hits = index.search(unit[s : s + self.batch_size], k + 1)
-            out[s : s + len(hits)] = drop_self(hits, np.arange(s, s + len(hits)))
+        with database_blocks(FLAT_DATABASE_BLOCK):
+            for s in progress_bar(starts, self.progress, desc=f"{self.index} kNN", unit="batch"):
+                _, hits = index.search(unit[s : s + self.batch_size], k + 1)
+                out[s : s + len(hits)] = drop_self(hits, np.arange(s, s + len(hits)))
         return out
 
 
@@ -135,10 +139,43 @@ def drop_self(hits: np.ndarray, self_ids: np.ndarray) -> np.ndarray:
     return hits[keep].reshape(n, k1 - 1)
 
 
-def _scatter(ok: np.ndarray, values: np.ndarray, shape: tuple) -> np.ndarray:
-    out = np.zeros(ok.shape, dtype=np.float64)
-    out[ok] = values
-    return out.reshape(shape)
+@contextmanager
+def database_blocks(size: int):
+    """Run faiss's flat (BLAS) search with database blocks of ``size`` vectors, then restore.
+
+    faiss multiplies 4096 queries by 1024 database vectors at a time and merges each block
+    into the heaps in an OpenMP loop: larger blocks mean fewer sgemm calls and parallel
+    regions (and thread barriers, costly on busy cores). The sets found are the same but for
+    float32 near-ties at the k-th place, whose sgemm rounding depends on the blocking (1 of
+    3.2M entries at V = 50,000, costs 1e-7 apart). Memory 4096·size·4 bytes. The setting is
+    process-global in faiss, hence the restore.
+    """
+    import faiss
+
+    before = faiss.cvar.distance_compute_blas_database_bs
+    faiss.cvar.distance_compute_blas_database_bs = max(before, size)
+    try:
+        yield
+    finally:
+        faiss.cvar.distance_compute_blas_database_bs = before
+
+
+def row_distances(vectors: np.ndarray, rows: np.ndarray, neighbours: np.ndarray, *, block: int = ROW_BLOCK) -> np.ndarray:
+    """``l2_distance(vectors, rows[:, None], neighbours)`` with each row normalized once: (n, k).
+
+    ``neighbours`` (n, k) are token ids, -1 = none (distance 0). The same float64 arithmetic
+    as :func:`~vocabmetric._vectors.l2_distance` (bit-identical results), but the rows are
+    normalized once rather than once per pair, and each row's vector is broadcast against its
+    k neighbours instead of gathered k times. Cost O(n·k·d); memory V·d·8 bytes plus a block.
+    """
+    unit = np.asarray(vectors).astype(np.float64)
+    unit /= np.maximum(np.linalg.norm(unit, axis=1, keepdims=True), 1e-300)
+    out = np.zeros(neighbours.shape, dtype=np.float64)
+    for s in range(0, len(rows), block):
+        nbr = neighbours[s : s + block]
+        diff = unit[rows[s : s + block], None, :] - unit[np.maximum(nbr, 0)]
+        out[s : s + block] = np.where(nbr >= 0, np.linalg.norm(diff, axis=-1), 0.0)
+    return out
 
 
 def knn_graph(knn_idx: np.ndarray, knn_dist: np.ndarray, vocab_size: int):
