@@ -25,7 +25,7 @@ def clustered():
 @pytest.fixture(scope="module", params=["kmeans", "ward"])
 def fitted(request, clustered):
     x, trained, _ = clustered
-    builder = TreeBuilder(branching=4, max_leaf_size=6) if request.param == "kmeans" else WardTreeBuilder(n_neighbors=6)
+    builder = TreeBuilder(branching=4, max_leaf_size=6, n_trees=1) if request.param == "kmeans" else WardTreeBuilder(n_neighbors=6)
     return builder.fit(x, trained), x, trained
 
 
@@ -150,7 +150,7 @@ def test_fitted_weights_raise_spearman_on_planted_clusters():
     a, b = rng.integers(5, 600, 3000), rng.integers(5, 600, 3000)
     rho = {}
     for fit in (False, True):
-        builder = TreeBuilder(branching=4, max_leaf_size=8, fit_weights=fit, n_pairs=5000).fit(x, trained)
+        builder = TreeBuilder(branching=4, max_leaf_size=8, n_trees=1, fit_weights=fit, n_pairs=5000).fit(x, trained)
         rho[fit] = spearmanr(builder.to_tree().distance(a, b), l2_distance(x, a, b)).statistic
         assert builder.params_["fit_weights"] is fit
     assert rho[True] > rho[False] + 0.01

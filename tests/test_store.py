@@ -32,7 +32,7 @@ def written(tmp_path_factory):
     emb = Embeddings(vectors, trained, borrowed, "word2vec", {"dim": 8})
     knn = KnnMetric(k=6).fit(vectors, trained)
     geo = GeodesicMetric(k_graph=4, k=12).fit(vectors, trained, knn=(knn.indices_, knn.costs_))
-    tree = TreeBuilder(branching=3, max_leaf_size=4).fit(vectors, trained)
+    tree = TreeBuilder(branching=3, max_leaf_size=4, n_trees=1).fit(vectors, trained)
     counts = rng.integers(0, 1000, V)
     path = tmp_path_factory.mktemp("store") / "metric.zarr"
     write_store(

@@ -11,6 +11,7 @@ Each table names a metric; its ``kind`` defaults to the table name::
     n_components = 8
     [metrics.tree]                # TreeBuilder (builder = "kmeans") or WardTreeBuilder ("ward")
     branching = 16
+    n_trees = 4                   # k-means trees averaged (TreeBuilder only)
 
 Every other key is a keyword of the builder's constructor (see :mod:`vocabmetric.metrics`).
 The flat kNN graph that the geodesic, umap and ward builders read is built once, as its own
@@ -154,12 +155,14 @@ def build_metrics(metrics: Mapping[str, Any], emb: Any, stages: Stages, emb_dige
     tree = None
     for name, (kind, builder, table) in builders.items():
         need = _graph_degree(builder)
-        key = stage_key(f"metric-{name}", table, emb_digest, graph_digest if need else "")
+        # the tree's resolved n_trees is part of its key: a changed default rebuilds it
+        params = {**table, "n_trees": builder.n_trees} if hasattr(builder, "n_trees") else table
+        key = stage_key(f"metric-{name}", params, emb_digest, graph_digest if need else "")
 
         def fit(tmp: Path, builder=builder, need=need) -> None:
             knn = {"knn": nearest(need)} if need else {}
             builder.fit(emb.vectors, usable, **knn)
-            fields = ("parent_", "weight_", "leaf_of_token_") if kind == TREE else ("indices_", "costs_")
+            fields = ("parent_", "weight_", "leaf_of_token_", "offsets_") if kind == TREE else ("indices_", "costs_")
             for f in fields:
                 np.save(tmp / f"{f.rstrip('_')}.npy", getattr(builder, f))
             (tmp / "meta.json").write_text(json.dumps({"cap": builder.cap_, "params": builder.params_}, default=float))
@@ -168,7 +171,8 @@ def build_metrics(metrics: Mapping[str, Any], emb: Any, stages: Stages, emb_dige
         meta = json.loads((mdir / "meta.json").read_text())
         attrs = {**meta["params"], "name": name}
         if kind == TREE:
-            tree = TreeArrays(*(np.load(mdir / f"{f}.npy") for f in ("parent", "weight", "leaf_of_token")), attrs)
+            tree = TreeArrays(*(np.load(mdir / f"{f}.npy") for f in ("parent", "weight", "leaf_of_token")), attrs,
+                              offsets=np.load(mdir / "offsets.npy"))
         else:
             truncated[name] = TruncatedMetric(np.load(mdir / "indices.npy"), np.load(mdir / "costs.npy"), meta["cap"], attrs)
     extra = {PROJECTION: _projection(projection, emb, stages, emb_digest, graph_digest, nearest, progress)} if project else {}

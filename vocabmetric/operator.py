@@ -16,7 +16,8 @@ Two shapes of metric leave the store for training code:
 
 * :class:`TreeMetric` — a tree over ``n_nodes`` nodes with one leaf per token;
   ``d(i, j)`` is the length of the tree path between the nodes of tokens i and j.
-  Memory O(V).
+  Memory O(V). :class:`TreeEnsemble` — the mean of T such trees,
+  ``d(i, j) = (1/T)·Σ_t d_t(i, j)`` (a metric, though not a tree metric).
 
 Both are numpy-only, so building or serving a metric never imports torch; the
 penalties in :mod:`vocabmetric.regularizers` make the tensors they need.
@@ -325,6 +326,13 @@ class TreeMetric:
     def n_nodes(self) -> int:
         return len(self.parent)
 
+    @property
+    def trees(self) -> tuple["TreeMetric", ...]:
+        """``(self,)``: a tree is an ensemble of one (see :class:`TreeEnsemble`)."""
+        return (self,)
+
+    n_trees = 1
+
     def __repr__(self) -> str:
         return f"TreeMetric(vocab_size={self.vocab_size}, n_nodes={self.n_nodes}, depth={int(self.depth.max())})"
 
@@ -362,4 +370,82 @@ class TreeMetric:
     def check_vocab(self, vocab_size: int, fingerprint: str | None = None, *, what: str = "TreeMetric") -> None:
         """Raise :class:`FingerprintMismatch` unless the tree fits this vocabulary."""
         check_vocab_size(self.vocab_size, vocab_size, what, by="the tree")
+        check_fingerprint(self.fingerprint, fingerprint, what)
+
+
+class TreeEnsemble:
+    """The mean of T tree metrics over one vocabulary: ``d(i, j) = (1/T)·Σ_t d_t(i, j)``.
+
+    Its W1 penalty is the tree-sliced ``W_T = (1/T)·Σ_t W_t`` (Le et al. 2019), which
+    :class:`~vocabmetric.regularizers.TreeWasserstein` computes in one pass over all trees.
+    ``distance`` is O(T·depth) per pair; memory the trees'.
+
+    The stacked arrays (the store's layout): ``parent``, ``weight`` (Σ_t n_nodes_t,), node
+    ids local to each tree; ``leaf_of_token`` (T, V); ``offsets`` (T+1,): tree t is
+    ``parent[offsets[t]:offsets[t+1]]``.
+    """
+
+    def __init__(self, trees: Any, fingerprint: str | None = None):
+        self.trees = tuple(trees)
+        if not self.trees or not all(isinstance(t, TreeMetric) for t in self.trees):
+            raise VocabMetricError("TreeEnsemble: expected one or more TreeMetrics")
+        sizes = {t.vocab_size for t in self.trees}
+        prints = {t.fingerprint for t in self.trees} - {None}
+        if len(sizes) > 1 or len(prints) > 1 or (fingerprint and prints - {fingerprint}):
+            raise VocabMetricError(f"TreeEnsemble: the trees cover different vocabularies (sizes {sorted(sizes)}, "
+                                   f"{len(prints)} fingerprints); build them for one tokenizer")
+        self.fingerprint = fingerprint or next(iter(prints), None)
+
+    @classmethod
+    def from_arrays(cls, parent: Any, weight: Any, leaf_of_token: Any, offsets: Any,
+                    fingerprint: str | None = None) -> "TreeEnsemble":
+        """The ensemble of the stacked arrays (see the class docstring)."""
+        leaf = np.atleast_2d(np.asarray(leaf_of_token))
+        offsets = np.asarray(offsets, dtype=np.int64)
+        if len(offsets) != len(leaf) + 1 or offsets[0] != 0 or offsets[-1] != len(parent) or np.any(np.diff(offsets) < 1):
+            raise VocabMetricError(f"TreeEnsemble: offsets {offsets.tolist()[:8]} do not split {len(parent)} nodes "
+                                   f"into {len(leaf)} trees")
+        return cls([TreeMetric(parent[a:b], weight[a:b], leaf[t], fingerprint)
+                    for t, (a, b) in enumerate(zip(offsets[:-1], offsets[1:]))], fingerprint)
+
+    @property
+    def parent(self) -> np.ndarray:
+        return np.concatenate([t.parent for t in self.trees])
+
+    @property
+    def weight(self) -> np.ndarray:
+        return np.concatenate([t.weight for t in self.trees])
+
+    @property
+    def leaf_of_token(self) -> np.ndarray:
+        return np.stack([t.leaf_of_token for t in self.trees])
+
+    @property
+    def offsets(self) -> np.ndarray:
+        return np.concatenate([[0], np.cumsum([t.n_nodes for t in self.trees])]).astype(np.int64)
+
+    @property
+    def n_trees(self) -> int:
+        return len(self.trees)
+
+    @property
+    def vocab_size(self) -> int:
+        return self.trees[0].vocab_size
+
+    def __repr__(self) -> str:
+        return f"TreeEnsemble(n_trees={self.n_trees}, vocab_size={self.vocab_size})"
+
+    def distance(self, i: Any, j: Any) -> np.ndarray | float:
+        """Mean tree-path length between tokens ``i`` and ``j`` (ints or broadcast int arrays)."""
+        total = sum(np.asarray(t.distance(i, j), dtype=np.float64) for t in self.trees) / self.n_trees
+        return float(total) if np.ndim(total) == 0 else total
+
+    def dense(self) -> np.ndarray:
+        """The full (V, V) mean distance matrix. Tests only: refuses V > 20000."""
+        _check_dense(self.vocab_size, "TreeEnsemble")
+        return sum(t.dense() for t in self.trees) / self.n_trees
+
+    def check_vocab(self, vocab_size: int, fingerprint: str | None = None, *, what: str = "TreeEnsemble") -> None:
+        """Raise :class:`FingerprintMismatch` unless the trees fit this vocabulary."""
+        check_vocab_size(self.vocab_size, vocab_size, what, by="the trees")
         check_fingerprint(self.fingerprint, fingerprint, what)

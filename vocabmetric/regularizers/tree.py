@@ -28,6 +28,10 @@ token under :class:`~vocabmetric.metrics.TreeBuilder`) are not materialized; the
 is ``p_i − q_i`` itself. The other ("inner") nodes are ordered deepest first, so one pass in
 that order adds every node into its parent after all its children were added to it.
 
+Several trees (a :class:`~vocabmetric.operator.TreeEnsemble`): ``W_T = (1/T)·Σ_t W_t``
+is again a sum of ``w·|D|`` over edges — the edges of all trees, each weight divided by T —
+so the trees' inner nodes are concatenated into one layout and swept in the same one pass.
+
 Two backends compute the same thing: ``"numba"`` (CPU; one fused loop per position,
 compiled on first use and cached, float64 accumulation) and ``"torch"`` (any device;
 ``index_add_`` per tree level).
@@ -35,12 +39,12 @@ compiled on first use and cached, float64 accumulation) and ``"torch"`` (any dev
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 import torch
 
-from ..operator import TreeMetric
+from ..operator import TreeEnsemble, TreeMetric
 from ._chunks import solve_by_chunks
 from ._inputs import Reference
 from ._numba import compile_once, run_rows
@@ -48,52 +52,79 @@ from ._penalty import NUMBA_BACKENDS as BACKENDS, Penalty
 
 
 class TreeLayout:
-    """The tree rearranged for the two sweeps (numpy; built once per tree).
+    """One tree, or T trees averaged, rearranged for the two sweeps (numpy; built once).
+
+    The trees' inner nodes are concatenated into one array, every edge weight divided by T,
+    so that one pass computes ``W_T = (1/T)·Σ_t W_t`` (the mean of per-tree W1s). A token
+    sends its mass to one inner node per tree (a CSR list); targets that are a root are
+    dropped (a root has no edge, and ``G = 0`` there), so an untrained token hung under
+    every root costs one ``|d|`` and nothing else.
 
     Attributes
     ----------
     token_weight : (V,) float64
-        ``w`` of the token's node when it is a private leaf, else 0.
-    token_target : (V,) int64
-        Inner index that receives the token's mass: its node's parent (private leaf) or its
-        node.
+        ``(1/T)·Σ_t w_t`` of the token's node where it is a private leaf (0 elsewhere).
+    target_start, target : (V+1,), (n_targets,) int64
+        Token i sends its mass to inner nodes ``target[target_start[i]:target_start[i+1]]``.
+    target_token : (n_targets,) int64
+        The token of each target entry (the torch backend's gather).
     inner_parent : (n_inner,) int64
-        Inner index of each inner node's parent (``-1`` for the root, which comes last).
+        Inner index of each inner node's parent (``-1`` for the roots, which come last).
     inner_weight : (n_inner,) float64
-        Edge length of each inner node (0 for the root).
+        Edge length / T of each inner node (0 for the roots).
+    n_roots : int
+        The number of trees; the last ``n_roots`` inner nodes are their roots.
     levels : list of (start, stop)
-        Inner nodes of one depth, deepest first; the root's level is the last.
+        Inner nodes of one depth, deepest first (all trees together); the roots' level is the last.
     """
 
-    def __init__(self, tree: TreeMetric):
-        n_nodes, vocab_size = tree.n_nodes, tree.vocab_size
-        leaf = tree.leaf_of_token
-        tokens_at = np.bincount(leaf, minlength=n_nodes)
-        children = np.bincount(tree.parent[tree.parent >= 0], minlength=n_nodes)
-        private = (tokens_at == 1) & (children == 0)
-        private[tree.root] = False
-        inner_nodes = np.flatnonzero(~private)
-        # deepest first; the root (depth 0) is the only node of the last level
-        inner_nodes = inner_nodes[np.argsort(-tree.depth[inner_nodes], kind="stable")]
-        inner_of = np.full(n_nodes, -1, dtype=np.int64)
-        inner_of[inner_nodes] = np.arange(len(inner_nodes))
-        parent = tree.parent[inner_nodes]
-        self.inner_parent = np.where(parent >= 0, inner_of[np.maximum(parent, 0)], -1)
-        self.inner_weight = np.where(parent >= 0, tree.weight[inner_nodes], 0.0)
-        is_private = private[leaf]
-        self.token_weight = np.where(is_private, tree.weight[leaf], 0.0)
-        self.token_target = np.where(is_private, inner_of[tree.parent[leaf]], inner_of[leaf])
-        depth = tree.depth[inner_nodes]
-        cuts = np.flatnonzero(np.diff(depth)) + 1
-        bounds = np.concatenate([[0], cuts, [len(depth)]])
+    def __init__(self, trees: Sequence[TreeMetric]):
+        n_trees, vocab_size = len(trees), trees[0].vocab_size
+        scale = 1.0 / n_trees
+        self.token_weight = np.zeros(vocab_size)
+        parents, weights, depths, targets, tokens, offset = [], [], [], [], [], 0
+        for tree in trees:
+            leaf = tree.leaf_of_token
+            tokens_at = np.bincount(leaf, minlength=tree.n_nodes)
+            children = np.bincount(tree.parent[tree.parent >= 0], minlength=tree.n_nodes)
+            private = (tokens_at == 1) & (children == 0)
+            private[tree.root] = False
+            inner_nodes = np.flatnonzero(~private)
+            inner_of = np.full(tree.n_nodes, -1, dtype=np.int64)
+            inner_of[inner_nodes] = offset + np.arange(len(inner_nodes))
+            parent = tree.parent[inner_nodes]
+            parents.append(np.where(parent >= 0, inner_of[np.maximum(parent, 0)], -1))
+            weights.append(np.where(parent >= 0, tree.weight[inner_nodes] * scale, 0.0))
+            depths.append(tree.depth[inner_nodes])
+            is_private = private[leaf]
+            self.token_weight += np.where(is_private, tree.weight[leaf] * scale, 0.0)
+            target = np.where(is_private, tree.parent[leaf], leaf)  # a node; the root when it is one
+            keep = target != tree.root
+            targets.append(inner_of[target[keep]])
+            tokens.append(np.flatnonzero(keep))
+            offset += len(inner_nodes)
+        depth = np.concatenate(depths)
+        order = np.argsort(-depth, kind="stable")  # deepest first; the roots (depth 0) last
+        rank = np.empty_like(order)
+        rank[order] = np.arange(len(order))
+        parent = np.concatenate(parents)[order]
+        self.inner_parent = np.where(parent >= 0, rank[np.maximum(parent, 0)], -1)
+        self.inner_weight = np.concatenate(weights)[order]
+        token, target = np.concatenate(tokens), rank[np.concatenate(targets)]
+        by_token = np.argsort(token, kind="stable")
+        self.target_token, self.target = token[by_token], target[by_token]
+        self.target_start = np.concatenate([[0], np.cumsum(np.bincount(token, minlength=vocab_size))]).astype(np.int64)
+        cuts = np.flatnonzero(np.diff(depth[order])) + 1
+        bounds = np.concatenate([[0], cuts, [len(order)]])
         self.levels = [(int(a), int(b)) for a, b in zip(bounds[:-1], bounds[1:])]
-        self.vocab_size, self.n_inner = vocab_size, len(inner_nodes)
+        self.vocab_size, self.n_inner, self.n_roots = vocab_size, len(order), n_trees
 
     def torch_tables(self, device: Any, dtype: torch.dtype) -> dict:
         as_t = lambda a, dt: torch.as_tensor(a, dtype=dt, device=device)  # noqa: E731
         return {
             "token_weight": as_t(self.token_weight, dtype),
-            "token_target": as_t(self.token_target, torch.int64),
+            "target": as_t(self.target, torch.int64),
+            "target_token": as_t(self.target_token, torch.int64),
             "inner_parent": as_t(np.maximum(self.inner_parent, 0), torch.int64),
             "inner_weight": as_t(self.inner_weight, dtype),
         }
@@ -102,13 +133,14 @@ class TreeLayout:
 # -- numba backend ---------------------------------------------------------------------------
 @compile_once
 def _numba_kernel(numba):
-    """The fused per-position sweep (cached on disk; serial and GIL-free:
+    """The fused per-position sweep over all trees (cached on disk; serial and GIL-free:
     :func:`~._numba.run_rows` spreads positions over threads)."""
 
     @numba.njit(cache=True, nogil=True)
-    def tree_rows(p, q, value, dz, token_weight, token_target, inner_parent, inner_weight, want_grad):
+    def tree_rows(p, q, value, dz, token_weight, target_start, target, inner_parent, inner_weight, n_roots, want_grad):
         n, vocab_size = p.shape
         n_inner = inner_parent.shape[0]
+        n_edges = n_inner - n_roots
         mass = np.empty(n_inner, dtype=np.float64)
         for r in range(n):
             mass[:] = 0.0
@@ -116,21 +148,25 @@ def _numba_kernel(numba):
             for i in range(vocab_size):  # private leaves, and the mass of every token
                 d = np.float64(p[r, i]) - np.float64(q[r, i])
                 total += token_weight[i] * abs(d)
-                mass[token_target[i]] += d
-            for v in range(n_inner - 1):  # bottom-up: children come before parents
+                for s in range(target_start[i], target_start[i + 1]):
+                    mass[target[s]] += d
+            for v in range(n_edges):  # bottom-up: children come before parents
                 mass[inner_parent[v]] += mass[v]
                 total += inner_weight[v] * abs(mass[v])
             value[r] = total
             if not want_grad:
                 continue
-            mass[n_inner - 1] = 0.0  # root: G = 0
-            for v in range(n_inner - 2, -1, -1):  # top-down: parents before children
+            for v in range(n_edges, n_inner):  # roots: G = 0
+                mass[v] = 0.0
+            for v in range(n_edges - 1, -1, -1):  # top-down: parents before children
                 m = mass[v]
                 mass[v] = inner_weight[v] * (np.float64(m > 0) - np.float64(m < 0)) + mass[inner_parent[v]]
             mean = 0.0
             for i in range(vocab_size):
                 d = np.float64(p[r, i]) - np.float64(q[r, i])
-                g = token_weight[i] * (np.float64(d > 0) - np.float64(d < 0)) + mass[token_target[i]]
+                g = token_weight[i] * (np.float64(d > 0) - np.float64(d < 0))
+                for s in range(target_start[i], target_start[i + 1]):
+                    g += mass[target[s]]
                 dz[r, i] = g
                 mean += p[r, i] * g
             for i in range(vocab_size):
@@ -143,7 +179,8 @@ def _chunk_numba(layout: TreeLayout, p, q, value, dz) -> None:
     """Write the chunk's values into ``value`` (n,) and, unless None, ``∂W/∂z`` into ``dz``."""
     dz_rows = dz.numpy() if dz is not None else np.empty((p.shape[0], 0), dtype=p.numpy().dtype)
     run_rows(_numba_kernel(), (p.numpy(), q.numpy(), value.numpy(), dz_rows),
-             (layout.token_weight, layout.token_target, layout.inner_parent, layout.inner_weight, dz is not None))
+             (layout.token_weight, layout.target_start, layout.target, layout.inner_parent, layout.inner_weight,
+              layout.n_roots, dz is not None))
 
 
 # -- torch backend ---------------------------------------------------------------------------
@@ -151,17 +188,18 @@ def _chunk_torch(layout: TreeLayout, tables: dict, p, q, value_out, dz_out) -> N
     d = p - q
     value = d.abs() @ tables["token_weight"]
     mass = torch.zeros(p.shape[0], layout.n_inner, dtype=p.dtype, device=p.device)
-    mass.index_add_(1, tables["token_target"], d)
+    mass.index_add_(1, tables["target"], d[:, tables["target_token"]])
     parent, weight = tables["inner_parent"], tables["inner_weight"]
-    for start, stop in layout.levels[:-1]:  # deepest first; the root is the last level
+    for start, stop in layout.levels[:-1]:  # deepest first; the roots are the last level
         mass.index_add_(1, parent[start:stop], mass[:, start:stop].clone())  # no aliasing: parents lie in later levels
     value_out.copy_(value + mass.abs() @ weight)
     if dz_out is None:
         return
-    path = torch.sign(mass).mul_(weight)  # w_v·sign(D_v); 0 at the root
+    path = torch.sign(mass).mul_(weight)  # w_v·sign(D_v); 0 at the roots
     for start, stop in reversed(layout.levels[:-1]):  # top-down
         path[:, start:stop] += path[:, parent[start:stop]]
-    g = torch.sign(d).mul_(tables["token_weight"]).add_(path[:, tables["token_target"]])
+    g = torch.sign(d).mul_(tables["token_weight"])
+    g.index_add_(1, tables["target_token"], path[:, tables["target"]])
     mean = (p * g).sum(-1, keepdim=True)
     torch.mul(g.sub_(mean), p, out=dz_out)
 
@@ -171,9 +209,11 @@ class TreeWasserstein(Penalty):
 
     Parameters
     ----------
-    tree : TreeMetric
+    tree : TreeMetric, TreeEnsemble or sequence of TreeMetric
         ``parent``, ``weight``, ``leaf_of_token`` over the vocabulary (V tokens); several
-        tokens may share a node, and tokens may sit on internal nodes.
+        tokens may share a node, and tokens may sit on internal nodes. With T trees the
+        penalty is the mean of their W1s, ``W_T = (1/T)·Σ_t W_t`` (tree-sliced Wasserstein,
+        Le et al. 2019), computed in one pass over all trees' nodes.
     backend : {"auto", "numba", "torch"}
         ``"auto"``: numba for CPU tensors when numba imports, torch otherwise (GPU).
     chunk_size : int, optional
@@ -186,8 +226,9 @@ class TreeWasserstein(Penalty):
     ``(ids [..., m], logprobs [..., m])`` (see
     :func:`~vocabmetric.regularizers._inputs.reference_probs`).
 
-    Cost: O(V + n_nodes) time per position for the value and as much again for the
-    gradient, both in the forward pass; memory O(chunk·(V + n_nodes)) scratch plus the
+    Cost: O(V + n_trained·T + n_inner) time per position for the value (n_inner: the trees'
+    nodes that are not a single token's leaf) and as much again for the gradient, both in
+    the forward pass; memory O(chunk·(V + n_nodes)) scratch plus the
     saved ``∂W/∂z`` (one tensor the size of the logits) until backward.
 
     Gradient: ``∂W/∂z = p ⊙ (g − ⟨p, g⟩)``, ``g_i = Σ_{v ∋ i} w_v sign(D_v)``; 0 at p = q.
@@ -201,18 +242,22 @@ class TreeWasserstein(Penalty):
     name = "tree"
     backends = BACKENDS
 
-    def __init__(self, tree: TreeMetric, *, backend: str = "auto", chunk_size: int | None = None):
+    def __init__(self, tree: TreeMetric | TreeEnsemble | Sequence[TreeMetric], *, backend: str = "auto",
+                 chunk_size: int | None = None):
         super().__init__()
-        if not isinstance(tree, TreeMetric):
-            raise self.config_error(f"tree must be a TreeMetric, got {type(tree).__name__}")
+        if isinstance(tree, (list, tuple)) and tree and all(isinstance(t, TreeMetric) for t in tree):
+            tree = tree[0] if len(tree) == 1 else TreeEnsemble(tree)
+        if not isinstance(tree, (TreeMetric, TreeEnsemble)):
+            raise self.config_error(f"tree must be a TreeMetric, a TreeEnsemble or a list of TreeMetrics, "
+                                    f"got {type(tree).__name__}")
         self._configure(backend=backend, chunk_size=chunk_size)
         self.tree = tree
-        self.layout = TreeLayout(tree)
+        self.layout = TreeLayout(tree.trees)
         self._tables: dict = {}
 
     @classmethod
     def from_store(cls, store: Any, **kw) -> "TreeWasserstein":
-        """Build from a :class:`~vocabmetric.store.MetricStore`'s tree metric (fingerprint set)."""
+        """Build from a :class:`~vocabmetric.store.MetricStore`'s tree metric, all its trees (fingerprint set)."""
         return cls(store.tree(), **kw)
 
     @property

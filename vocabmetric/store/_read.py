@@ -16,7 +16,7 @@ from .._version import __version__
 from ..embeddings import BORROWED, NONE, PROVENANCE, TRAINED
 from ..errors import StoreError, TokenizerError, TokenNotFound, VocabMetricError
 from ..integrity import REBUILD, Manifest, open_group, read_array
-from ..operator import CostOperator, TreeMetric
+from ..operator import CostOperator, TreeEnsemble, TreeMetric
 from ._schema import EXACT_METRICS, PROVENANCE_KEY, SCHEMA_VERSION, TREE, Neighbor, Token, provenance_counts
 
 LOG = logging.getLogger(__name__)
@@ -300,16 +300,30 @@ class MetricStore:
                 cache[metric] = CostOperator(indices, costs, float(g.attrs["cap"]), self.fingerprint)
             return cache[metric]
 
-    def tree(self) -> TreeMetric:
-        """The hierarchical :class:`TreeMetric` (fingerprint set)."""
+    def tree(self) -> TreeMetric | TreeEnsemble:
+        """The tree metric (fingerprint set): a :class:`TreeMetric`, or with ``n_trees`` > 1
+        a :class:`TreeEnsemble` whose distance is the mean over the trees."""
         if TREE not in self.metrics:
             raise StoreError(f"{self.path} has no tree metric; add [metrics.tree] to the config and rebuild")
         with self._lock:
             if "_tree" not in self.__dict__:
-                parts = (read_array(self._root, f"metrics/{TREE}/{a}", self.manifest)
-                         for a in ("parent", "weight", "leaf_of_token"))
-                self.__dict__["_tree"] = TreeMetric(*parts, self.fingerprint)
+                key = f"metrics/{TREE}"
+                parts = [read_array(self._root, f"{key}/{a}", self.manifest) for a in ("parent", "weight", "leaf_of_token")]
+                if f"{key}/offsets" in self._root:  # T > 1 trees, stacked
+                    offsets = read_array(self._root, f"{key}/offsets", self.manifest)
+                    self.__dict__["_tree"] = TreeEnsemble.from_arrays(*parts, offsets, self.fingerprint)
+                else:  # one tree (every store before n_trees)
+                    self.__dict__["_tree"] = TreeMetric(*parts, self.fingerprint)
             return self.__dict__["_tree"]
+
+    def trees(self) -> tuple[TreeMetric, ...]:
+        """Every stored tree, a :class:`TreeMetric` each (one for a single-tree store)."""
+        return self.tree().trees
+
+    @property
+    def n_trees(self) -> int:
+        """How many trees the tree metric averages (0: the store has none)."""
+        return int(self._root[f"metrics/{TREE}"].attrs.get("n_trees", 1)) if TREE in self.metrics else 0
 
     def cost(self, a: Token, b: Token, metric: str = "l2") -> float:
         """The cost between two tokens under ``metric``."""

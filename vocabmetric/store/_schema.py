@@ -21,7 +21,10 @@ Layout (written by :func:`~vocabmetric.store.write_store`, read by :class:`~voca
                                 for the rest (optional: stores built before it lack it)
       metrics/<name>/indices    (V, k) int32, -1 = empty slot   } attrs: kind, k, cap,
       metrics/<name>/costs      (V, k) float32                  }        cap_statistic, params
-      metrics/tree/{parent, weight, leaf_of_token}
+      metrics/tree/{parent, weight, leaf_of_token}   one tree: (n_nodes,), (n_nodes,), (V,)
+      metrics/tree/offsets      T > 1 trees (attrs n_trees): parent, weight stacked (Σ n_nodes,),
+                                node ids local to each tree, leaf_of_token (T, V), offsets (T+1,):
+                                tree t is nodes offsets[t]:offsets[t+1] (absent: one tree)
       index.faiss               inner-product index over the normalized usable embeddings
       manifest.json             every other file's size and hash, every array's shape and
                                 chunk count (:mod:`vocabmetric.integrity`)
@@ -78,7 +81,10 @@ class TruncatedMetric:
 
 @dataclass
 class TreeArrays:
+    """Arrays of the tree metric: one tree, or T trees stacked (``offsets`` (T+1,) then, see the layout)."""
+
     parent: np.ndarray
     weight: np.ndarray
     leaf_of_token: np.ndarray
     attrs: dict
+    offsets: np.ndarray | None = None

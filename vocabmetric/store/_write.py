@@ -75,8 +75,12 @@ def write_store(
             g.attrs.update(_jsonable({**m.attrs, "cap": float(m.cap), "k": int(m.indices.shape[1])}))
         if tree is not None:
             g = group.require_group(TREE)
-            for field in ("parent", "weight", "leaf_of_token"):
-                put(g, field, data=np.asarray(getattr(tree, field)), chunks=(1 << 18,))
+            stacked = tree.offsets is not None and len(tree.offsets) > 2  # T > 1 trees
+            for field in ("parent", "weight", "leaf_of_token") + (("offsets",) if stacked else ()):
+                data = np.asarray(getattr(tree, field))
+                if field == "leaf_of_token" and not stacked:
+                    data = data.reshape(-1)  # one tree: (V,), as before several trees could be stored
+                put(g, field, data=data, chunks=(1,) * (data.ndim - 1) + (1 << 18,))
             g.attrs.update(_jsonable({**tree.attrs, "kind": TREE}))
     _write_faiss_index(tmp / "index.faiss", vectors, embeddings.usable)
     root.attrs.update(
