@@ -107,3 +107,14 @@ def test_no_module_imports_its_own_package_init():
 def test_no_module_is_over_the_line_budget(path):
     lines = len(path.read_text().splitlines())
     assert lines <= MAX_LINES, f"{path.relative_to(PACKAGE)} has {lines} lines; split it by concept"
+
+
+def test_the_store_layout_in_docs_is_the_schema_docstring():
+    """docs/building.md shows the store layout; its one home is store/_schema.py's docstring."""
+    import textwrap
+
+    from vocabmetric.store import _schema
+
+    block = textwrap.dedent(_schema.__doc__.split("::\n\n", 1)[1].split("\n\n", 1)[0])
+    docs = (PACKAGE.parent / "docs" / "building.md").read_text()
+    assert "```\n" + block + "\n```" in docs, "copy store/_schema.py's layout block into docs/building.md"
