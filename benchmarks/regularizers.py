@@ -13,7 +13,12 @@ to 64), the worst case for the full-vocabulary kernel, which then has no localit
 * ``TreeWasserstein``, ``SlicedWasserstein`` with L = 16 and 64,
 * ``SinkhornDivergence`` in support mode (m = 64, tol 1e-4) and on the full vocabulary
   (to convergence, tol 1e-4; and exactly 10 iterations at ε, for the cost per iteration
-  = time / iterations where converging takes minutes).
+  = time / iterations where converging takes minutes),
+* the converged full-vocabulary rows at ε = cap/15, tol 1e-4, with the heavy-token
+  block-Newton acceleration (``acceleration="newton"``): **cold** (every call from the ε
+  schedule) and **warm** (``warm_start=True``; each timed call's logits and reference
+  differ from the previous call's by a drift of 0.05 per logit, about a training step's
+  change, so the start is the last call's solution, not this one's).
 
 An iteration updates both potentials of a problem: the pair OT(p, q), or the two
 symmetric problems OT(p, p) and OT(q, q) stacked; either way a sparse kernel over 2N rows.
@@ -31,6 +36,8 @@ before the call; ``--dtype bfloat16`` feeds bf16 logits (every regularizer compu
     .venv/bin/python benchmarks/regularizers.py --vocab 100277 --positions 64 \
         --only "sinkhorn full (10 iterations), kNN" --name sinkhorn_full_iteration   # one row, own file
     python benchmarks/regularizers.py --device cuda --dtype bfloat16 --name regularizers_cuda_bf16
+    .venv/bin/python benchmarks/regularizers.py --vocab 100277 --positions 64 256 --merge \
+        --only "sinkhorn full newton ε=cap/15 (cold), kNN" "sinkhorn full newton ε=cap/15 (warm), kNN"
 """
 
 from __future__ import annotations
@@ -201,7 +208,31 @@ def regularizers(vocab_size: int):
         # exactly 10 iterations per problem at ε (no ε-scaling, a tolerance never met): the
         # per-iteration cost of the full-vocabulary mode at sizes where converging takes minutes
         regs[f"sinkhorn full (10 iterations), {graph}"] = SinkhornDivergence(op, tol=1e-30, max_iter=10, eps_scaling=0)
+    eps = knn.cap / 15  # the converged rows of issue 18: heavy-token block Newton, cold and warm
+    regs["sinkhorn full newton ε=cap/15 (cold), kNN"] = SinkhornDivergence(
+        knn, eps=eps, tol=1e-4, max_iter=100, acceleration="newton")
+    regs["sinkhorn full newton ε=cap/15 (warm), kNN"] = Drifting(SinkhornDivergence(
+        knn, eps=eps, tol=1e-4, max_iter=100, acceleration="newton", warm_start=True))
     return regs
+
+
+class Drifting:
+    """``reg`` called on inputs that drift by ``step`` per logit between calls (a fixed
+    random direction each for the logits and the reference): the warm-start case, where
+    consecutive training steps' distributions are near but not equal."""
+
+    def __init__(self, reg, step: float = 0.05, seed: int = 1):
+        self.reg, self.step, self.seed, self.calls = reg, step, seed, 0
+
+    @property
+    def last_info(self) -> dict:
+        return self.reg.last_info
+
+    def __call__(self, z, ref):
+        g = torch.Generator().manual_seed(self.seed)
+        dz, dr = (torch.randn(z.shape, generator=g).to(z.device, z.dtype) for _ in range(2))
+        self.calls += 1
+        return self.reg(z + self.calls * self.step * dz, ref + self.calls * self.step * dr)
 
 
 def git_state() -> dict:
@@ -235,6 +266,8 @@ def main(argv=None) -> None:
                              "peak RSS per call is meaningful, but every large tensor page-faults anew and "
                              "full_kl runs 2-3x slower than in a plain process; default: glibc as a training "
                              "process has it (times as users see them; memory columns then read low)")
+    parser.add_argument("--merge", action="store_true",
+                        help="keep the results file's other rows: replace only the (V, N, regularizer) rows measured now")
     parser.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="the logits' dtype")
     args = parser.parse_args(argv)
@@ -247,6 +280,7 @@ def main(argv=None) -> None:
     vocab_sizes = args.vocab or ((50257,) if args.quick else VOCAB_SIZES)
     positions = args.positions or ((64,) if args.quick else GPU_POSITIONS if args.device != "cpu" else POSITIONS)
     meta = {"device": args.device, "dtype": args.dtype}
+    kept = _previous_rows(args.name) if args.merge else []
     rows = []
     for vocab_size in vocab_sizes:
         regs = regularizers(vocab_size)
@@ -274,7 +308,26 @@ def main(argv=None) -> None:
                 result["memory_ratio"] = result["peak_extra_mb"] / max(base["peak_extra_mb"], 1e-9)
                 rows.append({**row, **result})
                 print(rows[-1], flush=True)
-                _write(rows, args.name, meta)  # after every row, so an interrupted run keeps what it measured
+                _write(_merged(kept, rows), args.name, meta)  # after every row, so an interrupted run keeps what it measured
+
+
+def _previous_rows(name: str) -> list:
+    import json
+
+    path = Path(__file__).resolve().parent / "results" / f"{name}.json"
+    return json.loads(path.read_text())["rows"] if path.exists() else []
+
+
+def _merged(kept: list, rows: list) -> list:
+    """``kept`` with the rows measured now in place of those of the same (V, N, regularizer);
+    new ones appended. The full_kl baseline of a merged row is the one measured beside it."""
+    key = lambda r: (r["V"], r["N"], r["regularizer"])  # noqa: E731
+    old = {key(r) for r in kept}
+    rows = [{**r, "regularizer": "full_kl (baseline of this run)"} if r["regularizer"] == "full_kl" and key(r) in old
+            else r for r in rows]
+    fresh = {key(r): r for r in rows}
+    out = [fresh.pop(key(r), r) for r in kept]
+    return out + list(fresh.values())
 
 
 def _write(rows: list, name: str = "regularizers", meta: dict | None = None) -> None:

@@ -98,16 +98,18 @@ class Solver:
         """A per-position mask ``(n,)`` shaped to broadcast over (positions, tokens)."""
         return mask if self.pos == 1 else mask[:, None]
 
-    def pair_where(self, todo: torch.Tensor, a, b, log_a, log_b, g, rows):
-        """:meth:`pair` on the positions ``todo`` only; elsewhere ``f = g`` (the warm start,
-        the solution where a = b). Returns ``(f, g, error)`` over all positions."""
+    def pair_where(self, todo: torch.Tensor, a, b, log_a, log_b, g, rows, start=None):
+        """:meth:`pair` on the positions ``todo`` only, from ``start`` (default ``g``);
+        elsewhere ``f = g`` (the solution where a = b). Returns ``(f, g, error)`` over all
+        positions."""
+        start = g if start is None else start
         if bool(todo.all()):
-            return self.pair(a, b, log_a, log_b, g, rows)
+            return self.pair(a, b, log_a, log_b, start, rows)
         pick = todo.nonzero()[:, 0]
         f_all, g_all = g.clone(), g.clone()
         if pick.numel():
             take = lambda x: x.index_select(self.pos, pick)  # noqa: E731
-            f, gp, err = self.pair(take(a), take(b), take(log_a), take(log_b), take(g), rows[pick])
+            f, gp, err = self.pair(take(a), take(b), take(log_a), take(log_b), take(start), rows[pick])
             f_all.index_copy_(self.pos, pick, f)
             g_all.index_copy_(self.pos, pick, gp)
             return f_all, g_all, err
@@ -225,7 +227,7 @@ class NewtonSolver(Solver):
         return f, g, float(err.max()) if err.numel() else 0.0
 
 
-def solve_chunk(solver: Solver, p: torch.Tensor, q: torch.Tensor, debias: bool):
+def solve_chunk(solver: Solver, p: torch.Tensor, q: torch.Tensor, debias: bool, warm: dict | None = None):
     """Value and ``∂/∂p`` (up to a constant) of S_ε (or OT_ε) for a chunk of positions
     (``p``, ``q`` and ``∂/∂p`` in the solver's layout).
 
@@ -233,21 +235,26 @@ def solve_chunk(solver: Solver, p: torch.Tensor, q: torch.Tensor, debias: bool):
     solve's potential (f = g = f_pp), so S_ε = 0 and ``h = f_pq − f_pp = 0`` exactly, not
     up to the two solves' different rounding (float32 Newton steps had left 1e-3 there).
     The value is clamped at 0 (S_ε ≥ 0 and OT_ε ≥ 0; a negative value is rounding), with
-    ``h = 0`` where it was: the gradient of ``max(S, 0)``."""
+    ``h = 0`` where it was: the gradient of ``max(S, 0)``.
+
+    ``warm``: potentials ``{"sym", "pair"}`` of an earlier solve of this shape at this ε
+    (see :func:`~._full.solve_full_chunk`): the ε schedule is skipped and the problems
+    start from them; they are replaced by this solve's on return. A start changes only
+    the iterations needed, never the stopping rule (marginal error ≤ tol)."""
     log_p, log_q = log_probs(p), log_probs(q)
     n = solver.positions(p)
     rows = torch.arange(n, device=p.device)
     rows2 = rows.repeat(2)
     shape = list(p.shape)
     shape[solver.pos] *= 2
-    zeros = p.new_zeros(shape)
     info: dict = {}
     tokens = solver.tokens
+    start = warm.get("pair") if warm else None
     if debias:
         # anneal the self-transport potentials f_pp, g_qq (each updated from itself); the
         # pair then starts from g_qq, so only two problems pay the ε schedule
         log_pq = solver.cat([log_p, log_q])
-        both = solver.anneal(log_pq, zeros, False, rows2)
+        both = warm["sym"].clone() if warm and "sym" in warm else solver.anneal(log_pq, p.new_zeros(shape), False, rows2)
         both, err_sym = solver.symmetric(solver.cat([p, q]), log_pq, both, rows2)
         fpp, gqq = solver.split(both, 2)
         info["marginal_error_sym"] = err_sym
@@ -255,9 +262,14 @@ def solve_chunk(solver: Solver, p: torch.Tensor, q: torch.Tensor, debias: bool):
         gqq = torch.where(solver.along(same), fpp, gqq) if bool(same.any()) else gqq
         g = gqq  # warm start from OT(q, q)'s potential: the solution itself when p = q
     else:  # f ← T_q(g), g ← T_p(f): the pair's ε schedule, from g's end
-        f, g = solver.split(solver.anneal(solver.cat([log_q, log_p]), zeros, True, rows2), 2)
+        if start is None:
+            f, g = solver.split(solver.anneal(solver.cat([log_q, log_p]), p.new_zeros(shape), True, rows2), 2)
+        else:
+            g = start
         same = torch.zeros(n, dtype=torch.bool, device=p.device)
-    f, g, err = solver.pair_where(~same, p, q, log_p, log_q, g, rows)
+    f, g, err = solver.pair_where(~same, p, q, log_p, log_q, g, rows, start)
+    if warm is not None:
+        warm.update(pair=g.clone(), **({"sym": both.clone()} if debias else {}))
     info["marginal_error"] = err
     value = (p * f).sum(tokens) + (q * g).sum(tokens)
     grad = f
@@ -270,24 +282,6 @@ def solve_chunk(solver: Solver, p: torch.Tensor, q: torch.Tensor, debias: bool):
         grad = grad.masked_fill(solver.along(below), 0.0)
     info["iterations"] = solver.iterations
     return value, grad, info
-
-
-def solve_full_chunk(kernel: SparseLogKernel, p: torch.Tensor, q: torch.Tensor, *, eps_list: list[float],
-                     max_iter: int, tol: float, debias: bool, dz_out: torch.Tensor | None = None):
-    """Value ``(rows,)`` and info of a chunk ``p, q (rows, V)`` on the full vocabulary;
-    ``∂S/∂z = p ⊙ (h − ⟨p, h⟩)`` into ``dz_out (rows, V)`` if given.
-
-    p and q are copied once into the kernel's token-major (V, rows) layout and token order,
-    and the gradient once back: O(rows·V) beside the solve's O(rows·V·k) per iteration."""
-    order, rank = kernel.permutation
-    p, q = (x.index_select(1, order).t().contiguous() for x in (p, q))
-    solver = Solver(kernel, eps_list, max_iter, tol, pos=1, check_every=2)
-    value, h, info = solve_chunk(solver, p, q, debias)
-    if dz_out is not None:  # a zero-mass token gets no gradient, even if h is huge
-        h = h.masked_fill_(p <= 0, 0.0)  # h is the chunk's own: in place
-        h.sub_(torch.einsum("ji,ji->i", p, h)).mul_(p)
-        torch.index_select(h.t().contiguous(), 1, rank, out=dz_out)
-    return value, info
 
 
 #: Default scratch memory for one chunk of positions (the gathered (rows, V, width) block).

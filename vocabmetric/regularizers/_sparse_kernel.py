@@ -195,6 +195,12 @@ class SparseLogKernel:
                 torch.as_tensor(self.rank, device=self.device))
 
     @functools.cached_property
+    def csr_torch(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The CSR table ``(indptr, nbr, costs)`` as torch tensors on the kernel's device
+        (the heavy-token block solve's, :mod:`._heavy`)."""
+        return tuple(torch.as_tensor(x, device=self.device) for x in self.csr)
+
+    @functools.cached_property
     def _device_csr(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The CSR table's ``(indptr, nbr)`` on the kernel's device (the GPU path's)."""
         indptr, nbr, _ = self.csr
