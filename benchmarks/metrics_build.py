@@ -9,7 +9,8 @@ Each metric is built in its own subprocess (so ``ru_maxrss``, the RSS high-water
 that metric's peak; the data itself is reported as ``data_mb``; ``cpu_s`` is the build's
 user + system CPU time over all threads, the figure to read on busy cores), with ``--threads`` cores
 for faiss (OpenMP) and numba. The pipeline's settings: knn k=64 (flat and hnsw),
-geodesic k_graph=10 / k=128, umap 8-D / k=64, tree k-means branching 16, Ward on the
+geodesic k_graph=10 / k=128, umap 8-D / k=64, tree = the pipeline default (8 binary k-means trees, weights fitted;
+``tree_kmeans16``: one 16-way tree, the default before), Ward on the
 10-NN graph. The kNN graph is built once (by the flat knn worker) and read by geodesic,
 umap and ward, as in the pipeline; its time is the knn time.
 
@@ -58,7 +59,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE))
 
-WORKERS = ["floor", "knn_flat", "knn_flat_before", "knn_hnsw", "geodesic", "umap", "tree_kmeans", "tree_ward"]
+WORKERS = ["floor", "knn_flat", "knn_flat_before", "knn_hnsw", "geodesic", "umap", "tree_kmeans", "tree_kmeans16", "tree_ward"]
 TARGET = ("knn_flat", "geodesic", "tree_kmeans")  # the budget: ≤ 15 min, ≤ 8 GB at V = 248077 (issue 17)
 TARGET_V = 248077
 K, K_GRAPH, K_GEO, UMAP_NEIGHBORS = 64, 10, 128, 15
@@ -143,14 +144,16 @@ def worker(name: str, vocab_size: int, dim: int, threads: int, work: Path, untra
         from vocabmetric.metrics import UmapMetric
 
         UmapMetric(n_components=8, k=K, n_neighbors=UMAP_NEIGHBORS, progress=False).fit(x, trained, knn=graph)
-    elif name in ("tree_kmeans", "tree_ward"):
+    elif name in ("tree_kmeans", "tree_kmeans16", "tree_ward"):
         from scipy.stats import spearmanr
 
         from vocabmetric.metrics import TreeBuilder, WardTreeBuilder
         from vocabmetric.metrics import l2_distance, random_pairs
 
-        if name == "tree_kmeans":
-            b = TreeBuilder(branching=16, progress=False).fit(x, trained)
+        if name == "tree_kmeans":  # the pipeline's default tree; the fit's near pairs from the kNN table
+            b = TreeBuilder(progress=False).fit(x, trained, knn=graph)
+        elif name == "tree_kmeans16":
+            b = TreeBuilder(branching=16, n_trees=1, fit_weights=False, progress=False).fit(x, trained)
         else:
             b = WardTreeBuilder(n_neighbors=K_GRAPH, progress=False).fit(x, trained, knn=(graph[0][:, :K_GRAPH], graph[1][:, :K_GRAPH]))
         out["seconds"], out["cpu_s"] = time.perf_counter() - t0, cpu_seconds() - cpu0
@@ -162,7 +165,9 @@ def worker(name: str, vocab_size: int, dim: int, threads: int, work: Path, untra
         rows = np.flatnonzero(trained)[:: max(vocab_size // 2000, 1)]
         ii, jj = np.repeat(rows, K_GRAPH), near[rows].ravel()
         out["spearman_vs_l2_near"] = float(spearmanr(tree.distance(ii, jj), l2_distance(x, ii, jj)).statistic)
-        out["depth"], out["n_nodes"] = int(tree.depth.max()), int(tree.n_nodes)
+        trees = getattr(tree, "trees", [tree])
+        out["depth"], out["n_nodes"] = max(int(t.depth.max()) for t in trees), sum(int(t.n_nodes) for t in trees)
+        out["n_trees"] = len(trees)
     out.setdefault("seconds", time.perf_counter() - t0)
     out.setdefault("cpu_s", cpu_seconds() - cpu0)
     out["peak_mb"] = peak_mb()
@@ -296,7 +301,7 @@ def table(runs: dict, threads: int) -> str:
                         + f"; graph max degree {r['graph_max_degree']}")
             if name.startswith("tree"):
                 note = (f"ρ(tree, l2) random pairs {r['spearman_vs_l2']:.3f}, 10-NN pairs {r['spearman_vs_l2_near']:.3f}; "
-                        f"depth {r['depth']}, {r['n_nodes']:,} nodes")
+                        f"{r.get('n_trees', 1)} tree(s), depth {r['depth']}, {r['n_nodes']:,} nodes")
             if name == "floor":
                 note = "faiss IndexFlatIP all-kNN, k=65 (baseline)"
             cpu = f"{r['cpu_s']:.0f}" if "cpu_s" in r else "—"
@@ -337,12 +342,13 @@ def main() -> None:
         old = json.loads(previous.read_text())
         if old.get("dim") == args.dim and old.get("threads") == args.threads:
             runs = old.get("runs", {})
-    needs_graph = {"knn_hnsw", "knn_flat_before", "geodesic", "umap", "tree_kmeans", "tree_ward"}
+    needs_graph = {"knn_hnsw", "knn_flat_before", "geodesic", "umap", "tree_kmeans", "tree_kmeans16", "tree_ward"}
     for v in args.sizes:
         only = list(args.only)
         if needs_graph & set(only) and "knn_flat" not in only:
             only.insert(0, "knn_flat")  # they read its kNN graph
-        results = {}
+        earlier = runs.get(str(v), {})  # metrics not rerun keep their rows (same V, same data)
+        results = dict(earlier.get("results", {})) if earlier.get("untrained") == args.untrained else {}
         runs[str(v)] = {"results": results, "machine": machine_info_apart(), "untrained": args.untrained,
                         "load_average_start": os.getloadavg()}
         order = [w for w in TARGET if w in only] + [w for w in WORKERS if w in only and w not in TARGET]

@@ -21,7 +21,7 @@ from .errors import (
     VocabMetricError as VocabMetricError,
 )
 from ._version import __version__ as __version__
-from .operator import CostOperator as CostOperator, TreeMetric as TreeMetric
+from .operator import CostOperator as CostOperator, TreeEnsemble as TreeEnsemble, TreeMetric as TreeMetric
 
 if TYPE_CHECKING:
     from .pipeline import build as build, load_config as load_config
@@ -39,7 +39,7 @@ _LAZY = {
 
 __all__ = [
     "ConfigError", "CorpusError", "FingerprintMismatch", "StoreError", "TokenizerError",
-    "TokenNotFound", "VocabMetricError", "CostOperator", "TreeMetric", *_LAZY,
+    "TokenNotFound", "VocabMetricError", "CostOperator", "TreeEnsemble", "TreeMetric", *_LAZY,
 ]
 
 
