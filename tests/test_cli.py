@@ -105,6 +105,12 @@ def test_export_tree_round_trips_the_tree(small_store, tmp_path):
     with np.load(out) as npz:
         for field in ("parent", "weight", "leaf_of_token"):
             np.testing.assert_array_equal(npz[field], getattr(tree, field))
+        if small_store.n_trees > 1:
+            from vocabmetric import TreeEnsemble
+
+            back = TreeEnsemble.from_arrays(npz["parent"], npz["weight"], npz["leaf_of_token"], npz["offsets"])
+            a, b = np.arange(0, 40), np.arange(40, 80)
+            np.testing.assert_allclose(back.distance(a, b), tree.distance(a, b))
 
 
 def test_info_lists_the_store(small_store):

@@ -133,7 +133,8 @@ def export(
     metric: str = typer.Option(..., "--metric", "-m", help="a stored metric, or 'tree'"),
     out: Path = typer.Option(..., "--out", "-o", help="output .npz file"),
 ) -> None:
-    """Export one metric's arrays to a .npz (indices, costs, cap, fingerprint; or the tree arrays)."""
+    """Export one metric's arrays to a .npz (indices, costs, cap, fingerprint; or the tree arrays,
+    with ``offsets`` when the store holds several trees: ``TreeEnsemble.from_arrays`` reads them)."""
     import numpy as np
 
     s = _open(store)
@@ -141,6 +142,8 @@ def export(
         if metric == "tree":
             t = s.tree()
             arrays = dict(parent=t.parent, weight=t.weight, leaf_of_token=t.leaf_of_token)
+            if hasattr(t, "offsets"):  # T > 1 trees, stacked: tree t is nodes offsets[t]:offsets[t+1]
+                arrays["offsets"] = t.offsets
         else:
             op = s.operator(metric)
             arrays = dict(indices=op.indices, costs=op.costs, cap=np.float64(op.cap))
