@@ -68,7 +68,10 @@ class _TreeSharded(torch.autograd.Function):
         start, stop = shard_range(shard.shape[-1], vocab_size, group)
         layout = penalty.layout
         tables = layout.torch_tables(shard.device, dtype)
-        token_weight, token_target = tables["token_weight"][start:stop], tables["token_target"][start:stop]
+        token_weight = tables["token_weight"][start:stop]
+        # the CSR target entries of this shard's tokens (sorted by token): token → inner node, per tree
+        lo_t, hi_t = int(layout.target_start[start]), int(layout.target_start[stop])
+        target, target_token = tables["target"][lo_t:hi_t], tables["target_token"][lo_t:hi_t] - start
         parent, weight = tables["inner_parent"], tables["inner_weight"]
         n, width = shard.shape[0], stop - start
         rows = max(1, CHUNK_ELEMENTS // (shard.shape[-1] + layout.n_inner))
@@ -80,7 +83,7 @@ class _TreeSharded(torch.autograd.Function):
             p = _sharded_softmax(z, group)
             d = p - _shard_reference(ids[a:b], logprobs[a:b].to(dtype), start, stop, vocab_size)
             both = torch.zeros(b - a, layout.n_inner + 1, dtype=dtype, device=shard.device)
-            both[:, : layout.n_inner].index_add_(1, token_target, d)
+            both[:, : layout.n_inner].index_add_(1, target, d[:, target_token])
             both[:, -1] = d.abs() @ token_weight
             dist.all_reduce(both, group=group)
             mass = both[:, : layout.n_inner]
@@ -92,7 +95,8 @@ class _TreeSharded(torch.autograd.Function):
             path = torch.sign(mass).mul_(weight)
             for lo, hi in reversed(layout.levels[:-1]):  # top-down
                 path[:, lo:hi] += path[:, parent[lo:hi]]
-            g = torch.sign(d).mul_(token_weight).add_(path[:, token_target])
+            g = torch.sign(d).mul_(token_weight)
+            g.index_add_(1, target_token, path[:, target])
             mean = (p * g).sum(-1)
             dist.all_reduce(mean, group=group)
             dz[a:b, :width] = p * (g - mean[:, None])
