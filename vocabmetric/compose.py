@@ -189,9 +189,9 @@ def compose_merges(emb: Embeddings, parts: np.ndarray, text: np.ndarray, token_b
 
 def byte_level_texts(token_bytes: Sequence[bytes]) -> list[str]:
     """Each token's bytes as GPT-2 byte-level text: unique per id, no whitespace, spelling kept."""
-    from .tokenizers import _byte_level_decoder
+    from ._bpe_ranks import byte_level_alphabet
 
-    char_of = {b: c for c, b in _byte_level_decoder().items()}
+    char_of = byte_level_alphabet()
     return ["".join(char_of[x] for x in b) if b else f"<empty{i}>" for i, b in enumerate(token_bytes)]
 
 

@@ -65,13 +65,19 @@ class Embeddings:
 
     @property
     def provenance(self) -> np.ndarray:
-        """(V,) uint8 codes into :data:`PROVENANCE`; trained wins over borrowed over composed."""
-        codes = np.full(len(self.trained), NONE, np.uint8)
-        if self.composed is not None:
-            codes[np.asarray(self.composed, bool)] = COMPOSED
-        codes[self.borrowed_from >= 0] = BORROWED
-        codes[self.trained] = TRAINED
-        return codes
+        """(V,) uint8 codes into :data:`PROVENANCE` (:func:`provenance_codes`)."""
+        return provenance_codes(self.trained, self.borrowed_from, self.composed)
+
+
+def provenance_codes(trained: np.ndarray, borrowed_from: np.ndarray, composed: np.ndarray | None = None) -> np.ndarray:
+    """(V,) uint8 codes into :data:`PROVENANCE` from the masks: trained wins over borrowed
+    (``borrowed_from >= 0``) over composed; the rest is none. O(V)."""
+    codes = np.full(len(trained), NONE, np.uint8)
+    if composed is not None:
+        codes[np.asarray(composed, bool)] = COMPOSED
+    codes[np.asarray(borrowed_from) >= 0] = BORROWED
+    codes[np.asarray(trained, bool)] = TRAINED
+    return codes
 
 
 def train_word2vec(

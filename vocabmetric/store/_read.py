@@ -13,7 +13,7 @@ import numpy as np
 
 from .. import _vectors
 from .._version import __version__
-from ..embeddings import BORROWED, NONE, PROVENANCE, TRAINED
+from ..embeddings import NONE, PROVENANCE, provenance_codes
 from ..errors import StoreError, TokenizerError, TokenNotFound, VocabMetricError
 from ..integrity import REBUILD, Manifest, open_group, read_array
 from ..operator import CostOperator, TreeEnsemble, TreeMetric
@@ -161,9 +161,7 @@ class MetricStore:
                 codes = self._array(PROVENANCE_KEY)
                 self._check_provenance(codes)
             else:
-                codes = np.full(self.vocab_size, NONE, np.uint8)
-                codes[self.borrowed_from >= 0] = BORROWED
-                codes[self.trained] = TRAINED
+                codes = provenance_codes(self.trained, self.borrowed_from)
             codes.setflags(write=False)
             self.__dict__["_provenance"] = codes
         return codes
