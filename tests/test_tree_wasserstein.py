@@ -33,6 +33,30 @@ def emd2_rows(p: np.ndarray, q: np.ndarray, cost: np.ndarray) -> np.ndarray:
     return np.array([ot.emd2(a, b, cost) for a, b in zip(p, q)])
 
 
+@pytest.mark.parametrize("positions", [1, 7, 8, 9, 21])
+def test_numba_blocks_of_positions_equal_torch_for_every_block_tail(positions):
+    """The numba kernel sweeps BLOCK positions together; a short last block repeats its last
+    row. Every block length gives torch's values and gradients, row by row, over 3 trees."""
+    from vocabmetric.regularizers.tree import BLOCK
+
+    assert BLOCK == 8  # the positions above cover a short block, a full one and full + short
+    rng = np.random.default_rng(7)
+    trees = [random_tree(rng, 60, 30, "tokens-are-leaves") for _ in range(3)]
+    logits = (torch.randn(positions, 30, dtype=torch.float64, generator=torch.Generator().manual_seed(positions)) * 3)
+    ref = torch.randn(positions, 30, dtype=torch.float64, generator=torch.Generator().manual_seed(99)) * 3
+    out = {}
+    for backend in BACKENDS:
+        z = logits.clone().requires_grad_()
+        value = TreeWasserstein(trees, backend=backend)(z, ref)
+        (grad,) = torch.autograd.grad(value.sum(), z)
+        out[backend] = value.detach(), grad
+    torch.testing.assert_close(out["numba"][0], out["torch"][0], rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(out["numba"][1], out["torch"][1], rtol=1e-10, atol=1e-13)
+    for row in range(positions):  # each row alone: no row of a block leaks into another
+        alone = TreeWasserstein(trees, backend="numba")(logits[row : row + 1], ref[row : row + 1])
+        torch.testing.assert_close(alone[0], out["numba"][0][row], rtol=1e-12, atol=1e-14)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("layout", ["tokens-are-leaves", "shared"])
 def test_equals_emd2_on_random_trees(backend, layout):

@@ -32,9 +32,12 @@ Several trees (a :class:`~vocabmetric.operator.TreeEnsemble`): ``W_T = (1/T)·Σ
 is again a sum of ``w·|D|`` over edges — the edges of all trees, each weight divided by T —
 so the trees' inner nodes are concatenated into one layout and swept in the same one pass.
 
-Two backends compute the same thing: ``"numba"`` (CPU; one fused loop per position,
-compiled on first use and cached, float64 accumulation) and ``"torch"`` (any device;
-``index_add_`` per tree level).
+Two backends compute the same thing: ``"numba"`` (CPU; one fused loop per block of
+:data:`BLOCK` positions, compiled on first use and cached, float64 accumulation) and
+``"torch"`` (any device; ``index_add_`` per tree level). On the CPU the cost is the
+random access of a token's node in each tree (T·n_placed per position): the numba kernel
+reads and writes a node's whole block of positions in one cache line and prefetches the
+nodes a few tokens ahead.
 """
 
 from __future__ import annotations
@@ -47,7 +50,7 @@ import torch
 from ..operator import TreeEnsemble, TreeMetric
 from ._chunks import solve_by_chunks
 from ._inputs import Reference
-from ._numba import compile_once, run_rows
+from ._numba import compile_once, prefetch as _prefetch, run_rows
 from ._penalty import NUMBA_BACKENDS as BACKENDS, Penalty
 
 
@@ -131,46 +134,99 @@ class TreeLayout:
 
 
 # -- numba backend ---------------------------------------------------------------------------
+#: Positions swept together by the numba kernel: the inner nodes' masses of a block are
+#: ``(n_inner, BLOCK)``, so one scatter of a token's ``d`` into one node's cache line
+#: serves the whole block (8 float64 = one 64-byte line).
+BLOCK = 8
+#: Target entries ahead whose node the token passes prefetch (the accesses are random:
+#: without the hint the scatter waits on memory; measured 4× faster on the demo store's 8 trees).
+PREFETCH = 32
+
+
 @compile_once
 def _numba_kernel(numba):
-    """The fused per-position sweep over all trees (cached on disk; serial and GIL-free:
-    :func:`~._numba.run_rows` spreads positions over threads)."""
+    """The fused sweep over all trees, :data:`BLOCK` positions at a time (cached on disk;
+    serial and GIL-free: :func:`~._numba.run_rows` spreads positions over threads).
+
+    Per block: one pass over the tokens scatters ``d_i = p_i − q_i`` of every position into
+    the token's inner nodes (``mass[node, position]``, float64); one pass over the inner
+    nodes, deepest first, adds each into its parent and sums ``w·|D|``; for the gradient one
+    pass top-down turns ``D_v`` into ``Σ_{u ⪰ v} w_u sign(D_u)`` and one pass over the
+    tokens gathers ``g_i``. The random accesses (a node's entry) are per block, not per
+    position: ~BLOCK× fewer cache misses than one position at a time.
+    """
+    block, ahead = BLOCK, PREFETCH
+    prefetch = _prefetch()
 
     @numba.njit(cache=True, nogil=True)
     def tree_rows(p, q, value, dz, token_weight, target_start, target, inner_parent, inner_weight, n_roots, want_grad):
         n, vocab_size = p.shape
         n_inner = inner_parent.shape[0]
         n_edges = n_inner - n_roots
-        mass = np.empty(n_inner, dtype=np.float64)
-        for r in range(n):
-            mass[:] = 0.0
-            total = 0.0
+        last_target, last_edge = target.shape[0] - ahead, n_edges - ahead
+        mass = np.empty((n_inner, block), dtype=np.float64)
+        d = np.empty(block, dtype=np.float64)
+        g = np.empty(block, dtype=np.float64)
+        total = np.empty(block, dtype=np.float64)
+        mean = np.empty(block, dtype=np.float64)
+        row = np.empty(block, dtype=np.int64)
+        for r0 in range(0, n, block):
+            rows = min(block, n - r0)
+            for k in range(block):  # a short block sweeps its last row again (fixed-width loops)
+                row[k] = min(r0 + k, n - 1)
+            mass[:, :] = 0.0
+            total[:] = 0.0
             for i in range(vocab_size):  # private leaves, and the mass of every token
-                d = np.float64(p[r, i]) - np.float64(q[r, i])
-                total += token_weight[i] * abs(d)
+                w = token_weight[i]
+                for k in range(block):
+                    d[k] = np.float64(p[row[k], i]) - np.float64(q[row[k], i])
+                    total[k] += w * abs(d[k])
                 for s in range(target_start[i], target_start[i + 1]):
-                    mass[target[s]] += d
+                    if s < last_target:
+                        prefetch(mass, target[s + ahead], 0)
+                    t = target[s]
+                    for k in range(block):
+                        mass[t, k] += d[k]
             for v in range(n_edges):  # bottom-up: children come before parents
-                mass[inner_parent[v]] += mass[v]
-                total += inner_weight[v] * abs(mass[v])
-            value[r] = total
+                if v < last_edge:
+                    prefetch(mass, inner_parent[v + ahead], 0)
+                u, w = inner_parent[v], inner_weight[v]
+                for k in range(block):
+                    m = mass[v, k]
+                    mass[u, k] += m
+                    total[k] += w * abs(m)
+            for k in range(rows):
+                value[r0 + k] = total[k]
             if not want_grad:
                 continue
             for v in range(n_edges, n_inner):  # roots: G = 0
-                mass[v] = 0.0
+                for k in range(block):
+                    mass[v, k] = 0.0
             for v in range(n_edges - 1, -1, -1):  # top-down: parents before children
-                m = mass[v]
-                mass[v] = inner_weight[v] * (np.float64(m > 0) - np.float64(m < 0)) + mass[inner_parent[v]]
-            mean = 0.0
+                if v >= ahead:
+                    prefetch(mass, inner_parent[v - ahead], 0)
+                u, w = inner_parent[v], inner_weight[v]
+                for k in range(block):
+                    m = mass[v, k]
+                    mass[v, k] = w * (np.float64(m > 0) - np.float64(m < 0)) + mass[u, k]
+            mean[:] = 0.0
             for i in range(vocab_size):
-                d = np.float64(p[r, i]) - np.float64(q[r, i])
-                g = token_weight[i] * (np.float64(d > 0) - np.float64(d < 0))
+                w = token_weight[i]
+                for k in range(block):
+                    dk = np.float64(p[row[k], i]) - np.float64(q[row[k], i])
+                    g[k] = w * (np.float64(dk > 0) - np.float64(dk < 0))
                 for s in range(target_start[i], target_start[i + 1]):
-                    g += mass[target[s]]
-                dz[r, i] = g
-                mean += p[r, i] * g
-            for i in range(vocab_size):
-                dz[r, i] = p[r, i] * (dz[r, i] - mean)
+                    if s < last_target:
+                        prefetch(mass, target[s + ahead], 0)
+                    t = target[s]
+                    for k in range(block):
+                        g[k] += mass[t, k]
+                for k in range(block):  # a repeated row writes what its original writes
+                    dz[row[k], i] = g[k]
+                    mean[k] += p[row[k], i] * g[k]
+            for k in range(rows):
+                for i in range(vocab_size):
+                    dz[r0 + k, i] = p[r0 + k, i] * (dz[r0 + k, i] - mean[k])
 
     return tree_rows
 
