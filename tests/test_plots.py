@@ -158,7 +158,7 @@ def test_bench_errors_name_the_file_and_what_to_do(tmp_path):
 
 def test_bad_arguments_are_one_clear_error(small_store, tmp_path):
     untrained = int(np.flatnonzero(~small_store.usable)[0])
-    with pytest.raises(StoreError, match=f"id {untrained}.*never trained"):
+    with pytest.raises(StoreError, match=f"id {untrained}.*has no vector"):
         plot_map(small_store, tmp_path / "m.png", probes=[untrained])
     with pytest.raises(StoreError, match="no metric 'cosine'"):
         plot_map(small_store, tmp_path / "m.png", metric="cosine")

@@ -99,7 +99,7 @@ def plot_map(store: MetricStore, out: str | Path, *, probes: Sequence[int | str]
     for n, i in enumerate(ids):
         color = colors[n % len(colors)]
         if not on_map[i]:
-            raise StoreError(f"probe {store.token_text(i)!r} (id {i}) is not on the map: it was never trained; pick another")
+            raise StoreError(f"probe {store.token_text(i)!r} (id {i}) is not on the map: it has no vector (provenance 'none': not trained, borrowed or composed); pick another")
         nbrs = [r for r in store.neighbors(i, k=k, metric=metric) if on_map[r.id]]
         pts = xy[[r.id for r in nbrs]] if nbrs else np.zeros((0, 2))
         for p in pts:
