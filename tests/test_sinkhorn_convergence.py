@@ -114,6 +114,56 @@ def test_warm_start_converges_in_fewer_iterations_to_the_same_answer(op, acceler
     assert warm.last_info["warm"] is False
 
 
+
+def solve_both_domains(op, z, r, monkeypatch, tol):
+    """Value, gradient and info of the newton solve in the scaling domain and the log
+    domain (``scaling_applies`` forced), and how many scaling-domain sparse passes ran."""
+    from vocabmetric.regularizers import _full, _scaling
+
+    passes = {"n": 0}
+    apply = _scaling.LinearKernel.apply
+
+    def counted(self, *a, **kw):
+        passes["n"] += 1
+        return apply(self, *a, **kw)
+
+    monkeypatch.setattr(_scaling.LinearKernel, "apply", counted)
+    out = {}
+    for scaled in (True, False):
+        monkeypatch.setattr(_full, "scaling_applies", lambda kernel, eps, s=scaled: s)
+        passes["n"] = 0
+        reg = SinkhornDivergence(op, eps=EPS, tol=tol, max_iter=3000, acceleration="newton")
+        out[scaled] = (*value_and_grad(reg, z, r), reg.last_info, passes["n"])
+    return out
+
+
+@pytest.mark.parametrize("dtype, tol", [(torch.float64, 1e-8), (torch.float32, 1e-5)])
+def test_the_scaling_domain_reaches_the_log_domains_value_and_gradient(op, monkeypatch, dtype, tol):
+    z, r = heavy_pair(op.vocab_size, seed=3)
+    out = solve_both_domains(op, z.to(dtype), r.to(dtype), monkeypatch, tol)
+    (v1, g1, info1, passes1), (v0, g0, info0, passes0) = out[True], out[False]
+    assert passes1 > 10 and passes0 == 0  # the scaling domain ran, and only where asked
+    assert info1["marginal_error"] <= tol and info1["fell_back"] is None
+    assert abs(info1["iterations"] - info0["iterations"]) <= 2  # the same iteration, other arithmetic
+    # both within tol of the same fixed point (the gradient as the warm-start test allows)
+    close = dict(rtol=1e-6, atol=1e-9) if dtype == torch.float64 else dict(rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(v1, v0, **close)
+    torch.testing.assert_close(g1, g0, **close)
+
+
+def test_sums_out_of_the_scaling_range_are_redone_in_the_log_domain(op, monkeypatch):
+    from vocabmetric.regularizers import _scaling
+
+    z, r = heavy_pair(op.vocab_size, seed=4)
+    reference = SinkhornDivergence(op, eps=EPS, tol=1e-8, max_iter=3000, acceleration="none")(z, r)
+    monkeypatch.setitem(_scaling.SUM_RANGE, torch.float64, (1e300, 1e301))  # every sum "out of range"
+    out = solve_both_domains(op, z, r, monkeypatch, 1e-8)
+    v1, _, info1, passes1 = out[True]
+    assert passes1 >= 2  # it tried: the symmetric problems and the pair each left at once
+    assert info1["marginal_error"] <= 1e-8
+    torch.testing.assert_close(v1, out[False][0], rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(v1, reference, rtol=1e-6, atol=1e-9)
+
 def test_a_diverging_acceleration_falls_back_with_a_warning_naming_it(op, caplog):
     z, r = heavy_pair(op.vocab_size)
     reference = SinkhornDivergence(op, eps=EPS, tol=1e-8, max_iter=5000, acceleration="none")(z, r)
