@@ -14,13 +14,15 @@ at ``w ≥ floor``; ``A[pair, edge] = 1`` when the edge lies on the pair's path 
 a row). For T trees averaged (``n_trees``) the fit is joint, on the mean distance: the paths of
 all trees in one row, ``A[pair, edge] = 1/T``, so one tree's error can offset another's.
 The sample mixes random pairs (which set the scale of far pairs) with each sampled token's
-nearest neighbours (so near pairs are fitted too, and the tree keeps the
-near/far contrast of the metric). Edges no pair crosses keep their scaled geometric length.
+nearest neighbours (so near pairs are fitted too). Edges no pair crosses keep their scaled
+geometric length. The weights cannot undo a topology that splits neighbours high up (a fit
+pays for their long paths with every far pair crossing the same edges): that is what
+TreeBuilder's ``follow_knn`` is for.
 scipy's bounded ``lsq_linear`` was tried: unconverged after 50 iterations
 (2–10 min on the demo store) and, unregularized, it overfit the per-token leaf edges.
 
 Cost: building ``A`` is O(n_pairs·T·depth); the solve ≤ 200 LSMR steps, O(nnz(A)) each
-(~10 s for 100k pairs on the demo store).
+(~30 s for 100k pairs and 8 trees on the demo store, 2 cores).
 
 Example
 -------
@@ -38,12 +40,16 @@ from ..errors import ConfigError
 LOG = logging.getLogger(__name__)
 
 #: Share of the fitted sample that is nearest-neighbour pairs (the rest are random pairs).
+#: On the demo store (99.5k usable tokens, 4 binary trees following the kNN graph, damp 5):
+#: 0.5 / 0.75 gave Spearman(tree, l2) 0.850 / 0.832 and 10-NN contrast 0.312 / 0.302 (l2: 0.291).
 NEAR_SHARE = 0.5
-#: Nearest neighbours per sampled token in the near part of the sample.
+#: Nearest neighbours per sampled token in the near part of the sample (and the neighbours
+#: that TreeBuilder's ``follow_knn`` splits follow).
 NEAR_K = 10
-#: Ridge of the fit toward the scaled geometric weights: on the demo store, 8 binary trees,
-#: damp 1 / 5 / 10 / 30 gave Spearman(tree, l2) 0.761 / 0.805 / 0.806 / 0.772 and 10-NN
-#: contrast 0.476 / 0.476 / 0.496 / 0.512 (l2: 0.423); 4 trees at damp 0.3: 0.673 / 0.571.
+#: Ridge of the fit toward the scaled geometric weights: on the demo store (as for
+#: NEAR_SHARE), damp 1 / 5 / 20 gave Spearman 0.715 / 0.850 / 0.864 and 10-NN contrast
+#: 0.313 / 0.312 / 0.335 (l2: 0.291). Weighting each row by 1/l2 (a relative-error fit) at
+#: damp 5 gave 0.755 / 0.290: it buys the near pairs with the far ones' ranks.
 DAMP = 5.0
 
 
@@ -143,26 +149,32 @@ def fit_edge_weights(parent: np.ndarray, weight: np.ndarray, depth: np.ndarray, 
     return fitted, stats
 
 
+def nearest_indices(embeddings: np.ndarray, mask: np.ndarray, knn: object) -> np.ndarray:
+    """(V, ≤ :data:`NEAR_K`) token ids of each trained token's nearest trained tokens (-1 =
+    empty; self excluded): the first columns of ``knn = (indices, costs)``, or an exact
+    :class:`~vocabmetric.metrics.KnnMetric` search when None (O(V²·d) flat faiss)."""
+    from ._knn import KnnMetric
+
+    if knn is not None:
+        return np.asarray(knn[0])[:, :NEAR_K]
+    return KnnMetric(min(NEAR_K, int(mask.sum()) - 1), progress=False).fit(embeddings, mask).indices_
+
+
 def fit_forest_weights(forest: list[tuple[np.ndarray, np.ndarray]], root: int, trained_ids: np.ndarray,
-                       embeddings: np.ndarray, knn: object, n_pairs: int, seed: int,
+                       embeddings: np.ndarray, knn_indices: np.ndarray, n_pairs: int, seed: int,
                        where: str) -> tuple[list[np.ndarray], dict]:
     """Fitted weights of a builder's trees (``(parent, weight)`` each, token i = node i, root
     ``root``, before untrained tokens are hung), jointly for their mean distance:
-    :func:`sample_pairs` of the trained tokens (near pairs from ``knn`` = ``(indices, costs)``,
-    or an exact :data:`NEAR_K`-NN search when None), their l2 distances,
-    :func:`fit_edge_weights` on the stacked forest. ``where`` names the builder in errors."""
+    :func:`sample_pairs` of the trained tokens (near pairs from ``knn_indices``, see
+    :func:`nearest_indices`), their l2 distances, :func:`fit_edge_weights` on the stacked
+    forest. ``where`` names the builder in errors."""
     from .._vectors import l2_distance
     from ..operator import TreeMetric
-    from ._knn import KnnMetric
 
     vocab_size = len(embeddings)
     mask = np.zeros(vocab_size, bool)
     mask[trained_ids] = True
     check_sample_size(len(trained_ids), n_pairs, where)
-    if knn is None:
-        knn_indices = KnnMetric(min(NEAR_K, len(trained_ids) - 1), progress=False).fit(embeddings, mask).indices_
-    else:
-        knn_indices = np.asarray(knn[0])
     a, b = sample_pairs(trained_ids, knn_indices, n_pairs, seed, where)
     parents, depths, offset, ends_a, ends_b = [], [], 0, [], []
     for parent, weight in forest:
