@@ -3,7 +3,12 @@
 Two builders, same output (valid input to :class:`~vocabmetric.operator.TreeMetric`):
 
 * :class:`TreeBuilder` — recursive k-means (faiss): split every cluster into ``branching``
-  clusters until it holds at most ``max_leaf_size`` tokens or ``max_depth`` is reached.
+  clusters until it holds at most ``max_leaf_size`` tokens or ``max_depth`` is reached;
+  after each k-means, ``follow_knn`` rounds move every member to the group most of its
+  10 nearest neighbours are in (:func:`follow_neighbors`), so that a cut runs where the kNN
+  graph is thin and neighbours share a low ancestor. (Plain binary k-means over the demo
+  store's 99.5k tokens split 20% of 10-NN pairs within the top three levels of each tree,
+  at a median token depth of 17.)
 * :class:`WardTreeBuilder` — scikit-learn's Ward agglomerative clustering constrained to
   the symmetrized kNN graph; a binary tree.
 
@@ -43,7 +48,7 @@ from ..operator import TreeEnsemble, TreeMetric
 from ._checks import (CAP_PAIRS, CAP_QUANTILE, argument_where, check_cap, check_flag, check_inputs, check_integer, check_k,
                       check_knn, random_pairs)
 from ._knn import KnnMetric, knn_graph
-from ._tree_fit import check_sample_size, fit_forest_weights
+from ._tree_fit import check_sample_size, fit_forest_weights, nearest_indices
 
 LOG = logging.getLogger(__name__)
 
@@ -51,6 +56,8 @@ LOG = logging.getLogger(__name__)
 MIN_EDGE = 1e-6
 #: Sampled pairs of the default weight fit.
 FIT_PAIRS = 100_000
+#: Default rounds of moving split members to their nearest neighbours' side (``follow_knn``).
+FOLLOW_ROUNDS = 10
 
 
 class _TreeResult:
@@ -122,10 +129,12 @@ class TreeBuilder(_TreeResult):
     n_trees : int
         Trees to build, tree t with k-means seed ``seed + t``; the metric is their mean
         distance (:class:`~vocabmetric.operator.TreeEnsemble`), the cap that mean's p99.
-        The defaults (8 binary trees, fitted) are the measured best on the demo store
-        (``benchmarks/tree_fidelity.py``): Spearman(tree, l2) 0.81 over random trained pairs
-        (one 16-way tree: 0.56), 10-NN/median contrast 0.48 (l2: 0.42; 16-way: 0.60); the
-        penalty over the 8 trees about half of ``full_kl`` at V = 100,277.
+        The defaults (4 binary trees following the kNN graph, fitted) on the demo store's
+        99.5k usable tokens (``benchmarks/tree_fidelity.py``): Spearman(tree, l2) 0.848 over
+        random usable pairs, 10-NN/median contrast 0.309 (l2: 0.291, 6% above; plain
+        k-means splits: 0.889 and 0.364, 25% above), built in 68 s. Eight such trees:
+        0.861 and 0.314, built in 118 s, and twice the penalty's cost (it is O(T·V) per
+        position: ``benchmarks/tree_cost.py``).
     niter : int
         k-means iterations per split.
     cap, seed, progress
@@ -134,6 +143,11 @@ class TreeBuilder(_TreeResult):
         Refit the edge lengths of all trees jointly, so that their mean distance fits the l2
         distances of ``n_pairs`` sampled trained pairs, half of them 10-NN pairs
         (:mod:`._tree_fit`).
+    follow_knn : int
+        Rounds of moving the members of each split to the side of their 10 nearest trained
+        neighbours (0: plain k-means splits); see :func:`follow_neighbors`. Costs one
+        10-NN search (shared with the weight fit; ``knn=`` when given) and O(rounds·V·10)
+        per tree level.
     n_pairs : int, optional
         Pairs of that fit; default :data:`FIT_PAIRS`, or every distinct trained pair where
         there are fewer. A given sample larger than the trained tokens' distinct pairs is a
@@ -145,11 +159,11 @@ class TreeBuilder(_TreeResult):
     """
 
     def __init__(self, branching: int = 2, max_leaf_size: int = 16, max_depth: int = 32, cap: float | None = None, *,
-                 n_trees: int = 8, niter: int = 20, seed: int = 0, progress: bool | None = None,
-                 fit_weights: bool = True, n_pairs: int | None = None):
+                 n_trees: int = 4, niter: int = 20, seed: int = 0, progress: bool | None = None,
+                 fit_weights: bool = True, n_pairs: int | None = None, follow_knn: int = FOLLOW_ROUNDS):
         self.branching, self.max_leaf_size, self.max_depth, self.cap = branching, max_leaf_size, max_depth, cap
         self.n_trees, self.niter, self.seed, self.progress = n_trees, niter, seed, progress
-        self.fit_weights, self.n_pairs = fit_weights, n_pairs
+        self.fit_weights, self.n_pairs, self.follow_knn = fit_weights, n_pairs, follow_knn
 
     def validate(self, where: str | None = None) -> "TreeBuilder":
         """Check every argument without embeddings (cheap; ``fit`` calls it first).
@@ -159,7 +173,7 @@ class TreeBuilder(_TreeResult):
         """
         where = argument_where(self, where)
         for name, low in (("branching", 2), ("max_leaf_size", 1), ("max_depth", 0), ("n_trees", 1), ("niter", 1),
-                          ("seed", 0), ("n_pairs", 1)):
+                          ("seed", 0), ("n_pairs", 1), ("follow_knn", 0)):
             if not (name == "n_pairs" and self.n_pairs is None):
                 check_integer(where, name, getattr(self, name), low)
         check_cap(where, self.cap)
@@ -180,21 +194,23 @@ class TreeBuilder(_TreeResult):
             check_sample_size(len(trained_ids), n_pairs, argument_where(self, None))
         unit = normalized(emb)[trained_ids]
         root = len(emb)
+        near = nearest_indices(emb, mask, knn) if self.fit_weights or self.follow_knn else None
+        neighbors = _positions(near, trained_ids, len(emb)) if self.follow_knn else None
         bar = progress_bar(None, self.progress, total=len(trained_ids) * self.n_trees, desc="k-means trees", unit="token")
-        forest = [self._grow(unit, trained_ids, len(emb), self.seed + t, bar) for t in range(self.n_trees)]
+        forest = [self._grow(unit, trained_ids, len(emb), self.seed + t, bar, neighbors) for t in range(self.n_trees)]
         bar.close()
         fitted = {}
         if self.fit_weights:
-            weights, fitted = fit_forest_weights(forest, root, trained_ids, emb, knn, n_pairs, self.seed,
+            weights, fitted = fit_forest_weights(forest, root, trained_ids, emb, near, n_pairs, self.seed,
                                                  argument_where(self, None))
             forest = [(parent, weight) for (parent, _), weight in zip(forest, weights)]
         return self._finish(forest, root, trained_ids, untrained_ids, self.cap, self.seed,
                             builder="kmeans", branching=self.branching, max_leaf_size=self.max_leaf_size,
-                            max_depth=self.max_depth, fit_weights=bool(self.fit_weights),
+                            max_depth=self.max_depth, fit_weights=bool(self.fit_weights), follow_knn=self.follow_knn,
                             **({"weight_fit": fitted} if fitted else {}))
 
     def _grow(self, unit: np.ndarray, trained_ids: np.ndarray, vocab_size: int, seed: int,
-              bar: Any) -> tuple[np.ndarray, np.ndarray]:
+              bar: Any, neighbors: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
         """One k-means tree over the trained tokens' unit vectors: ``(parent, weight)``,
         token i = node i, root = node ``vocab_size``, internal nodes after it."""
         parent = np.full(vocab_size + 1, -1, dtype=np.int64)
@@ -202,10 +218,12 @@ class TreeBuilder(_TreeResult):
         root = n_nodes = vocab_size
         n_nodes += 1
         pending = [(root, np.arange(len(trained_ids)), unit.astype(np.float64).mean(0), 0)]
+        side = np.full(len(trained_ids) + 1, -1, dtype=np.int64)  # scratch: a member's group at a split, -1 elsewhere
         new_parent, new_weight = [], []  # internal nodes beyond the first V+1
         while pending:
             node, members, centroid, depth = pending.pop()
-            groups = self._split(unit[members], seed) if len(members) > self.max_leaf_size and depth < self.max_depth else []
+            groups = (self._split(unit[members], seed, members, neighbors, side)
+                      if len(members) > self.max_leaf_size and depth < self.max_depth else [])
             if len(groups) < 2:  # a leaf cluster: its tokens hang under it
                 tokens = trained_ids[members]
                 parent[tokens] = node
@@ -227,7 +245,8 @@ class TreeBuilder(_TreeResult):
         return (np.concatenate([parent, np.asarray(new_parent, dtype=np.int64)]),
                 np.concatenate([weight, np.asarray(new_weight, dtype=np.float64)]))
 
-    def _split(self, points: np.ndarray, seed: int) -> list[np.ndarray]:
+    def _split(self, points: np.ndarray, seed: int, members: np.ndarray | None = None,
+               neighbors: np.ndarray | None = None, side: np.ndarray | None = None) -> list[np.ndarray]:
         """k-means of ``points`` into at most ``branching`` groups: non-empty index arrays."""
         import faiss
 
@@ -237,9 +256,49 @@ class TreeBuilder(_TreeResult):
         kmeans.train(np.ascontiguousarray(points))
         _, labels = kmeans.index.search(points, 1)
         labels = labels[:, 0]
+        if neighbors is not None and self.follow_knn and n_clusters > 1:
+            labels = follow_neighbors(labels, members, neighbors, side, self.follow_knn, n_clusters)
         order = np.argsort(labels, kind="stable")
         bounds = np.flatnonzero(np.diff(labels[order])) + 1
         return [g for g in np.split(order, bounds) if len(g)]
+
+
+def _positions(near: np.ndarray, trained_ids: np.ndarray, vocab_size: int) -> np.ndarray:
+    """(n_trained, k) positions in ``trained_ids`` of each trained token's neighbours in
+    ``near`` (V, k) token ids; -1, untrained or self entries become ``n_trained`` (padding)."""
+    n_t = len(trained_ids)
+    position = np.full(vocab_size + 1, n_t, dtype=np.int64)  # index -1 (empty) reads the last entry: padding
+    position[trained_ids] = np.arange(n_t)
+    found = position[near[trained_ids]]
+    return np.where(found == np.arange(n_t)[:, None], n_t, found)
+
+
+def follow_neighbors(labels: np.ndarray, members: np.ndarray, neighbors: np.ndarray, side: np.ndarray, rounds: int,
+                     n_groups: int) -> np.ndarray:
+    """Move each member of a split to the group most of its nearest neighbours are in.
+
+    ``labels`` (m,): the k-means group of each member; ``members`` (m,): their positions;
+    ``neighbors`` (n, k): each position's nearest neighbours' positions (``n`` = -1 padding:
+    ``side[n]`` stays -1); ``side`` (n + 1,) scratch, all -1 on entry and on exit. Each round,
+    a member takes the group holding most of its neighbours that are members (its own group
+    wins ties and members with none keep theirs). A round that would empty a group is not
+    taken. Cost: O(rounds·m·k).
+    """
+    nb = neighbors[members]
+    own = np.arange(len(members))
+    cell = own[:, None] * (n_groups + 1)  # votes[m, g] at m·(n_groups+1) + g; column n_groups: outside
+    for _ in range(rounds):
+        side[members] = labels
+        got = side[nb]
+        votes = np.bincount((cell + np.where(got >= 0, got, n_groups)).ravel(), minlength=len(members) * (n_groups + 1))
+        votes = votes.reshape(len(members), n_groups + 1)[:, :n_groups] + 0.0
+        votes[own, labels] += 0.5
+        moved = votes.argmax(1)
+        if np.array_equal(moved, labels) or len(np.unique(moved)) < len(np.unique(labels)):
+            break
+        labels = moved
+    side[members] = -1
+    return labels
 
 
 class WardTreeBuilder(_TreeResult):
