@@ -102,7 +102,7 @@ def worker(name: str, vocab_size: int, dim: int, threads: int, work: Path, untra
     x, trained = clustered_embeddings(vocab_size, dim, untrained=untrained)
     out = {"data_mb": peak_mb()}
     graph = None
-    if name in ("geodesic", "umap", "tree_ward"):
+    if name in ("geodesic", "umap", "tree_ward", "tree_kmeans"):  # the pipeline hands each the knn table
         graph = (np.load(work / "knn_indices.npy"), np.load(work / "knn_costs.npy"))
     t0, cpu0 = time.perf_counter(), cpu_seconds()
     if name == "floor":
