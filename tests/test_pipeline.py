@@ -305,3 +305,26 @@ def test_deterministic_builds_are_byte_identical(project, tmp_path):
         vectors.append((entry / "vectors.npy").read_bytes())
         assert json.loads((entry / "meta.json").read_text())["params"]["workers"] == 1
     assert vectors[0] == vectors[1]
+
+
+def test_a_changed_tree_default_rebuilds_only_the_tree(project, built, tmp_path, monkeypatch):
+    """A tree's key holds every resolved constructor keyword, not only the table's: after a
+    default changes (here ``follow_knn``), the cached tree is rebuilt, never served stale."""
+    import shutil
+
+    from vocabmetric.metrics import TreeBuilder
+
+    out = tmp_path / "out"
+    shutil.copytree(project / "reference", out)
+    config = tmp_path / "tree.toml"
+    config.write_text((project / "tiny.toml").read_text().replace('"hf:tokenizer.json"', f'"hf:{project / "tokenizer.json"}"')
+                      + "\n[metrics.tree]\nn_trees = 2\nbranching = 2\n")
+    first = build(config, out, progress=False)
+    assert {r.name for r in first.stages if not r.cached} == {"metric-tree", "store"}
+    again = build(config, out, progress=False)
+    assert all(r.cached for r in again.stages)
+    monkeypatch.setitem(TreeBuilder.__init__.__kwdefaults__, "follow_knn", 0)
+    changed = build(config, out, progress=False)
+    assert {r.name for r in changed.stages if not r.cached} == {"metric-tree", "store"}
+    keys = {r.name: r.key for r in first.stages}
+    assert {r.name: r.key for r in changed.stages}["metric-tree"] != keys["metric-tree"]

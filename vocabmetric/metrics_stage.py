@@ -63,6 +63,15 @@ def _builder_class(kind: str, table: Mapping[str, Any]) -> type:
     return TRUNCATED[kind]
 
 
+def _resolved(builder: Any) -> dict[str, Any]:
+    """Every constructor keyword of a tree builder with the value it runs with (defaults
+    included, :data:`_RESERVED` left out): part of the tree stage's key, so that a changed
+    default (``n_trees`` 8 → 4, ``follow_knn`` added) rebuilds a cached tree instead of
+    serving the one built under the old default."""
+    names = inspect.signature(type(builder).__init__).parameters
+    return {n: getattr(builder, n) for n in names if n not in ("self", *_RESERVED) and hasattr(builder, n)}
+
+
 def _split(name: str, table: Mapping[str, Any]) -> tuple[str, dict[str, Any]]:
     """``(kind, constructor keywords)`` of one ``[metrics.<name>]`` table."""
     params = dict(table)
@@ -155,8 +164,7 @@ def build_metrics(metrics: Mapping[str, Any], emb: Any, stages: Stages, emb_dige
     tree = None
     for name, (kind, builder, table) in builders.items():
         need = _graph_degree(builder)
-        # the tree's resolved n_trees is part of its key: a changed default rebuilds it
-        params = {**table, "n_trees": builder.n_trees} if hasattr(builder, "n_trees") else table
+        params = {**table, **_resolved(builder)} if kind == TREE else table
         key = stage_key(f"metric-{name}", params, emb_digest, graph_digest if need else "")
 
         def fit(tmp: Path, builder=builder, need=need) -> None:
