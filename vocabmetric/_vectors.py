@@ -16,6 +16,8 @@ LOG = logging.getLogger(__name__)
 
 #: Pairs per block in :func:`l2_distance`: bounds its scratch to a few × 2^16 · d floats.
 PAIR_BATCH = 1 << 16
+#: Rows per block of :func:`row_distances`: a (block, k, d) float64 difference, ~16 MB at k=64, d=128.
+ROW_BLOCK = 256
 
 
 def normalized(vectors: Any) -> np.ndarray:
@@ -46,9 +48,31 @@ def l2_distance(vectors: Any, i: Any, j: Any, *, batch: int = PAIR_BATCH) -> np.
     rows, cols = i.ravel(), j.ravel()
     out = np.empty(len(rows), dtype=np.float64)
     for s in range(0, len(rows), batch):
-        a = vectors[rows[s : s + batch]].astype(np.float64)
-        b = vectors[cols[s : s + batch]].astype(np.float64)
-        a /= np.maximum(np.linalg.norm(a, axis=1, keepdims=True), 1e-300)
-        b /= np.maximum(np.linalg.norm(b, axis=1, keepdims=True), 1e-300)
+        a, b = _unit64(vectors[rows[s : s + batch]]), _unit64(vectors[cols[s : s + batch]])
         out[s : s + batch] = np.linalg.norm(a - b, axis=1)
     return float(out[0]) if scalar else out.reshape(i.shape)
+
+
+def row_distances(vectors: np.ndarray, rows: np.ndarray, neighbours: np.ndarray, *, block: int = ROW_BLOCK) -> np.ndarray:
+    """``l2_distance(vectors, rows[:, None], neighbours)`` with each row normalized once: (n, k).
+
+    ``neighbours`` (n, k) are token ids, -1 = none (distance 0). The same float64 arithmetic
+    as :func:`~vocabmetric._vectors.l2_distance` (bit-identical results), but the rows are
+    normalized once rather than once per pair, and each row's vector is broadcast against its
+    k neighbours instead of gathered k times. Cost O(n·k·d); memory V·d·8 bytes plus a block.
+    """
+    unit = _unit64(np.asarray(vectors))
+    out = np.zeros(neighbours.shape, dtype=np.float64)
+    for s in range(0, len(rows), block):
+        nbr = neighbours[s : s + block]
+        diff = unit[rows[s : s + block], None, :] - unit[np.maximum(nbr, 0)]
+        out[s : s + block] = np.where(nbr >= 0, np.linalg.norm(diff, axis=-1), 0.0)
+    return out
+
+
+def _unit64(rows: np.ndarray) -> np.ndarray:
+    """A float64 copy of ``rows`` scaled to unit length (an all-zero row stays zero): the
+    normalization both distances above compute in."""
+    unit = rows.astype(np.float64)
+    unit /= np.maximum(np.linalg.norm(unit, axis=1, keepdims=True), 1e-300)
+    return unit

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from .._progress import progress_bar
-from .._vectors import l2_distance, normalized
+from .._vectors import l2_distance, normalized, row_distances
 from ..errors import ConfigError
 from ._checks import (CAP_PAIRS, TruncatedMetricBase, argument_where, check_cap, check_flag, check_inputs, check_integer,
                       check_k, random_pairs)
@@ -24,8 +24,6 @@ LOG = logging.getLogger(__name__)
 
 #: Database vectors per BLAS block of the flat search (faiss's default is 1024).
 FLAT_DATABASE_BLOCK = 8192
-#: Rows per block of the float64 recompute: a (block, k, d) float64 difference, ~16 MB at k=64, d=128.
-ROW_BLOCK = 256
 
 
 class KnnMetric(TruncatedMetricBase):
@@ -158,24 +156,6 @@ def database_blocks(size: int):
         yield
     finally:
         faiss.cvar.distance_compute_blas_database_bs = before
-
-
-def row_distances(vectors: np.ndarray, rows: np.ndarray, neighbours: np.ndarray, *, block: int = ROW_BLOCK) -> np.ndarray:
-    """``l2_distance(vectors, rows[:, None], neighbours)`` with each row normalized once: (n, k).
-
-    ``neighbours`` (n, k) are token ids, -1 = none (distance 0). The same float64 arithmetic
-    as :func:`~vocabmetric._vectors.l2_distance` (bit-identical results), but the rows are
-    normalized once rather than once per pair, and each row's vector is broadcast against its
-    k neighbours instead of gathered k times. Cost O(n·k·d); memory V·d·8 bytes plus a block.
-    """
-    unit = np.asarray(vectors).astype(np.float64)
-    unit /= np.maximum(np.linalg.norm(unit, axis=1, keepdims=True), 1e-300)
-    out = np.zeros(neighbours.shape, dtype=np.float64)
-    for s in range(0, len(rows), block):
-        nbr = neighbours[s : s + block]
-        diff = unit[rows[s : s + block], None, :] - unit[np.maximum(nbr, 0)]
-        out[s : s + block] = np.where(nbr >= 0, np.linalg.norm(diff, axis=-1), 0.0)
-    return out
 
 
 def knn_graph(knn_idx: np.ndarray, knn_dist: np.ndarray, vocab_size: int):
