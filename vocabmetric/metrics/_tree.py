@@ -48,7 +48,7 @@ from ..operator import TreeEnsemble, TreeMetric
 from ._checks import (CAP_PAIRS, CAP_QUANTILE, argument_where, check_cap, check_flag, check_inputs, check_integer, check_k,
                       check_knn, random_pairs)
 from ._knn import KnnMetric, knn_graph
-from ._tree_fit import check_sample_size, fit_forest_weights, nearest_indices
+from ._tree_fit import check_sample_size, distinct_pairs, fit_forest_weights, nearest_indices
 
 LOG = logging.getLogger(__name__)
 
@@ -189,8 +189,7 @@ class TreeBuilder(_TreeResult):
         check_k(1, len(trained_ids), what, "the tree's 1 neighbour")
         n_pairs = self.n_pairs
         if self.fit_weights:  # before the trees are grown: a sample that cannot be drawn fails at once
-            reachable = len(trained_ids) * (len(trained_ids) - 1) // 2
-            n_pairs = min(FIT_PAIRS, reachable) if n_pairs is None else n_pairs
+            n_pairs = min(FIT_PAIRS, distinct_pairs(len(trained_ids))) if n_pairs is None else n_pairs
             check_sample_size(len(trained_ids), n_pairs, argument_where(self, None))
         unit = normalized(emb)[trained_ids]
         root = len(emb)

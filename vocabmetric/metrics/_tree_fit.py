@@ -77,10 +77,15 @@ def path_edges(parent: np.ndarray, depth: np.ndarray, a: np.ndarray, b: np.ndarr
     return np.concatenate(rows), np.concatenate(edges)
 
 
+def distinct_pairs(n_trained: int) -> int:
+    """How many distinct pairs ``n_trained`` tokens give: n·(n − 1)/2."""
+    return n_trained * (n_trained - 1) // 2
+
+
 def check_sample_size(n_trained: int, n_pairs: int, where: str) -> None:
     """Raise :class:`~vocabmetric.errors.ConfigError` naming ``n_pairs`` when ``n_trained``
     tokens cannot give that many distinct pairs (the fit's sample could not be drawn)."""
-    reachable = n_trained * (n_trained - 1) // 2
+    reachable = distinct_pairs(n_trained)
     if n_pairs > reachable:
         raise ConfigError(f"{where} n_pairs = {n_pairs} cannot be sampled: {n_trained} trained tokens give only "
                           f"{reachable} distinct pairs; lower n_pairs or set fit_weights = false")
@@ -174,7 +179,6 @@ def fit_forest_weights(forest: list[tuple[np.ndarray, np.ndarray]], root: int, t
     vocab_size = len(embeddings)
     mask = np.zeros(vocab_size, bool)
     mask[trained_ids] = True
-    check_sample_size(len(trained_ids), n_pairs, where)
     a, b = sample_pairs(trained_ids, knn_indices, n_pairs, seed, where)
     parents, depths, offset, ends_a, ends_b = [], [], 0, [], []
     for parent, weight in forest:
