@@ -4,7 +4,7 @@ Writes one shard (default about 2 GB) the way a 1–2B model's first shard looks
 embedding matrix (V × d, bf16) followed by other large tensors (MLP and attention weights),
 then, each in a fresh subprocess, reads the embedding matrix as float32:
 
-* ``vocabmetric``: :func:`vocabmetric.checkpoint.load_matrix` (the header parsed, only that
+* ``vocabmetric``: :func:`vocabmetric.building.checkpoint.load_matrix` (the header parsed, only that
   tensor's byte range read, slice by slice);
 * ``safetensors.torch.load_file``: every tensor of the shard, then the one converted
   (``.float().numpy()``), which is what the import did before.
@@ -82,7 +82,7 @@ def rss_mb():
 
 method, path, vocab = sys.argv[1], sys.argv[2], int(sys.argv[3])
 if method == "vocabmetric":
-    from vocabmetric.checkpoint import load_matrix
+    from vocabmetric.building.checkpoint import load_matrix
 else:
     import torch
     from safetensors.torch import load_file

@@ -3,7 +3,7 @@
 Generates the corpus (default 1.1 GB of UTF-8 text: the Lee corpus's documents, each made
 unique by a running number), written as Parquet (zstd-compressed, row groups of
 ``--row-group`` rows) or ``.jsonl.zst``, then tokenizes it with
-:func:`vocabmetric.corpus.tokenize_corpus` (``tiktoken:cl100k_base``, ``--workers`` processes)
+:func:`vocabmetric.building.corpus.tokenize_corpus` (``tiktoken:cl100k_base``, ``--workers`` processes)
 in a fresh subprocess, and reports the peak RSS of that process and of its largest worker
 next to the corpus size. Memory should stay at a few batches (``batch_chars``) per worker,
 whatever the corpus size. The generated files are deleted afterwards.
@@ -79,7 +79,7 @@ def write_corpus(directory: Path, fmt: str, target_bytes: int, row_group: int) -
 _CHILD = r"""
 import json, resource, sys
 from pathlib import Path
-from vocabmetric.corpus import tokenize_corpus
+from vocabmetric.building.corpus import tokenize_corpus
 
 source, out, workers = Path(sys.argv[1]), Path(sys.argv[2]), int(sys.argv[3])
 stats = tokenize_corpus("tiktoken:cl100k_base", [source], out, workers=workers, progress=False)

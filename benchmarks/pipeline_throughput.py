@@ -1,16 +1,16 @@
 """Pipeline throughput on the demo corpus, side by side with the libraries it wraps.
 
-(a) Tokenization: ``vocabmetric.corpus.tokenize_corpus`` (read → strip wiki markup → encode →
+(a) Tokenization: ``vocabmetric.building.corpus.tokenize_corpus`` (read → strip wiki markup → encode →
     write shards → count) with 1 and 2 worker processes, against the raw Rust tokenizer
     (``bpe_openai``'s cl100k_base encoder) alone, single process, on the same texts already
     read and cleaned. A per-step profile of the single-process pipeline says where the rest
     of the time goes.
-(b) word2vec: ``vocabmetric.embeddings.train_word2vec`` against gensim's ``Word2Vec`` called
+(b) word2vec: ``vocabmetric.building.embeddings.train_word2vec`` against gensim's ``Word2Vec`` called
     directly on the same ``corpus_file`` with the same parameters (demo.toml's, fewer epochs),
     on 1 and 2 threads. Both sides are timed on ``train()`` only (gensim's own vocabulary scan
     is reported separately; vocabmetric builds its vocabulary from the token counts).
 (c) HF tokenizer.json: cl100k_base written as a byte-level BPE tokenizer.json
-    (``vocabmetric._bpe_ranks.ranks_to_tokenizer_json``: its merges recovered from the ranks,
+    (``vocabmetric.vocab.bpe.ranks_to_tokenizer_json``: its merges recovered from the ranks,
     cl100k's split regex in the form Oniguruma reads alike) on the same texts: the
     ``tokenizers`` library's own ``encode_batch`` (its threads on all cores) against
     ``tokenize_corpus("hf:...")`` with 2 workers, on the library (``VOCABMETRIC_BPE_FAST=0``)
@@ -40,8 +40,9 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(Path(__file__).resolve().parent)]
-from vocabmetric.corpus import _clean_wiki, expand_sources, iter_documents, tokenize_corpus  # noqa: E402
-from vocabmetric.pipeline import load_config, tokenizer_spec  # noqa: E402
+from vocabmetric.building.corpus import expand_sources, iter_documents, tokenize_corpus  # noqa: E402
+from vocabmetric.building.corpus.wikipedia import plain_text  # noqa: E402
+from vocabmetric.building.pipeline import load_config, tokenizer_spec  # noqa: E402
 
 CONFIG = ROOT / "pipelines" / "demo.toml"
 
@@ -65,10 +66,10 @@ def profile_steps(sources: list[Path], text_field: str, spec: str, vocab_size: i
     docs = [d for s in sources for d in iter_documents(s, text_field=text_field)]
     steps["read (decompress, parse)"] = time.perf_counter() - start
     start = time.perf_counter()
-    _clean_wiki("")  # the markup filter's first call imports gensim: timed on its own
+    plain_text("")  # the markup filter's first call imports gensim: timed on its own
     steps["import gensim (wiki filter)"] = time.perf_counter() - start
     start = time.perf_counter()
-    texts = [_clean_wiki(d.text) if d.wiki else d.text for d in docs]
+    texts = [plain_text(d.text) if d.wiki else d.text for d in docs]
     steps["strip wiki markup"] = time.perf_counter() - start
     encoder = _bindings.tokenizer_for_encoding(spec.partition(":")[2])
     start = time.perf_counter()
@@ -87,8 +88,8 @@ def profile_steps(sources: list[Path], text_field: str, spec: str, vocab_size: i
 _COLD_RUN = """
 import json, sys, time
 from pathlib import Path
-from vocabmetric.corpus import tokenize_corpus
-from vocabmetric.tokenizers import batch_encoder
+from vocabmetric.building.corpus import tokenize_corpus
+from vocabmetric.vocab.tokenizer import batch_encoder
 spec, sources, out, text_field, workers, vocab_size = json.loads(sys.argv[1])
 import resource
 load = time.perf_counter()
@@ -159,8 +160,8 @@ def hf_tokenization(sources, text_field: str, texts: list[str], repeat: int, wor
     from bpe_openai import registry
     from tokenizers import Tokenizer
 
-    from vocabmetric._bpe_ranks import ranks_to_tokenizer_json
-    from vocabmetric.tokenizers import batch_encoder
+    from vocabmetric.vocab.bpe import ranks_to_tokenizer_json
+    from vocabmetric.vocab.tokenizer import batch_encoder
 
     meta = registry.ENCODING_CONSTRUCTORS["cl100k_base"]()
     pattern = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
@@ -214,7 +215,7 @@ def hf_tokenization(sources, text_field: str, texts: list[str], repeat: int, wor
 def word2vec(corpus_file: Path, counts: np.ndarray, params: dict, epochs: int, repeat: int) -> dict:
     from gensim.models import Word2Vec
 
-    from vocabmetric.embeddings import stable_hash, train_word2vec
+    from vocabmetric.building.embeddings import stable_hash, train_word2vec
 
     n_words = int(counts.sum())
     rows = {}
@@ -327,7 +328,7 @@ def main() -> None:
     import bpe_openai  # noqa: F401  (decodes every encoding's table at import)
 
     import_seconds = time.perf_counter() - start
-    from vocabmetric.tokenizers import load_tokenizer
+    from vocabmetric.vocab.tokenizer import load_tokenizer
 
     vocab_size = load_tokenizer(spec).vocab_size
     profile, texts = profile_steps(sources, config.corpus.text_field, spec, vocab_size)

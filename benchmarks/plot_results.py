@@ -7,8 +7,8 @@ log-log::
 
     .venv/bin/python benchmarks/plot_results.py benchmarks/results/regularizers.json --out docs/regularizers.png
 
-The figure is made and saved by :func:`vocabmetric.plots.new_figure` and
-:func:`vocabmetric.plots.save_png`, like the store pictures of ``vocabmetric plot``.
+The figure is made and saved by :func:`vocabmetric.query.plots.new_figure` and
+:func:`vocabmetric.query.plots.save_png`, like the store pictures of ``vocabmetric plot``.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from vocabmetric.errors import ConfigError, VocabMetricError
-from vocabmetric.plots import new_figure, parse_size, save_png
+from vocabmetric.query.plots import new_figure, parse_size, save_png
 
 
 def bench_rows(results: Any) -> list[dict]:

@@ -57,7 +57,7 @@ sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).res
 from _machine import machine_info, write_results  # noqa: E402
 
 from vocabmetric.metrics import KnnMetric  # noqa: E402
-from vocabmetric.operator import CostOperator, TreeMetric  # noqa: E402
+from vocabmetric.cost import CostOperator, TreeMetric  # noqa: E402
 from vocabmetric.regularizers import SinkhornDivergence, SlicedWasserstein, TreeWasserstein, full_kl  # noqa: E402
 
 VOCAB_SIZES = (50257, 100277, 200019)

@@ -53,7 +53,7 @@ class _SyntheticTokenizer:
 
 def synthetic_store(path: Path, vocab_size: int = 100_000, dim: int = 32, n_clusters: int = 2000, k: int = 64, seed: int = 0) -> Path:
     """Write (once) a store of ``vocab_size`` clustered random embeddings with a knn metric."""
-    from vocabmetric.embeddings import Embeddings
+    from vocabmetric.building.embeddings import Embeddings
     from vocabmetric.metrics import KnnMetric
     from vocabmetric.store import TruncatedMetric, write_store
 
@@ -103,7 +103,7 @@ def serve_bare(port: int, workers: int) -> None:
     import uvicorn
     from uvicorn.supervisors import Multiprocess
 
-    from vocabmetric.service._server import uvicorn_config
+    from vocabmetric.query.service import uvicorn_config
 
     settings = dict(host="127.0.0.1", port=port, workers=workers, log_level="warning", access_log=False)
     if workers == 1:

@@ -29,7 +29,7 @@ from _machine import machine_info, write_results  # noqa: E402
 from vocabmetric import CostOperator  # noqa: E402
 from vocabmetric.regularizers import full_kl  # noqa: E402
 from vocabmetric.regularizers import SinkhornDivergence  # noqa: E402
-from vocabmetric.regularizers._solver import eps_schedule  # noqa: E402
+from vocabmetric.regularizers.sinkhorn import eps_schedule  # noqa: E402
 
 EPS, K, TOL = 0.05, 16, 1e-4
 

@@ -40,7 +40,7 @@ from _machine import machine_info, write_results  # noqa: E402
 from regularizers import git_state, peaky_logits, random_neighbour_operator  # noqa: E402
 
 from vocabmetric.regularizers import full_kl  # noqa: E402
-from vocabmetric.regularizers._sparse_kernel import SparseLogKernel  # noqa: E402
+from vocabmetric.regularizers.sinkhorn import SparseLogKernel  # noqa: E402
 
 
 def best_of(fn, repeats: int, cuda: bool = False) -> float:
@@ -82,7 +82,7 @@ def run(vocab_size: int, n: int, eps: float, repeats: int, device: str = "cpu", 
     cuda = device.startswith("cuda")
     cases = {"full_kl forward+backward": kl}
     if cuda:
-        from vocabmetric.regularizers import _triton
+        from vocabmetric.regularizers.sinkhorn import triton_kernels as _triton
 
         cases["Triton log-kernel (vocabmetric, GPU)"] = lambda: kernel.triton(h, eps)
         h_t = _triton.padded_rows(h)

@@ -30,21 +30,16 @@ sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).res
 from _machine import machine_info, write_results  # noqa: E402
 from regularizers import git_state, peaky_logits, random_neighbour_operator  # noqa: E402
 
-import vocabmetric.regularizers._support as support_mode  # noqa: E402
 from vocabmetric.regularizers import SinkhornDivergence  # noqa: E402
 
 
 def solve(op, z, r, *, m, eps, tol, max_iter, newton: bool) -> dict:
     """One forward in float64 with the pair solved by Newton (or alternating updates)."""
-    limit = support_mode.NEWTON_MAX_POINTS
-    support_mode.NEWTON_MAX_POINTS = limit if newton else 0
-    try:
-        reg = SinkhornDivergence(op, eps=eps, support=m, tol=tol, max_iter=max_iter)
-        start = time.perf_counter()
-        value = reg(z, r)
-        seconds = time.perf_counter() - start
-    finally:
-        support_mode.NEWTON_MAX_POINTS = limit
+    reg = SinkhornDivergence(op, eps=eps, support=m, tol=tol, max_iter=max_iter,
+                             acceleration="auto" if newton else "none")
+    start = time.perf_counter()
+    value = reg(z, r)
+    seconds = time.perf_counter() - start
     info = reg.last_info
     return {"value": value, "seconds": seconds, "applications": info["iterations"],
             "marginal_error": max(info["marginal_error"], info.get("marginal_error_sym", 0.0))}

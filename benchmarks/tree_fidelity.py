@@ -7,7 +7,7 @@ k-means, omitted = TreeBuilder's default) it builds the
 trees with :class:`~vocabmetric.metrics.TreeBuilder` (as ``[metrics.tree]`` would) and reports
 
 * Spearman(tree cost, l2) over random trained pairs and the 10-NN/median contrast beside
-  l2's — exactly :func:`vocabmetric.eval.tree_fidelity` (the numbers ``vocabmetric eval``
+  l2's — exactly :func:`vocabmetric.query.evaluation.tree_fidelity` (the numbers ``vocabmetric eval``
   prints), on the freshly built trees;
 * the build time;
 * ``TreeWasserstein`` forward+backward over all the trees at V = the store's, N positions,
@@ -34,7 +34,7 @@ from _machine import machine_info, write_results  # noqa: E402
 from regularizers import measure, peaky_logits  # noqa: E402
 
 from vocabmetric import open_store  # noqa: E402
-from vocabmetric.eval import tree_fidelity  # noqa: E402
+from vocabmetric.query.evaluation import tree_fidelity  # noqa: E402
 from vocabmetric.metrics import TreeBuilder  # noqa: E402
 from vocabmetric.regularizers import TreeWasserstein, full_kl  # noqa: E402
 from vocabmetric.store import TREE  # noqa: E402

@@ -12,7 +12,7 @@ Setup (everything over the full cl100k_base vocabulary, V = 100,277):
   demo store ``runs/demo/metric.zarr`` built by ``make run`` (``--store``).
 * **Reference** π_ref — an interpolated trigram model of the store's own corpus: the
   sources the store records (``store.info()["corpus"]["sources"]``), tokenized again with
-  the store's tokenizer by :func:`vocabmetric.corpus.tokenize_corpus` into a temporary
+  the store's tokenizer by :func:`vocabmetric.building.corpus.tokenize_corpus` into a temporary
   directory, and refused unless its token counts equal the store's (``store.counts``), so
   the reference is the corpus the metric was trained on (see :class:`NGram`). Every token
   keeps some mass, so every KL is finite. (A bigram is broader still; a trigram is the
@@ -110,7 +110,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))  # the machine-info and results wri
 from _machine import machine_info, write_results  # noqa: E402
 
 from vocabmetric import StoreError, open_store  # noqa: E402
-from vocabmetric.corpus import tokenize_corpus  # noqa: E402
+from vocabmetric.building.corpus import tokenize_corpus  # noqa: E402
 from vocabmetric.regularizers import full_kl, kl_estimate, kl_in_reward, regularizer_from_store  # noqa: E402
 
 STORE = ROOT / "runs" / "demo" / "metric.zarr"

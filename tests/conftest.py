@@ -109,7 +109,7 @@ def tiny_llama(tokenizer, vocab_size: int | None = None, seed: int = 0):
 @pytest.fixture(scope="session")
 def small_build(tmp_path_factory):
     """``(config_path, BuildResult)`` of the small pipeline (built once per session)."""
-    from vocabmetric.pipeline import build
+    from vocabmetric.building.pipeline import build
 
     root = tmp_path_factory.mktemp("small-build")
     train_bpe(root / "tokenizer.json")
@@ -196,7 +196,7 @@ def serve_in_thread(store_path: Path, timeout: float = 60):
     """The service app under uvicorn in a daemon thread on a free loopback port; yields its URL."""
     import uvicorn
 
-    from vocabmetric.service import create_app
+    from vocabmetric.query.service import create_app
 
     port = free_port()
     server = uvicorn.Server(uvicorn.Config(create_app(store_path), host="127.0.0.1", port=port, log_level="warning"))

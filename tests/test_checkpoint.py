@@ -14,8 +14,8 @@ import pytest
 import torch
 
 from conftest import lee_texts, train_bpe
-from vocabmetric.checkpoint import load_matrix, read_rows, safetensors_header
-from vocabmetric.embeddings import import_embeddings
+from vocabmetric.building.checkpoint import load_matrix, read_rows, safetensors_header
+from vocabmetric.building.embeddings import import_embeddings
 from vocabmetric.errors import ConfigError, TokenizerError
 
 PAD_TO = 64
@@ -128,8 +128,8 @@ def test_only_the_embedding_tensor_is_read(tmp_path):
 
 def test_build_from_a_model_directory_with_no_corpus(tmp_path, tokenizer_file, vocab_size):
     from vocabmetric import open_store
-    from vocabmetric.pipeline import build
-    from vocabmetric.report import build_report, info_table
+    from vocabmetric.building.pipeline import build
+    from vocabmetric.query.report import build_report, info_table
 
     padded = vocab_size + 37
     model = _model("qwen2", False, padded, seed=3)
@@ -157,8 +157,8 @@ def test_build_from_a_model_directory_with_no_corpus(tmp_path, tokenizer_file, v
 
 def test_a_tied_head_is_said_in_the_store(tmp_path, tokenizer_file, vocab_size):
     from vocabmetric import open_store
-    from vocabmetric.pipeline import build
-    from vocabmetric.report import info_table
+    from vocabmetric.building.pipeline import build
+    from vocabmetric.query.report import info_table
 
     model = _model("llama", True, vocab_size)
     directory = _save(model, tmp_path / "tied", tokenizer_file)
@@ -189,7 +189,7 @@ def test_directory_without_safetensors(tmp_path):
 
 def test_directory_without_tokenizer_json(tmp_path):
     from vocabmetric import load_tokenizer
-    from vocabmetric.pipeline import load_config
+    from vocabmetric.building.pipeline import load_config
 
     (tmp_path / "model").mkdir()
     with pytest.raises(TokenizerError, match=r"model directory .*model has no tokenizer\.json"):
@@ -201,7 +201,7 @@ def test_directory_without_tokenizer_json(tmp_path):
 
 
 def test_no_corpus_needs_import(tmp_path, tokenizer_file):
-    from vocabmetric.pipeline import load_config
+    from vocabmetric.building.pipeline import load_config
 
     config = tmp_path / "c.toml"
     config.write_text(f'[tokenizer]\nspec = "hf:{tokenizer_file}"\n')

@@ -9,10 +9,11 @@ import pytest
 from conftest import LEE, train_bpe
 
 from vocabmetric import load_tokenizer, open_store
-from vocabmetric.compose import byte_level_texts, compose_untrained, has_text, hf_merges, last_merges
-from vocabmetric.embeddings import COMPOSED, NONE, Embeddings
+from vocabmetric.building.compose import byte_level_texts, compose_untrained, has_text, hf_merges, last_merges
+from vocabmetric.building.embeddings import Embeddings
+from vocabmetric.vocab.provenance import COMPOSED, NONE
 from vocabmetric.errors import ConfigError
-from vocabmetric.pipeline import build, load_config
+from vocabmetric.building.pipeline import build, load_config
 
 PREFIX = 20_000
 COMPOSE_CONFIG = """

@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 
 from conftest import DATA, lee_texts, train_bpe
-from vocabmetric.corpus import MAX_LINE_TOKENS, expand_sources, iter_documents, tokenize_corpus
+from vocabmetric.building.corpus import expand_sources, iter_documents, tokenize_corpus
+from vocabmetric.building.corpus.shards import MAX_LINE_TOKENS
 from vocabmetric.errors import CorpusError
 
 WIKI_NS = "http://www.mediawiki.org/xml/export-0.10/"
@@ -151,7 +152,7 @@ def test_parallel_workers_give_the_same_corpus_in_order(tmp_path, hf_spec):
 
 
 def test_cl100k_counts_and_lines_within_gensims_limit(tmp_path):
-    from vocabmetric.tokenizers import load_tokenizer
+    from vocabmetric.vocab.tokenizer import load_tokenizer
 
     tok = load_tokenizer("tiktoken:cl100k_base")
     long_line = " ".join(f"w{i % 977}" for i in range(60_000))  # one line, far above 10000 tokens
@@ -277,7 +278,7 @@ EDGE_MARKUP = [
 def test_wiki_markup_filter_equals_gensims():
     from gensim.corpora.wikicorpus import filter_wiki
 
-    from vocabmetric.corpus import _clean_wiki
+    from vocabmetric.building.corpus.wikipedia import plain_text as _clean_wiki
 
     docs = iter_documents(DATA / "enwiki-sample-pages-articles.xml.bz2")
     pages = [next(docs).text for _ in range(25)]

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from conftest import lee_texts, train_bpe
-from vocabmetric.corpus import expand_sources, iter_documents, tokenize_corpus
+from vocabmetric.building.corpus import expand_sources, iter_documents, tokenize_corpus
 from vocabmetric.errors import CorpusError
 
 
@@ -110,7 +110,7 @@ def test_datasets_save_to_disk_directory(hf_spec, reference, tmp_path):
 
 
 def test_a_corpus_section_of_parquet_shards_builds(hf_spec, tmp_path):
-    from vocabmetric.pipeline import load_config
+    from vocabmetric.building.pipeline import load_config
 
     (tmp_path / "shards").mkdir()
     _parquet(tmp_path / "shards" / "a.parquet", _docs(5))

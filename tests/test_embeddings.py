@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from vocabmetric.embeddings import apply_untrained_policy, import_embeddings, train_word2vec
+from vocabmetric.building.embeddings import apply_untrained_policy, import_embeddings, train_word2vec
 from vocabmetric.errors import ConfigError, VocabMetricError
 
 VOCAB = 300

@@ -9,9 +9,9 @@ import pytest
 from scipy.stats import spearmanr
 
 from vocabmetric import open_store
-from vocabmetric.embeddings import Embeddings
+from vocabmetric.building.embeddings import Embeddings
 from vocabmetric.errors import StoreError, VocabMetricError
-from vocabmetric.eval import EvalRow, dataset_path, evaluate, format_eval, read_pairs
+from vocabmetric.query.evaluation import EvalRow, dataset_path, evaluate, format_eval, read_pairs
 from vocabmetric.store import TruncatedMetric, write_store
 
 
@@ -102,7 +102,7 @@ def test_planted_store_gives_the_known_answer(planted):
 
 
 def test_word_forms_and_untrained_words(planted):
-    from vocabmetric.eval import token_of_word
+    from vocabmetric.query.evaluation import token_of_word
 
     store, _, known, form = planted
     words = list(form)
@@ -205,7 +205,7 @@ def test_all_pairs_spearman_and_coverage_against_scipy(planted, small_store):
 
 
 def test_tree_fidelity_on_the_small_store(small_store):
-    from vocabmetric.eval import format_fidelity, tree_fidelity
+    from vocabmetric.query.evaluation import format_fidelity, tree_fidelity
 
     f = tree_fidelity(small_store, n_pairs=3000, n_sources=200)
     assert f == tree_fidelity(small_store, n_pairs=3000, n_sources=200)  # seeded

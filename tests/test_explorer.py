@@ -45,7 +45,7 @@ def small_url(small_store_url):
 def _write_tiny_store(path: Path, *, projection: bool) -> tuple[Path, np.ndarray]:
     """A 60-token store whose tokens 5..7 are HTML; token 5 is the nearest neighbour of 10.
     Token 59 is untrained (NaN on the map). Returns (store path, the 2-D map it holds)."""
-    from vocabmetric.embeddings import Embeddings
+    from vocabmetric.building.embeddings import Embeddings
     from vocabmetric.metrics import KnnMetric
     from vocabmetric.store import TruncatedMetric, write_store
 
@@ -367,7 +367,7 @@ def test_projection_is_every_trained_token_to_16_bits(small_url, small_store):
     extent = np.ptp(stored[on_map], axis=0)
     assert np.all(np.abs(xy - stored[ids]) <= extent / 65535 / 2 + 1e-6 * np.abs(stored[ids]).max())
 
-    from vocabmetric.service import Client
+    from vocabmetric.query.service import Client
 
     with Client(small_url) as client:
         client_ids, client_xy = client.projection()
@@ -388,7 +388,7 @@ def test_page_and_its_files_are_served_with_a_strict_content_policy(small_url):
 
 def test_a_store_without_a_map_answers_404_and_says_how_to_get_one(tmp_path):
     from vocabmetric import open_store
-    from vocabmetric.service import Client
+    from vocabmetric.query.service import Client
 
     path, _ = _write_tiny_store(tmp_path / "metric.zarr", projection=False)
     with pytest.raises(StoreError, match="no 2-D map.*vocabmetric build"):

@@ -29,7 +29,7 @@ CROSS_PARAMETER_RULES = {"GET /neighbors": [schemathesis.checks.positive_data_ac
 
 
 def operations(small_store):
-    from vocabmetric.service import create_app
+    from vocabmetric.query.service import create_app
 
     loaded = schemathesis.openapi.from_asgi("/openapi.json", create_app(small_store.path))
     return [result.ok() for result in loaded.get_all_operations()]

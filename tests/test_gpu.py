@@ -20,8 +20,8 @@ import torch
 
 from vocabmetric import CostOperator, TreeMetric
 from vocabmetric.regularizers import SinkhornDivergence, SlicedWasserstein, TreeWasserstein, full_kl
-from vocabmetric.regularizers import _triton
-from vocabmetric.regularizers._sparse_kernel import SparseLogKernel
+from vocabmetric.regularizers.sinkhorn import triton_kernels as _triton
+from vocabmetric.regularizers.sinkhorn._kernel import SparseLogKernel
 
 CUDA = torch.cuda.is_available()
 gpu = pytest.mark.gpu

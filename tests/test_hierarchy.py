@@ -140,7 +140,7 @@ def test_builder_errors(clustered):
 def test_fitted_weights_raise_spearman_on_planted_clusters():
     from scipy.stats import spearmanr
 
-    from vocabmetric._vectors import l2_distance
+    from vocabmetric._util.vectors import l2_distance
 
     rng = np.random.default_rng(0)
     centers = rng.normal(size=(8, 16)) * rng.uniform(0.5, 3, size=(8, 1))

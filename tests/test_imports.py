@@ -22,14 +22,14 @@ def test_the_regularizers_import_without_the_build_side():
     top = {name.split(".")[0] for name in loaded}
     assert "torch" in top
     assert not top & set(BUILD_SIDE), sorted(top & set(BUILD_SIDE))
-    assert not {"vocabmetric.pipeline", "vocabmetric.store", "vocabmetric.tokenizers"} & loaded
+    assert not {"vocabmetric.building.pipeline", "vocabmetric.store", "vocabmetric.vocab.tokenizer"} & loaded
 
 
 def test_the_build_side_names_resolve_on_first_use():
     import vocabmetric
 
     loaded = modules_after("import vocabmetric; vocabmetric.open_store")
-    assert "vocabmetric.store" in loaded and "vocabmetric.pipeline" not in loaded
+    assert "vocabmetric.store" in loaded and "vocabmetric.building.pipeline" not in loaded
     for name in ("build", "load_config", "MetricStore", "Neighbor", "open_store", "Tokenizer", "load_tokenizer"):
         assert name in dir(vocabmetric) and callable(getattr(vocabmetric, name)), name
     from vocabmetric import MetricStore, open_store  # noqa: F401  (the usual spelling works)

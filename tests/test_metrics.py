@@ -306,8 +306,8 @@ def test_validate_covers_every_constructor_argument(builder):
 
 
 def test_row_distances_equal_l2_distance_bit_for_bit_and_zero_on_empty_slots():
-    from vocabmetric._vectors import l2_distance
-    from vocabmetric._vectors import row_distances
+    from vocabmetric._util.vectors import l2_distance
+    from vocabmetric._util.vectors import row_distances
 
     rng = np.random.default_rng(3)
     x = (rng.standard_normal((500, 24)) * rng.uniform(0.1, 5, (500, 1))).astype(np.float32)

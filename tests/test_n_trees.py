@@ -11,11 +11,11 @@ import pytest
 import torch
 
 from vocabmetric import open_store
-from vocabmetric.embeddings import Embeddings
+from vocabmetric.building.embeddings import Embeddings
 from vocabmetric.errors import ConfigError
 from vocabmetric.metrics import TreeBuilder
-from vocabmetric.metrics_stage import validate_metrics
-from vocabmetric.operator import TreeEnsemble, TreeMetric
+from vocabmetric.building.metrics_stage import validate_metrics
+from vocabmetric.cost import TreeEnsemble, TreeMetric
 from vocabmetric.regularizers import TreeWasserstein
 from vocabmetric.store import TreeArrays, write_store
 

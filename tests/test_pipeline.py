@@ -15,7 +15,7 @@ import pytest
 
 from conftest import LEE, lee_texts, train_bpe
 from vocabmetric.errors import ConfigError, StoreError
-from vocabmetric.pipeline import build, load_config
+from vocabmetric.building.pipeline import build, load_config
 
 CONFIG = """
 [tokenizer]
@@ -266,7 +266,7 @@ def test_a_rerun_embed_stage_with_other_vectors_rebuilds_what_reads_them(project
     metric stages get new keys instead of reusing entries built from the old vectors."""
     import shutil
 
-    import vocabmetric.pipeline as pipeline
+    import vocabmetric.building.pipeline as pipeline
 
     train = pipeline.train_word2vec
 

@@ -21,7 +21,7 @@ from typer.testing import CliRunner
 from conftest import REPO
 from vocabmetric.cli import app
 from vocabmetric.errors import ConfigError, StoreError
-from vocabmetric.plots import neighbor_costs, plot_map, visible
+from vocabmetric.query.plots import neighbor_costs, plot_map, visible
 
 
 def load_plot_results():
@@ -74,7 +74,7 @@ def test_map_png_has_the_asked_size_and_shows_the_probes(small_store, tmp_path):
 
 
 def test_map_default_probes_are_spread_frequent_words(small_store, tmp_path):
-    from vocabmetric.plots import default_probes
+    from vocabmetric.query.plots import default_probes
 
     probes = default_probes(small_store, n=3)
     assert len(set(probes)) == 3

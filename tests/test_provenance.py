@@ -19,9 +19,10 @@ from typer.testing import CliRunner
 
 from conftest import serve_in_thread
 from vocabmetric import open_store
-from vocabmetric.embeddings import COMPOSED, NONE, PROVENANCE, Embeddings
+from vocabmetric.building.embeddings import Embeddings
+from vocabmetric.vocab.provenance import COMPOSED, NONE, PROVENANCE
 from vocabmetric.errors import StoreError
-from vocabmetric.integrity import Manifest, write_manifest
+from vocabmetric.store.integrity import Manifest, write_manifest
 from vocabmetric.metrics import KnnMetric
 from vocabmetric.store import TruncatedMetric, write_store
 
@@ -143,14 +144,14 @@ def test_a_code_beyond_the_provenances_is_refused_by_name(tmp_path):
 
 # -- the tables ---------------------------------------------------------------------------------
 def test_info_table_counts_each_provenance(store):
-    from vocabmetric.report import info_table
+    from vocabmetric.query.report import info_table
 
     line = next(line for line in info_table(store).splitlines() if line.startswith("provenance"))
     assert "30 trained" in line and "5 borrowed" in line and "15 composed" in line and "10 none" in line
 
 
 def test_neighbor_tables_show_each_rows_provenance(store):
-    from vocabmetric.report import PROVENANCE_MARK, neighbor_table, side_by_side
+    from vocabmetric.query.report import PROVENANCE_MARK, neighbor_table, side_by_side
 
     rows = store.neighbors(40, k=6, metric="knn")
     table = neighbor_table(store, 40, rows, "knn").splitlines()
@@ -190,7 +191,7 @@ def url(store_path):
 
 
 def test_service_answers_carry_provenance_and_match_the_schema(url, store_path):
-    from vocabmetric.service._schema import CostResponse, InfoResponse, NeighborsBatchResponse, NeighborsResponse
+    from vocabmetric.query.service._schema import CostResponse, InfoResponse, NeighborsBatchResponse, NeighborsResponse
 
     got = httpx.get(f"{url}/neighbors", params={"id": 40, "k": 6, "metric": "knn"}).json()
     assert got["query"] == {"id": 40, "text": " w40", "provenance": "composed"}

@@ -17,7 +17,7 @@ import pytest
 
 from conftest import free_port, serve_in_thread, serve_subprocess
 from vocabmetric.errors import ConfigError, StoreError, TokenizerError, TokenNotFound, VocabMetricError
-from vocabmetric.service import MAX_BATCH, MAX_K, MAX_PAIRS, Client
+from vocabmetric.query.service import MAX_BATCH, MAX_K, MAX_PAIRS, Client
 from vocabmetric.store import Neighbor
 
 @pytest.fixture(scope="module")
@@ -186,7 +186,7 @@ def test_bad_get_is_a_4xx_json_error_naming_the_value(http, path, params, status
 @pytest.fixture(scope="module")
 def duplicate_text_url(tmp_path_factory):
     """A real uvicorn server (in a thread) on a tiny store where ids 7 and 9 share a text."""
-    from vocabmetric.embeddings import Embeddings
+    from vocabmetric.building.embeddings import Embeddings
     from vocabmetric.metrics import KnnMetric
     from vocabmetric.store import TruncatedMetric, write_store
 
@@ -354,7 +354,7 @@ def test_a_chunked_body_is_refused_at_the_limit_without_reading_the_rest(base_ur
     import select
     import socket
 
-    from vocabmetric.service import MAX_BODY_BYTES
+    from vocabmetric.query.service import MAX_BODY_BYTES
 
     host, port = _host_port(base_url)
     sock = socket.create_connection((host, port), timeout=10)
@@ -468,7 +468,7 @@ def budget_client(small_store):
     """The real app in-process (Starlette's TestClient) with a work budget of 5,000."""
     from starlette.testclient import TestClient
 
-    from vocabmetric.service import create_app
+    from vocabmetric.query.service import create_app
 
     with TestClient(create_app(small_store.path, max_work=5000)) as c:
         yield c

@@ -155,7 +155,7 @@ def test_support_mode_converges_where_alternating_updates_crawl(op, eps):
 def test_support_mode_newton_and_alternating_updates_agree(op, monkeypatch):
     # large supports (over NEWTON_MAX_POINTS) take alternating updates: both solvers reach
     # the same potentials, so the same value and gradient, on a moderate ε
-    import vocabmetric.regularizers._support as support_mode
+    import vocabmetric.regularizers.sinkhorn._support as support_mode
 
     z, r = logits_pair(op.vocab_size, n=3, scale=3.0, seed=13)
     results = []
@@ -227,7 +227,7 @@ def test_asymmetric_operator_is_symmetrized_and_says_so(caplog):
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 def test_fused_cpu_kernel_equals_the_gathered_torch_path(dtype):
     """Numba and the gathered torch path agree (-inf weights, rows of uneven degree)."""
-    from vocabmetric.regularizers._sparse_kernel import SparseLogKernel, numba_sparse_lse
+    from vocabmetric.regularizers.sinkhorn._kernel import SparseLogKernel, numba_sparse_lse
 
     if numba_sparse_lse() is None:
         pytest.skip("numba is not installed")
@@ -249,7 +249,7 @@ def test_fused_cpu_kernel_equals_the_gathered_torch_path(dtype):
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 def test_support_kernel_equals_the_log_domain_sum(dtype):
     """The support kernel equals logsumexp(h − C/ε): one problem, stacked copies, subsets, ε = cap/90."""
-    from vocabmetric.regularizers._support import DenseLogKernel
+    from vocabmetric.regularizers.sinkhorn._support import DenseLogKernel
 
     gen = torch.Generator().manual_seed(5)
     r, s = 4, 9
@@ -384,7 +384,7 @@ def test_neighbour_move_costs_less_than_far_move_on_a_real_store(small_store):
 
 def test_locality_order_puts_a_shuffled_chain_of_neighbours_back_together():
     """The token order (RCM) is a permutation that brings a shuffled chain's neighbours back together."""
-    from vocabmetric.regularizers._sparse_kernel import SparseLogKernel, locality_order
+    from vocabmetric.regularizers.sinkhorn._kernel import SparseLogKernel, locality_order
 
     V, rng = 2000, np.random.default_rng(0)
     ids = rng.permutation(V)  # token at chain position t

@@ -118,7 +118,7 @@ def test_warm_start_converges_in_fewer_iterations_to_the_same_answer(op, acceler
 def solve_both_domains(op, z, r, monkeypatch, tol):
     """Value, gradient and info of the newton solve in the scaling domain and the log
     domain (``scaling_applies`` forced), and how many scaling-domain sparse passes ran."""
-    from vocabmetric.regularizers import _full, _scaling
+    from vocabmetric.regularizers.sinkhorn import _full, _scaling
 
     passes = {"n": 0}
     apply = _scaling.LinearKernel.apply
@@ -152,7 +152,7 @@ def test_the_scaling_domain_reaches_the_log_domains_value_and_gradient(op, monke
 
 
 def test_sums_out_of_the_scaling_range_are_redone_in_the_log_domain(op, monkeypatch):
-    from vocabmetric.regularizers import _scaling
+    from vocabmetric.regularizers.sinkhorn import _scaling
 
     z, r = heavy_pair(op.vocab_size, seed=4)
     reference = SinkhornDivergence(op, eps=EPS, tol=1e-8, max_iter=3000, acceleration="none")(z, r)

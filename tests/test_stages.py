@@ -9,7 +9,7 @@ import sys
 import numpy as np
 import pytest
 
-from vocabmetric.stages import Stages, save_array, stage_key
+from vocabmetric.building.stages import Stages, save_array, stage_key
 
 
 def dead_pid() -> int:

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from vocabmetric import open_store
-from vocabmetric.embeddings import Embeddings
+from vocabmetric.building.embeddings import Embeddings
 from vocabmetric.errors import StoreError, TokenizerError, TokenNotFound, VocabMetricError
 from vocabmetric.metrics import TreeBuilder
 from vocabmetric.metrics import GeodesicMetric, KnnMetric, l2_distance
@@ -134,7 +134,7 @@ def set_attr(path, key, value):
     """Change a root attribute and re-hash, as if the store had been written with it."""
     import zarr
 
-    from vocabmetric.integrity import write_manifest
+    from vocabmetric.store.integrity import write_manifest
 
     zarr.open_group(str(path), mode="r+", zarr_format=3).attrs[key] = value
     write_manifest(path)

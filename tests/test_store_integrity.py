@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from vocabmetric import StoreError, open_store
-from vocabmetric.integrity import MANIFEST, Manifest, write_manifest
+from vocabmetric.store.integrity import MANIFEST, Manifest, write_manifest
 
 
 def serve_everything(path: Path) -> None:

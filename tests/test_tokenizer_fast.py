@@ -1,4 +1,4 @@
-"""The exact tiktoken fast path for byte-level BPE tokenizer.json files (vocabmetric._bpe_ranks).
+"""The exact tiktoken fast path for byte-level BPE tokenizer.json files (vocabmetric.vocab.bpe).
 
 Every comparison is against the ``tokenizers`` library itself: ``encode(t, add_special_tokens=False).ids``.
 """
@@ -14,10 +14,10 @@ import pytest
 from conftest import lee_texts, train_bpe
 from tokenizers import Tokenizer as HF
 
-from vocabmetric import tokenizers as vm_tokenizers
-from vocabmetric._bpe_ranks import byte_level_alphabet, ranks_to_tokenizer_json
-from vocabmetric.corpus import iter_documents, tokenize_corpus
-from vocabmetric.tokenizers import batch_encoder, load_tokenizer
+from vocabmetric.vocab import tokenizer as vm_tokenizers
+from vocabmetric.vocab.bpe import byte_level_alphabet, ranks_to_tokenizer_json
+from vocabmetric.building.corpus import iter_documents, tokenize_corpus
+from vocabmetric.vocab.tokenizer import batch_encoder, load_tokenizer
 
 DATA = Path(__file__).resolve().parents[1] / "data"
 #: cl100k's pattern as Llama 3's tokenizer.json writes it: no possessive quantifiers.

@@ -7,7 +7,7 @@ import pytest
 
 from conftest import lee_texts, train_bpe
 from vocabmetric.errors import TokenizerError, VocabMetricError
-from vocabmetric.tokenizers import load_tokenizer
+from vocabmetric.vocab.tokenizer import load_tokenizer
 
 SAMPLES = [
     "Hello, world! The quick brown fox jumps over the lazy dog.",

@@ -6,11 +6,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from vocabmetric._vectors import l2_distance, normalized
+from vocabmetric._util.vectors import l2_distance, normalized
 from vocabmetric.errors import ConfigError
 from vocabmetric.metrics import KnnMetric, TreeBuilder
 from vocabmetric.metrics._tree import follow_neighbors
-from vocabmetric.metrics_stage import validate_metrics
+from vocabmetric.building.metrics_stage import validate_metrics
 
 
 def test_a_member_moves_to_the_side_of_its_neighbours():

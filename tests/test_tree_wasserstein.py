@@ -9,7 +9,7 @@ import torch
 
 from conftest import moved_mass
 from vocabmetric.errors import FingerprintMismatch, VocabMetricError
-from vocabmetric.operator import TreeMetric
+from vocabmetric.cost import TreeMetric
 from vocabmetric.regularizers import TreeWasserstein, full_kl
 from vocabmetric.regularizers._inputs import reference_probs
 

@@ -20,20 +20,23 @@ from .errors import (
     TokenNotFound as TokenNotFound,
     VocabMetricError as VocabMetricError,
 )
+from ._moved import install as _install_moved_paths
 from ._version import __version__ as __version__
-from .operator import CostOperator as CostOperator, TreeEnsemble as TreeEnsemble, TreeMetric as TreeMetric
+from .cost import CostOperator as CostOperator, TreeEnsemble as TreeEnsemble, TreeMetric as TreeMetric
 
 if TYPE_CHECKING:
-    from .pipeline import build as build, load_config as load_config
+    from .building.pipeline import build as build, load_config as load_config
     from .store import MetricStore as MetricStore, Neighbor as Neighbor, open_store as open_store
-    from .tokenizers import Tokenizer as Tokenizer, load_tokenizer as load_tokenizer
+    from .vocab.tokenizer import Tokenizer as Tokenizer, load_tokenizer as load_tokenizer
 
+
+_install_moved_paths()  # old module paths import, with a warning, for one release
 
 #: Names re-exported from the building side, each from its module, on first access.
 _LAZY = {
-    "build": "pipeline", "load_config": "pipeline",
+    "build": "building.pipeline", "load_config": "building.pipeline",
     "MetricStore": "store", "Neighbor": "store", "open_store": "store",
-    "Tokenizer": "tokenizers", "load_tokenizer": "tokenizers",
+    "Tokenizer": "vocab.tokenizer", "load_tokenizer": "vocab.tokenizer",
 }
 
 

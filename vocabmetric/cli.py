@@ -43,8 +43,8 @@ def build(
     quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bars or report"),
 ) -> None:
     """Build a metric store: tokenize → word2vec → metrics → OUT/metric.zarr."""
-    from .pipeline import build as run_build
-    from .report import build_report
+    from .building.pipeline import build as run_build
+    from .query.report import build_report
 
     logging.basicConfig(level=logging.WARNING if quiet else logging.INFO, format="%(message)s")
     for chatty in ("gensim", "numba", "umap", "faiss"):  # their per-batch INFO lines drown the report
@@ -63,7 +63,7 @@ def build(
 @app.command()
 def info(store: Path = typer.Argument(..., help="a metric.zarr store"), as_json: bool = typer.Option(False, "--json")) -> None:
     """What a store holds: tokenizer, corpus, embeddings (tokens per provenance), metrics."""
-    from .report import info_table
+    from .query.report import info_table
 
     s = _open(store)
     typer.echo(json.dumps(s.info(), indent=2) if as_json else info_table(s))
@@ -74,7 +74,7 @@ def verify(store: Path = typer.Argument(..., help="a metric.zarr store")) -> Non
     """Check every file of a store against its manifest (sizes and content hashes).
 
     Exit 0 when all match; 1 when a file is missing, damaged or the store has no manifest."""
-    from .integrity import Manifest
+    from .store.integrity import Manifest
 
     if not (store / "zarr.json").is_file():
         _fail(VocabMetricError(f"{store} is not a vocabmetric store; build one with `vocabmetric build CONFIG`"))
@@ -98,7 +98,7 @@ def neighbors(
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
     """The k nearest tokens of TOKEN, with their costs and provenance (trained, borrowed, composed)."""
-    from .report import neighbor_table
+    from .query.report import neighbor_table
 
     s = _open(store)
     try:
@@ -162,7 +162,7 @@ def eval_(
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
     """Spearman correlation of each metric's cost with human similarity (WordSim353, SimLex-999)."""
-    from .eval import evaluate, format_eval
+    from .query.evaluation import evaluate, format_eval
 
     s = _open(store)
     try:
@@ -171,7 +171,7 @@ def eval_(
         _fail(exc)
     typer.echo(json.dumps([r._asdict() for r in rows], indent=2) if as_json else format_eval(rows))
     if not as_json and "tree" in s.metrics:
-        from .eval import format_fidelity, tree_fidelity
+        from .query.evaluation import format_fidelity, tree_fidelity
 
         typer.echo("\n" + format_fidelity(tree_fidelity(s)))
 
@@ -183,15 +183,15 @@ def serve(
     port: int = typer.Option(8000, "--port", "-p"),
     workers: int = typer.Option(1, "--workers", help="uvicorn worker processes"),
     header_timeout: Optional[float] = typer.Option(None, "--header-timeout", help="seconds for a request's headers to "
-                                                   "arrive [default: vocabmetric.service.HEADER_TIMEOUT, 5]"),
+                                                   "arrive [default: vocabmetric.query.service.HEADER_TIMEOUT, 5]"),
     body_timeout: Optional[float] = typer.Option(None, "--body-timeout", help="seconds for a request's body to arrive "
-                                                 "[default: vocabmetric.service.BODY_TIMEOUT, 30]"),
+                                                 "[default: vocabmetric.query.service.BODY_TIMEOUT, 30]"),
     limit_concurrency: Optional[int] = typer.Option(None, "--limit-concurrency", help="connections and requests at once "
-                                                    "per worker, beyond: 503 [default: vocabmetric.service.LIMIT_CONCURRENCY]"),
+                                                    "per worker, beyond: 503 [default: vocabmetric.query.service.LIMIT_CONCURRENCY]"),
     access_log: bool = typer.Option(True, "--access-log/--no-access-log", help="one log line per request"),
 ) -> None:
     """Serve neighbour costs over HTTP (GET /neighbors, /cost, /info; OpenAPI at /docs)."""
-    from .service import serve as run_server
+    from .query.service import serve as run_server
 
     _open(store)  # a clear error before the server starts
     given = dict(header_timeout=header_timeout, body_timeout=body_timeout, limit_concurrency=limit_concurrency)
@@ -214,8 +214,8 @@ def plot(
     size: Optional[str] = typer.Option(None, "--size", help="WIDTHxHEIGHT in pixels (default depends on the kind)"),
 ) -> None:
     """Draw a PNG of a store: the 2-D map or the neighbour-cost distributions."""
-    from .plots import parse_size
-    from .plots import plot as draw
+    from .query.plots import parse_size
+    from .query.plots import plot as draw
 
     try:
         path = draw(kind, source, out, probes=probe, k=k, metric=metric, size=parse_size(size) if size else None)

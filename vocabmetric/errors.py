@@ -17,7 +17,8 @@ class ConfigError(VocabMetricError, ValueError):
 
 
 class CorpusError(VocabMetricError):
-    """A corpus file is missing, unreadable or corrupt (the message names file and line)."""
+    """A corpus file is missing, unreadable or corrupt (the message names file and line), or the
+    corpus trains too few tokens for a setting (min_count, compose, a metric's k)."""
 
 
 class TokenizerError(VocabMetricError, ValueError):

@@ -40,7 +40,6 @@ from __future__ import annotations
 import copy
 import logging
 from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 from torch import nn
@@ -48,6 +47,7 @@ from torch import nn
 from ..errors import ConfigError, FingerprintMismatch, VocabMetricError
 from ..regularizers.factory import regularizer_from_store
 from ..regularizers.registry import PENALTIES, penalty_class, penalty_name
+from ..vocab.fingerprint import check_fingerprint, tokenizer_fingerprint
 
 try:
     from trl import GRPOConfig, GRPOTrainer
@@ -89,17 +89,6 @@ class VocabMetricGRPOConfig(GRPOConfig):
         penalty_class(self.penalty, where="VocabMetricGRPOConfig")
         if not self.penalty_beta >= 0:
             raise ConfigError(f"VocabMetricGRPOConfig: penalty_beta must be >= 0, got {self.penalty_beta!r}")
-
-
-def tokenizer_fingerprint(tokenizer: Any) -> str | None:
-    """The vocabmetric fingerprint of a transformers fast tokenizer (the same as the
-    store's when the store was built from its ``tokenizer.json``); None if unknown."""
-    from ..tokenizers import HFTokenizer
-
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    if backend is None:
-        return None
-    return HFTokenizer.from_hf(backend).fingerprint
 
 
 class VocabMetricGRPOTrainer(GRPOTrainer):
@@ -171,14 +160,9 @@ class VocabMetricGRPOTrainer(GRPOTrainer):
         )
 
     def _check_fingerprint(self) -> str | None:
-        expected = getattr(self.regularizer, "fingerprint", None)
         got = tokenizer_fingerprint(self.processing_class)
-        if expected is not None and got is not None and expected != got:
-            raise FingerprintMismatch(
-                f"VocabMetricGRPOTrainer: the {self.penalty_name} metric was built for tokenizer "
-                f"{expected[:12]}… but processing_class is tokenizer {got[:12]}…; build the metric "
-                "from this model's tokenizer.json (vocabmetric build, [tokenizer] spec = \"hf:…\")"
-            )
+        check_fingerprint(getattr(self.regularizer, "fingerprint", None), got, "VocabMetricGRPOTrainer",
+                          source=f"processing_class (for the {self.penalty_name} metric)")
         return got
 
     # -- the loss ------------------------------------------------------------------------------

@@ -16,10 +16,10 @@ Truncated metrics (:class:`L2Metric`, :class:`KnnMetric`, :class:`GeodesicMetric
   (``params_["cap_statistic"]`` says so); pass ``cap=`` to fix it;
 * ``params_`` dict of plain values, to be stored as attrs (kind, k, cap, cap_statistic, …).
 
-``to_operator()`` wraps them in a :class:`~vocabmetric.operator.CostOperator`. The tree
+``to_operator()`` wraps them in a :class:`~vocabmetric.cost.CostOperator`. The tree
 builders (:class:`TreeBuilder`, :class:`WardTreeBuilder`) end with ``parent_``,
 ``weight_``, ``leaf_of_token_``, ``cap_``, ``params_``; ``to_tree()`` wraps them in a
-:class:`~vocabmetric.operator.TreeMetric`.
+:class:`~vocabmetric.cost.TreeMetric`.
 
 ``l2`` versus ``knn``: the l2 metric is the normalized Euclidean distance
 ``‖x_i/‖x_i‖ − x_j/‖x_j‖‖`` in [0, 2]. :func:`l2_distance` gives it exactly for any pair;
@@ -44,19 +44,9 @@ Example
 >>> geo.to_operator().neighbors(42)
 """
 
-from .._progress import progress_bar as progress_bar
-from .._vectors import l2_distance as l2_distance, normalized as normalized
-from ._checks import (
-    CAP_PAIRS as CAP_PAIRS,
-    CAP_QUANTILE as CAP_QUANTILE,
-    TruncatedMetricBase as TruncatedMetricBase,
-    check_inputs as check_inputs,
-    check_k as check_k,
-    check_knn as check_knn,
-    choose_cap as choose_cap,
-    random_pairs as random_pairs,
-)
+from .._util.vectors import l2_distance as l2_distance, normalized as normalized
+from ._checks import random_pairs as random_pairs
 from ._geodesic import GeodesicMetric as GeodesicMetric, bounded_dijkstra as bounded_dijkstra
 from ._knn import KnnMetric as KnnMetric, L2Metric as L2Metric, drop_self as drop_self, knn_graph as knn_graph
-from ._tree import MIN_EDGE as MIN_EDGE, TreeBuilder as TreeBuilder, WardTreeBuilder as WardTreeBuilder
+from ._tree import TreeBuilder as TreeBuilder, WardTreeBuilder as WardTreeBuilder
 from ._umap import UmapMetric as UmapMetric

@@ -20,8 +20,8 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import ConfigError, VocabMetricError
-from ..operator import CostOperator
+from ..errors import ConfigError, CorpusError, VocabMetricError
+from ..cost import CostOperator
 
 LOG = logging.getLogger(__name__)
 
@@ -109,7 +109,7 @@ def check_k(k: int, n_trained: int, what: str, name: str = "k") -> int:
     if not isinstance(k, (int, np.integer)) or isinstance(k, bool) or k < 1:
         raise VocabMetricError(f"{what}: {name} must be a positive integer, got {k!r}")
     if k >= n_trained:
-        raise VocabMetricError(
+        raise CorpusError(
             f"{what}: {name}={k} must be smaller than the number of trained tokens ({n_trained}); "
             f"lower {name} or train on a larger corpus"
         )

@@ -13,8 +13,8 @@ from typing import Any
 
 import numpy as np
 
-from .._jit import compile_once
-from .._progress import progress_bar
+from .._util.jit import compile_once
+from .._util.progress import progress_bar
 from ._checks import (CAP_PAIRS, TruncatedMetricBase, argument_where, check_cap, check_flag, check_inputs, check_integer,
                       check_k, check_knn)
 from ._knn import KnnMetric, knn_graph

@@ -1,7 +1,7 @@
 """The l2 kNN table (faiss) and the symmetrized kNN graph that geodesic, umap and ward read.
 
 :class:`KnnMetric` keeps each token's ``k`` nearest trained tokens by the normalized
-Euclidean distance ``‖x_i/‖x_i‖ − x_j/‖x_j‖‖`` (:func:`~vocabmetric._vectors.l2_distance`);
+Euclidean distance ``‖x_i/‖x_i‖ − x_j/‖x_j‖‖`` (:func:`~vocabmetric._util.vectors.l2_distance`);
 :class:`L2Metric` is its exact (flat) table under the name ``l2``. Stored costs are always
 the exact float64 l2 distance, whichever index found the neighbours.
 """
@@ -14,8 +14,8 @@ from typing import Any
 
 import numpy as np
 
-from .._progress import progress_bar
-from .._vectors import l2_distance, normalized, row_distances
+from .._util.progress import progress_bar
+from .._util.vectors import l2_distance, normalized, row_distances
 from ..errors import ConfigError
 from ._checks import (CAP_PAIRS, TruncatedMetricBase, argument_where, check_cap, check_flag, check_inputs, check_integer,
                       check_k, random_pairs)

@@ -1,6 +1,6 @@
 """Tree ground metrics over a vocabulary: hierarchical clusterings turned into TreeMetrics.
 
-Two builders, same output (valid input to :class:`~vocabmetric.operator.TreeMetric`):
+Two builders, same output (valid input to :class:`~vocabmetric.cost.TreeMetric`):
 
 * :class:`TreeBuilder` — recursive k-means (faiss): split every cluster into ``branching``
   clusters until it holds at most ``max_leaf_size`` tokens or ``max_depth`` is reached;
@@ -23,7 +23,7 @@ between two untrained tokens it is ``cap_``. ``cap_`` is the 99th percentile of 
 distance over random trained pairs (or given).
 
 ``TreeBuilder(n_trees=T)`` grows T trees from seeds ``seed … seed+T−1``; the metric is their
-mean distance (``to_tree()`` a :class:`~vocabmetric.operator.TreeEnsemble`; ``trees_`` the
+mean distance (``to_tree()`` a :class:`~vocabmetric.cost.TreeEnsemble`; ``trees_`` the
 trees; ``parent_``, ``weight_``, ``leaf_of_token_`` (T, V), ``offsets_`` the stacked arrays
 the store keeps). With one tree the arrays are those of the tree itself.
 
@@ -41,10 +41,10 @@ from typing import Any
 
 import numpy as np
 
-from .._progress import progress_bar
-from .._vectors import normalized
+from .._util.progress import progress_bar
+from .._util.vectors import normalized
 from ..errors import VocabMetricError
-from ..operator import TreeEnsemble, TreeMetric
+from ..cost import TreeEnsemble, TreeMetric
 from ._checks import (CAP_PAIRS, CAP_QUANTILE, argument_where, check_cap, check_flag, check_inputs, check_integer, check_k,
                       check_knn, random_pairs)
 from ._knn import KnnMetric, knn_graph
@@ -128,7 +128,7 @@ class TreeBuilder(_TreeResult):
         No split below this depth.
     n_trees : int
         Trees to build, tree t with k-means seed ``seed + t``; the metric is their mean
-        distance (:class:`~vocabmetric.operator.TreeEnsemble`), the cap that mean's p99.
+        distance (:class:`~vocabmetric.cost.TreeEnsemble`), the cap that mean's p99.
         The defaults (4 binary trees following the kNN graph, fitted) on the demo store's
         99.5k usable tokens (``benchmarks/tree_fidelity.py``): Spearman(tree, l2) 0.848 over
         random usable pairs, 10-NN/median contrast 0.309 (l2: 0.291, 6% above; plain

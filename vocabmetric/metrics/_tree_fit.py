@@ -173,8 +173,8 @@ def fit_forest_weights(forest: list[tuple[np.ndarray, np.ndarray]], root: int, t
     :func:`sample_pairs` of the trained tokens (near pairs from ``knn_indices``, see
     :func:`nearest_indices`), their l2 distances, :func:`fit_edge_weights` on the stacked
     forest. ``where`` names the builder in errors."""
-    from .._vectors import l2_distance
-    from ..operator import TreeMetric
+    from .._util.vectors import l2_distance
+    from ..cost import TreeMetric
 
     vocab_size = len(embeddings)
     mask = np.zeros(vocab_size, bool)

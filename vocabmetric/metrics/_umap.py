@@ -14,8 +14,8 @@ from typing import Any
 
 import numpy as np
 
-from .._progress import show_progress
-from .._vectors import l2_distance, normalized
+from .._util.progress import show_progress
+from .._util.vectors import l2_distance, normalized
 from ..errors import VocabMetricError
 from ._checks import (CAP_PAIRS, CAP_QUANTILE, TruncatedMetricBase, argument_where, check_cap, check_flag, check_inputs,
                       check_integer, check_k, check_knn, random_pairs)

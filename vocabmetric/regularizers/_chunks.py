@@ -79,7 +79,7 @@ def softmax_into(logits: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
 def reference_chunk(ref: Reference, logits: torch.Tensor, out: torch.Tensor, where: str) -> torch.Tensor:
     """``q`` for a chunk of positions, in ``out``'s dtype: reference logits are soft-maxed into
     ``out`` (float64 stays float64, and ``ref == logits`` gives ``q == p`` bit for bit); a
-    top-k pair goes through :func:`~vocabmetric.regularizers._inputs.reference_probs`."""
+    top-k pair goes through :func:`~vocabmetric.regularizers.reference_probs`."""
     if isinstance(ref, torch.Tensor):  # NaN is diagnosed once the value is NaN
         return softmax_into(ref, out)
     return reference_probs(ref, logits, where).to(out.dtype)

@@ -12,7 +12,7 @@ from typing import Union
 import torch
 
 from ..errors import VocabMetricError
-from ..operator import check_vocab_size
+from ..cost import check_vocab_size
 
 Reference = Union[torch.Tensor, tuple]
 
@@ -154,3 +154,12 @@ CHUNK_ELEMENTS = {"cpu": 1 << 22, "cuda": 1 << 26}
 def chunk_rows(vocab_size: int, device: torch.device, chunk_size: int | None = None) -> int:
     """Positions per chunk: ``chunk_size`` if given, else ``CHUNK_ELEMENTS[device] // V``."""
     return chunk_size or max(1, CHUNK_ELEMENTS.get(device.type, CHUNK_ELEMENTS["cpu"]) // max(vocab_size, 1))
+
+
+def check_same_shape(where: str, **tensors: torch.Tensor | None) -> None:
+    """Raise unless every given tensor (None skipped) has one shape: one value per token."""
+    given = {name: t for name, t in tensors.items() if t is not None}
+    shapes = {tuple(t.shape) for t in given.values()}
+    if len(shapes) > 1:
+        listed = ", ".join(f"{name} {tuple(t.shape)}" for name, t in given.items())
+        raise VocabMetricError(f"{where}: shapes differ: {listed}; pass one value per token")

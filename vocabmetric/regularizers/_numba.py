@@ -8,7 +8,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .._jit import compile_once
+from .._util.jit import compile_once
 
 
 @compile_once

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError, VocabMetricError
-from ..operator import check_fingerprint
+from ..cost import check_fingerprint
 from ._inputs import check_floating, check_width
 
 #: The backends of a penalty with a numba CPU kernel beside its torch path.

@@ -96,13 +96,13 @@ def full_kl(
     flat = logits.reshape(-1, vocab_size)
     ref_flat = ref_logits.detach().reshape(-1, vocab_size)
     rows = chunk_rows(vocab_size, flat.device, chunk_size)
-    kl = _FullKL.apply(flat, ref_flat, direction == "reverse", rows)
+    kl = _ClosedFormKL.apply(flat, ref_flat, direction == "reverse", rows)
     if torch.isnan(kl).any():
         raise_bad_logits([(flat, "logits"), (ref_flat, "ref_logits")], where, "KL")
     return kl.reshape(lead)
 
 
-class _FullKL(torch.autograd.Function):
+class _ClosedFormKL(torch.autograd.Function):
     """Chunked KL whose backward recomputes each chunk's log-softmaxes from the inputs.
 
     Only the KL per position is saved besides the inputs. Each chunk costs two fused

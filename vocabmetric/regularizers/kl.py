@@ -11,7 +11,7 @@ A trainer penalizes the policy π for drifting from a reference π_ref. Three fo
 * :func:`kl_in_reward` — k1 placed in the return (reward-to-go), the form whose
   policy-gradient is the unbiased gradient of the sequence-level reverse KL.
 
-:func:`aggregate` reduces per-token values to the scalar loss the way trainers do.
+:func:`~vocabmetric.regularizers.reduction.aggregate` reduces per-token values to the scalar loss the way trainers do.
 
 Conventions: ``logp = log π(x)`` carries the gradient, ``ref_logp = log π_ref(x)`` does
 not, ``log_ratio = logp - ref_logp``. ``-inf`` is an exact zero probability; NaN is an
@@ -24,11 +24,10 @@ import math
 
 import torch
 
-from ..errors import ConfigError, VocabMetricError
-from ._inputs import check_logprobs, compute_dtype
+from ..errors import ConfigError
+from ._inputs import check_logprobs, check_same_shape as _check_same_shape, compute_dtype
 
 ESTIMATORS = ("k1", "k2", "k3", "abs", "k1+", "k3+")
-AGGREGATIONS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum")
 
 # --------------------------------------------------------------------------------------
 # sampled-token estimators
@@ -209,43 +208,6 @@ def kl_in_reward(
     return torch.where(keep, returns, 0.0)
 
 
-def aggregate(values: torch.Tensor, mask: torch.Tensor, mode: str = "token-mean") -> torch.Tensor:
-    r"""Reduce per-token values ``[..., T]`` to a scalar loss, as trainers do.
-
-    * ``"token-mean"``: :math:`\sum_{b,t} m\,v / \sum_{b,t} m` — every token weighs the same.
-    * ``"seq-mean-token-mean"``: mean over sequences of :math:`\sum_t m\,v / \sum_t m`.
-    * ``"seq-mean-token-sum"``: mean over sequences of :math:`\sum_t m\,v`.
-
-    Sequences (all leading dims flattened) with no token in ``mask`` are left out of the
-    sequence means; an empty mask gives 0 (still connected to the graph). Masked positions
-    may hold inf or NaN: they are selected away, not multiplied by 0, so they reach
-    neither the value nor the gradient.
-
-    Parameters
-    ----------
-    values : Tensor, shape (..., T)
-    mask : Tensor, shape (..., T), bool or {0, 1}
-    mode : {"token-mean", "seq-mean-token-mean", "seq-mean-token-sum"}
-
-    Returns
-    -------
-    Tensor, shape ()
-    """
-    where = "aggregate"
-    if mode not in AGGREGATIONS:
-        raise ConfigError(f"{where}: unknown mode {mode!r}; choose one of {AGGREGATIONS}")
-    _check_same_shape(where, values=values, mask=mask)
-    keep = mask != 0
-    masked = torch.where(keep, values, 0.0)
-    if mode == "token-mean":
-        return masked.sum() / keep.sum().clamp_min(1)
-    n_tokens = keep.sum(-1).reshape(-1)
-    per_seq = masked.sum(-1).reshape(-1)
-    if mode == "seq-mean-token-mean":
-        per_seq = per_seq / n_tokens.clamp_min(1)
-    return per_seq.sum() / (n_tokens > 0).sum().clamp_min(1)
-
-
 # --------------------------------------------------------------------------------------
 # shared checks
 
@@ -253,11 +215,3 @@ def aggregate(values: torch.Tensor, mask: torch.Tensor, mode: str = "token-mean"
 def _check_clamp(clamp: float | None, where: str) -> None:
     if clamp is not None and not (clamp > 0 and math.isfinite(clamp)):
         raise ConfigError(f"{where}: clamp must be a positive finite number or None, got {clamp!r}")
-
-
-def _check_same_shape(where: str, **tensors: torch.Tensor | None) -> None:
-    given = {name: t for name, t in tensors.items() if t is not None}
-    shapes = {tuple(t.shape) for t in given.values()}
-    if len(shapes) > 1:
-        listed = ", ".join(f"{name} {tuple(t.shape)}" for name, t in given.items())
-        raise VocabMetricError(f"{where}: shapes differ: {listed}; pass one value per token")

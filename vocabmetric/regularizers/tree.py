@@ -1,7 +1,7 @@
 """Tree-Wasserstein distance between next-token distributions: exact W1 in closed form.
 
 For a tree metric (``d(i, j)`` = length of the tree path between the nodes of tokens i and
-j, see :class:`~vocabmetric.operator.TreeMetric`) optimal transport has a closed form
+j, see :class:`~vocabmetric.cost.TreeMetric`) optimal transport has a closed form
 (Evans & Matsen 2012; Le et al. 2019):
 
 .. math::
@@ -28,7 +28,7 @@ token under :class:`~vocabmetric.metrics.TreeBuilder`) are not materialized; the
 is ``p_i − q_i`` itself. The other ("inner") nodes are ordered deepest first, so one pass in
 that order adds every node into its parent after all its children were added to it.
 
-Several trees (a :class:`~vocabmetric.operator.TreeEnsemble`): ``W_T = (1/T)·Σ_t W_t``
+Several trees (a :class:`~vocabmetric.cost.TreeEnsemble`): ``W_T = (1/T)·Σ_t W_t``
 is again a sum of ``w·|D|`` over edges — the edges of all trees, each weight divided by T —
 so the trees' inner nodes are concatenated into one layout and swept in the same one pass.
 
@@ -47,7 +47,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from ..operator import TreeEnsemble, TreeMetric
+from ..cost import TreeEnsemble, TreeMetric
 from ._chunks import solve_by_chunks
 from ._inputs import Reference
 from ._numba import compile_once, prefetch as _prefetch, run_rows
@@ -282,7 +282,7 @@ class TreeWasserstein(Penalty):
     ``forward(logits [..., V], ref, *, fingerprint=None)`` → ``[...]``, float32 (float64 for
     float64 logits); ``ref`` is reference logits ``[..., V]`` (no grad) or a top-k pair
     ``(ids [..., m], logprobs [..., m])`` (see
-    :func:`~vocabmetric.regularizers._inputs.reference_probs`).
+    :func:`~vocabmetric.regularizers.reference_probs`).
 
     Cost: O(V + n_trained·T + n_inner) time per position for the value (n_inner: the trees'
     nodes that are not a single token's leaf) and as much again for the gradient, both in

@@ -1,7 +1,7 @@
 """The metric store (zarr v3, one directory per build) and its queries.
 
 :func:`open_store` opens a finished store read-only (checked against its manifest, see
-:mod:`vocabmetric.integrity`); :func:`write_store` writes one atomically. The layout is in
+:mod:`vocabmetric.store.integrity`); :func:`write_store` writes one atomically. The layout is in
 :mod:`vocabmetric.store._schema`.
 """
 from ._read import MetricStore as MetricStore, open_store as open_store

@@ -11,12 +11,12 @@ from typing import Any
 
 import numpy as np
 
-from .. import _vectors
+from .._util import vectors as _vectors
 from .._version import __version__
-from ..embeddings import NONE, PROVENANCE, provenance_codes
+from ..vocab.provenance import NONE, PROVENANCE, provenance_codes
 from ..errors import StoreError, TokenizerError, TokenNotFound, VocabMetricError
-from ..integrity import REBUILD, Manifest, open_group, read_array
-from ..operator import CostOperator, TreeEnsemble, TreeMetric
+from .integrity import REBUILD, Manifest, open_group, read_array
+from ..cost import CostOperator, TreeEnsemble, TreeMetric
 from ._schema import EXACT_METRICS, PROVENANCE_KEY, SCHEMA_VERSION, TREE, Neighbor, Token, provenance_counts
 
 LOG = logging.getLogger(__name__)
@@ -149,7 +149,7 @@ class MetricStore:
     @property
     def provenance(self) -> np.ndarray:
         """(V,) uint8, read-only: how each token got its vector, a code into
-        :data:`~vocabmetric.embeddings.PROVENANCE` (:meth:`provenance_of` names it).
+        :data:`~vocabmetric.vocab.provenance.PROVENANCE` (:meth:`provenance_of` names it).
 
         A store built before ``tokens/provenance`` derives it from ``tokens/trained`` and
         ``tokens/borrowed_from`` (trained wins over borrowed; it has no composed tokens).
@@ -336,7 +336,7 @@ class MetricStore:
     def pair_costs(self, i: Any, j: Any, metric: str) -> np.ndarray:
         """Costs of the pairs ``(i[t], j[t])`` (broadcast int id arrays), float32.
 
-        O(d) per pair for ``l2`` (exact, :func:`~vocabmetric._vectors.l2_distance`; an unusable
+        O(d) per pair for ``l2`` (exact, :func:`~vocabmetric._util.vectors.l2_distance`; an unusable
         token costs the cap 2), O(k) for a stored metric, O(depth) for ``tree``.
         """
         self._check_metric(metric)

@@ -13,7 +13,7 @@ Layout (written by :func:`~vocabmetric.store.write_store`, read by :class:`~voca
       tokens/trained            (V,) bool: the embedding was learned from the corpus
       tokens/borrowed_from      (V,) int32: donor id under the `borrow` policy, else -1
       tokens/provenance         (V,) uint8: how each token got its vector, a code into
-                                vocabmetric.embeddings.PROVENANCE (none, trained, borrowed,
+                                vocabmetric.vocab.provenance.PROVENANCE (none, trained, borrowed,
                                 composed); stores built before it derive it from
                                 tokens/trained and tokens/borrowed_from
       embeddings                (V, d) float32
@@ -27,7 +27,7 @@ Layout (written by :func:`~vocabmetric.store.write_store`, read by :class:`~voca
                                 tree t is nodes offsets[t]:offsets[t+1] (absent: one tree)
       index.faiss               inner-product index over the normalized usable embeddings
       manifest.json             every other file's size and hash, every array's shape and
-                                chunk count (:mod:`vocabmetric.integrity`)
+                                chunk count (:mod:`vocabmetric.store.integrity`)
 
 Every chunk is written (an all-fill chunk too) and zstd-compressed with its checksum. The
 store is written under a temporary name and renamed into place, with ``complete = True``
@@ -44,7 +44,7 @@ from typing import NamedTuple, Union
 
 import numpy as np
 
-from ..embeddings import PROVENANCE
+from ..vocab.provenance import PROVENANCE
 
 SCHEMA_VERSION = 1
 EXACT_METRICS = ("l2",)  # computed on demand from the embeddings for any pair
@@ -55,7 +55,7 @@ PROVENANCE_KEY = "tokens/provenance"
 
 
 def provenance_counts(codes: np.ndarray) -> dict[str, int]:
-    """``{name: tokens}`` for each provenance of :data:`~vocabmetric.embeddings.PROVENANCE`
+    """``{name: tokens}`` for each provenance of :data:`~vocabmetric.vocab.provenance.PROVENANCE`
     (zeros included), from (V,) uint8 codes. O(V)."""
     counts = np.bincount(np.asarray(codes, np.intp), minlength=len(PROVENANCE))
     return {name: int(n) for name, n in zip(PROVENANCE, counts)}

@@ -11,11 +11,11 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from .. import _vectors
+from .._util import vectors as _vectors
 from .._version import __version__
-from ..embeddings import COMPOSED
+from ..vocab.provenance import COMPOSED
 from ..errors import StoreError
-from ..integrity import write_manifest
+from .integrity import write_manifest
 from ._schema import SCHEMA_VERSION, TREE, TreeArrays, TruncatedMetric, provenance_counts
 
 
@@ -33,7 +33,7 @@ def write_store(
 ) -> Path:
     """Write a complete store at ``path`` atomically (temporary directory, then rename).
 
-    ``embeddings`` is an :class:`vocabmetric.embeddings.Embeddings`. An existing store at
+    ``embeddings`` is an :class:`vocabmetric.building.embeddings.Embeddings`. An existing store at
     ``path`` is replaced only once the new one is complete.
     """
     import zarr

@@ -26,6 +26,7 @@ from typing import Any, Optional
 from ...errors import ConfigError, FingerprintMismatch
 from . import losses
 from .losses import LOSS_MODES, open_cached_store, temperature_message
+from ...vocab.fingerprint import check_fingerprint, tokenizer_fingerprint
 
 try:
     from verl.workers.config import DistillationLossConfig
@@ -109,25 +110,15 @@ def check_before_training(config: Any) -> None:
         check_tokenizer(config.tokenizer_path, store, where)
 
 
-def tokenizer_fingerprint(tokenizer_dir: str | Path) -> str | None:
-    """The vocabmetric fingerprint of ``<dir>/tokenizer.json`` (the store's, when the store
-    was built with ``[tokenizer] spec = "hf:<dir>/tokenizer.json"``); None without one."""
-    from ...tokenizers import HFTokenizer
-
-    path = Path(tokenizer_dir) / "tokenizer.json"
-    return HFTokenizer(path).fingerprint if path.is_file() else None
-
-
 def check_tokenizer(tokenizer_dir: str, store: Any, where: str) -> None:
     """The store's fingerprint against the actor's tokenizer, its V against the LM head."""
     got = tokenizer_fingerprint(tokenizer_dir)
     if got is None:
         LOG.warning("%s: %s has no tokenizer.json; the store's tokenizer is not checked", where, tokenizer_dir)
-    elif store.fingerprint is not None and got != store.fingerprint:
-        raise FingerprintMismatch(
-            f"{where}: the store {store.path} was built for tokenizer {store.fingerprint[:12]}… but "
-            f"{tokenizer_dir}/tokenizer.json is tokenizer {got[:12]}…; build the store from this model's "
-            "tokenizer ([tokenizer] spec = \"hf:<model dir>/tokenizer.json\")")
+    else:
+        check_fingerprint(store.fingerprint, got, where, source=f"{tokenizer_dir}/tokenizer.json",
+                          fix=f"build the store {store.path} from this model's tokenizer "
+                              "([tokenizer] spec = \"hf:<model dir>/tokenizer.json\")")
     model_config = Path(tokenizer_dir) / "config.json"
     if not model_config.is_file():
         return

@@ -121,7 +121,7 @@ def _sharded_softmax(z: torch.Tensor, group) -> torch.Tensor:
 
 def _shard_reference(ids, logprobs, start: int, stop: int, vocab_size: int) -> torch.Tensor:
     """This shard's part of the top-k reference (rest mass spread over the V − k others),
-    normalized as :func:`~vocabmetric.regularizers._inputs.reference_probs` normalizes it."""
+    normalized as :func:`~vocabmetric.regularizers.reference_probs` normalizes it."""
     top = logprobs.exp()
     total = top.sum(-1, keepdim=True)
     k = ids.shape[-1]

@@ -2,7 +2,7 @@
 
 verl hands the reference as ``(ids [..., k] int32, logprobs [..., k])`` per position, the
 log-probabilities of the k most likely tokens (their mass is below one; vocabmetric
-spreads the rest evenly over the other tokens, :func:`~vocabmetric.regularizers._inputs.reference_probs`).
+spreads the rest evenly over the other tokens, :func:`~vocabmetric.regularizers.reference_probs`).
 Two kinds of rows are not such a distribution and are handled here, not in the penalty:
 
 * padding rows (verl fills them with one id repeated and log-probabilities 0, so the ids

@@ -1,0 +1,205 @@
+"""The pipeline's ``metrics`` stage: the ``[metrics.*]`` tables of a config → fitted metrics.
+
+Each table names a metric; its ``kind`` defaults to the table name::
+
+    [metrics.knn]                 # KnnMetric
+    k = 64
+    [metrics.geodesic]            # GeodesicMetric
+    k_graph = 10
+    k = 128
+    [metrics.umap]                # UmapMetric
+    n_components = 8
+    [metrics.tree]                # TreeBuilder (builder = "kmeans") or WardTreeBuilder ("ward")
+    branching = 16
+    n_trees = 4                   # k-means trees averaged (TreeBuilder only)
+
+Every other key is a keyword of the builder's constructor (see :mod:`vocabmetric.metrics`).
+The flat kNN graph that the geodesic, umap and ward builders read is built once, as its own
+cached stage, with the largest degree any of them needs; each metric is then a cached stage
+keyed by its parameters and the content digests of what it reads (the embeddings, the
+graph), so changing one metric rebuilds only that one, and other embeddings (a rerun of a
+nondeterministic word2vec) rebuild every metric. Every builder argument is checked at
+config load (:func:`validate_metrics`, the builders' ``validate()``), before any stage runs.
+
+Whenever a metric is configured, the stage also lays the usable tokens out in 2-D (UMAP
+with 2 components on the same shared graph; the ``[projection]`` table of the config, on
+by default) for the explorer page and the plots: ``projection2d`` (V, 2) float32, NaN rows
+for unusable tokens, its own cached stage. Cost: UMAP's, about 50 s for 26k tokens on 2 cores
+at 200 epochs; vocabularies under :data:`SMALL_MAP` tokens get fewer epochs.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import logging
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+
+from ..errors import ConfigError
+from ..metrics import GeodesicMetric, KnnMetric, L2Metric, TreeBuilder, UmapMetric, WardTreeBuilder
+from .stages import Stages, stage_key
+from ..store import TREE, TreeArrays, TruncatedMetric
+
+LOG = logging.getLogger(__name__)
+
+TRUNCATED = {"l2": L2Metric, "knn": KnnMetric, "geodesic": GeodesicMetric, "umap": UmapMetric}
+TREE_BUILDERS = {"kmeans": TreeBuilder, "ward": WardTreeBuilder}
+KINDS = (*TRUNCATED, TREE)
+#: Constructor keywords the pipeline sets itself.
+_RESERVED = {"progress"}
+#: Below this many usable tokens the 2-D map trains for :data:`SMALL_MAP_EPOCHS` epochs (a
+#: test-sized vocabulary), else for UMAP's 200; ``[projection] n_epochs`` overrides both.
+SMALL_MAP = 5000
+SMALL_MAP_EPOCHS = 100
+PROJECTION = "projection2d"
+
+
+def _builder_class(kind: str, table: Mapping[str, Any]) -> type:
+    if kind == TREE:
+        return TREE_BUILDERS[table.get("builder", "kmeans")]
+    return TRUNCATED[kind]
+
+
+def _resolved(builder: Any) -> dict[str, Any]:
+    """Every constructor keyword of a tree builder with the value it runs with (defaults
+    included, :data:`_RESERVED` left out): part of the tree stage's key, so that a changed
+    default (``n_trees`` 8 → 4, ``follow_knn`` added) rebuilds a cached tree instead of
+    serving the one built under the old default."""
+    names = inspect.signature(type(builder).__init__).parameters
+    return {n: getattr(builder, n) for n in names if n not in ("self", *_RESERVED) and hasattr(builder, n)}
+
+
+def _split(name: str, table: Mapping[str, Any]) -> tuple[str, dict[str, Any]]:
+    """``(kind, constructor keywords)`` of one ``[metrics.<name>]`` table."""
+    params = dict(table)
+    kind = params.pop("kind", name)
+    params.pop("builder", None)
+    return kind, params
+
+
+def validate_metrics(metrics: Mapping[str, Any]) -> None:
+    """Check every ``[metrics.*]`` table before any work: kind, keys, value types, and each
+    value against its builder's own rules (``validate()``, no embeddings needed)."""
+    for name, table in metrics.items():
+        where = f"metrics.{name}"
+        if not isinstance(table, dict):
+            raise ConfigError(f"{where}: expected a table of settings, got {table!r}")
+        kind, params = _split(name, table)
+        if kind not in KINDS:
+            raise ConfigError(f"{where}: unknown metric kind {kind!r}; use one of: {', '.join(KINDS)} (or set kind = ...)")
+        if (kind == TREE) != (name == TREE):
+            raise ConfigError(f"{where}: the tree metric must be the table [metrics.tree] (one per store)")
+        builder = table.get("builder", "kmeans")
+        if kind == TREE and builder not in TREE_BUILDERS:
+            raise ConfigError(f"{where}.builder: {builder!r} is not one of {', '.join(TREE_BUILDERS)}")
+        if kind != TREE and "builder" in table:
+            raise ConfigError(f"{where}.builder: only [metrics.tree] has a builder")
+        signature = inspect.signature(_builder_class(kind, table))
+        allowed = {p for p in signature.parameters if p != "self"} - _RESERVED
+        for key, value in params.items():
+            if key not in allowed:
+                raise ConfigError(f"{where}.{key}: unknown key for a {kind} metric; it takes: {', '.join(sorted(allowed))}")
+            default = signature.parameters[key].default
+            if default is not None and default is not inspect.Parameter.empty and value is not None:
+                same = isinstance(value, type(default)) or (isinstance(default, float) and isinstance(value, int))
+                if isinstance(default, bool) != isinstance(value, bool) or not same:
+                    raise ConfigError(f"{where}.{key}: expected {type(default).__name__}, got {value!r}")
+        _builder_class(kind, table)(**params).validate(where=f"[{where}]")
+
+
+def _graph_degree(builder: Any) -> int:
+    """How many flat kNN neighbours a builder reads (0: it builds none)."""
+    if isinstance(builder, GeodesicMetric):
+        return builder.k_graph
+    if isinstance(builder, UmapMetric):
+        return builder.n_neighbors - 1
+    if isinstance(builder, WardTreeBuilder):
+        return builder.n_neighbors
+    return 0
+
+
+def build_metrics(metrics: Mapping[str, Any], emb: Any, stages: Stages, emb_digest: str, *, progress: bool | None = None,
+                  projection: Mapping[str, Any] | None = None):
+    """Fit every configured metric (cached per metric). Returns ``(truncated, tree, extra)``.
+
+    ``truncated`` maps names to :class:`~vocabmetric.store.TruncatedMetric`, ``tree`` is a
+    :class:`~vocabmetric.store.TreeArrays` or None, ``extra`` holds further arrays for the
+    store: ``projection2d`` (V, 2) float32 unless ``projection["enabled"]`` is false or no
+    metric is configured. ``projection``: the ``[projection]`` table (``enabled``,
+    ``n_neighbors``, ``n_epochs``, ``seed``); None means its defaults. ``emb_digest``: the
+    content digest of the embed stage's arrays (:meth:`Stages.digest`), part of every key.
+    """
+    builders = {}
+    for name, table in metrics.items():
+        kind, params = _split(name, table)
+        builders[name] = (kind, _builder_class(kind, table)(**params, progress=progress), dict(table))
+    usable = emb.usable
+    projection = {"enabled": True, "n_neighbors": 15, "n_epochs": None, "seed": 0, **(projection or {})}
+    project = bool(builders) and projection["enabled"] and usable.sum() >= 2
+    degree = max((_graph_degree(b) for _, b, _ in builders.values()), default=0)
+    if project:
+        degree = max(degree, min(projection["n_neighbors"], int(usable.sum())) - 1)
+    graph = None
+    graph_digest = ""
+    if degree:
+        graph_key = stage_key("knn-graph", {"k": degree}, emb_digest)
+
+        def fit_graph(tmp: Path) -> None:
+            base = KnnMetric(degree, progress=progress).fit(emb.vectors, usable)
+            np.save(tmp / "indices.npy", base.indices_)
+            np.save(tmp / "costs.npy", base.costs_)
+
+        gdir = stages.run("knn-graph", graph_key, fit_graph)
+        graph_digest = stages.digest("knn-graph")
+        graph = (np.load(gdir / "indices.npy"), np.load(gdir / "costs.npy"))
+
+    def nearest(need: int) -> tuple[np.ndarray, np.ndarray]:
+        """The shared graph cut to each token's ``need`` nearest (rows are sorted by cost)."""
+        return graph[0][:, :need], graph[1][:, :need]
+
+    truncated: dict[str, TruncatedMetric] = {}
+    tree = None
+    for name, (kind, builder, table) in builders.items():
+        need = _graph_degree(builder)
+        params = {**table, **_resolved(builder)} if kind == TREE else table
+        key = stage_key(f"metric-{name}", params, emb_digest, graph_digest if need else "")
+
+        def fit(tmp: Path, builder=builder, need=need) -> None:
+            knn = {"knn": nearest(need)} if need else {}
+            builder.fit(emb.vectors, usable, **knn)
+            fields = ("parent_", "weight_", "leaf_of_token_", "offsets_") if kind == TREE else ("indices_", "costs_")
+            for f in fields:
+                np.save(tmp / f"{f.rstrip('_')}.npy", getattr(builder, f))
+            (tmp / "meta.json").write_text(json.dumps({"cap": builder.cap_, "params": builder.params_}, default=float))
+
+        mdir = stages.run(f"metric-{name}", key, fit)
+        meta = json.loads((mdir / "meta.json").read_text())
+        attrs = {**meta["params"], "name": name}
+        if kind == TREE:
+            tree = TreeArrays(*(np.load(mdir / f"{f}.npy") for f in ("parent", "weight", "leaf_of_token")), attrs,
+                              offsets=np.load(mdir / "offsets.npy"))
+        else:
+            truncated[name] = TruncatedMetric(np.load(mdir / "indices.npy"), np.load(mdir / "costs.npy"), meta["cap"], attrs)
+    extra = {PROJECTION: _projection(projection, emb, stages, emb_digest, graph_digest, nearest, progress)} if project else {}
+    return truncated, tree, extra
+
+
+def _projection(projection: Mapping[str, Any], emb: Any, stages: Stages, emb_digest: str, graph_digest: str,
+                nearest: Any, progress: bool | None) -> np.ndarray:
+    """The (V, 2) float32 UMAP layout of the usable tokens on the shared graph (cached stage)."""
+    usable = emb.usable
+    n_neighbors = min(projection["n_neighbors"], int(usable.sum()))
+    n_epochs = projection["n_epochs"] or (SMALL_MAP_EPOCHS if usable.sum() < SMALL_MAP else 200)
+    params = {"n_neighbors": n_neighbors, "n_epochs": n_epochs, "seed": projection["seed"]}
+    key = stage_key(PROJECTION, params, emb_digest, graph_digest)
+
+    def fit(tmp: Path) -> None:
+        umap = UmapMetric(n_components=2, k=1, n_neighbors=n_neighbors, seed=params["seed"], n_epochs=n_epochs,
+                          progress=progress)
+        umap.fit(emb.vectors, usable, knn=nearest(n_neighbors - 1))
+        np.save(tmp / f"{PROJECTION}.npy", umap.embedding_.astype(np.float32))
+
+    return np.load(stages.run(PROJECTION, key, fit) / f"{PROJECTION}.npy")
