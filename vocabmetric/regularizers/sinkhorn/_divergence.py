@@ -145,9 +145,10 @@ class SinkhornDivergence(Penalty):
         scratch (``GPU_CHUNK_BYTES``, 4 GiB, on a GPU), so extra memory is O(chunk·V·k),
         never O(N·V·k).
     acceleration : {"auto", "none", "newton", "overrelax"}
-        How the pair OT(p, q) is iterated. Support mode: ``"auto"``/``"newton"`` solve it
+        How the pair OT(p, q) is iterated: each setting names a strategy object the solver
+        is given (:mod:`._acceleration`). Support mode: ``"auto"``/``"newton"`` solve it
         by Newton's method (supports of at most 257 points), ``"none"`` by alternating
-        updates; ``"overrelax"`` is full mode only. Full mode (:mod:`._full`): ``"newton"``
+        updates; ``"overrelax"`` is full mode only. Full mode: ``"newton"``
         (``"auto"``): each row update solves the ~32 heaviest tokens' potentials exactly
         (:mod:`._heavy`, block Newton); ``"overrelax"``: over-relaxed updates with ω =
         ``relaxation``; ``"none"``: plain alternating updates. Every setting stops at the

@@ -1,6 +1,6 @@
-"""The Sinkhorn solver for a chunk of positions, on any log-kernel: the ε schedule, the
-symmetric problems OT(p, p) and OT(q, q), the pair OT(p, q) (alternating updates, or Newton
-steps on small dense problems) and the debiased value with its envelope gradient.
+"""The Sinkhorn solver for a chunk of positions, on any geometry: the ε schedule, the
+symmetric problems OT(p, p) and OT(q, q), the pair OT(p, q) and the debiased value with its
+envelope gradient (:func:`solve_chunk`).
 
 The potentials solve, in the log domain (stable in float32 down to ε = 0.01·cap),
 ``f_i = −ε·log Σ_j q_j exp((g_j − C_ij)/ε)`` and ``g_j = −ε·log Σ_i p_i exp((f_i − C_ij)/ε)``.
@@ -9,6 +9,15 @@ step (ε-scaling, Feydy 2019 Alg. 3.5) of the self-transport potentials; at the 
 the two symmetric problems (update ``f ← ½(f + T_p(f))``, stacked in one kernel call) run
 to a marginal error ``tol``, then the pair starts from OT(q, q)'s potential — the exact
 solution when p = q. A position leaves the active set as soon as it has converged.
+
+As ott-jax's ``sinkhorn.py``: the solver's settings — geometry (:mod:`._geometry`), domain,
+ε schedule, budget, acceleration strategy (:mod:`._acceleration`) — are fixed when it is
+built; each loop runs over a frozen :class:`~._state.State` and returns one, and a loop
+that cannot go on (an abandoned acceleration; in the scaling domain,
+:mod:`._scaling_solver`, a sum out of range) is handed to a new solver from that state.
+
+Cost per iteration and position: one geometry application per problem (O(V·k) on the full
+vocabulary, O(s²) on a support) and, on the iterations that check, one O(V) error pass.
 """
 
 from __future__ import annotations
