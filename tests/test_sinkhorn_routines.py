@@ -5,7 +5,6 @@ new solver), a frozen loop state, and acceleration strategies passed in as objec
 from __future__ import annotations
 
 import dataclasses
-import logging
 
 import numpy as np
 import pytest

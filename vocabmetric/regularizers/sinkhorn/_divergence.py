@@ -159,12 +159,13 @@ class SinkhornDivergence(Penalty):
         ω in (0, 2) for ``acceleration="overrelax"`` (default 1.5); full mode only (a
         ConfigError in support mode, which has no over-relaxation).
     warm_start : bool
-        Full mode only (a ConfigError in support mode, which would ignore it): keep the last call's potentials (per chunk, keyed by the number
-        of positions, chunk rows, vocabulary, dtype, device, ε and debiasing; another shape
-        drops them) and start the next call of that shape from them instead of the ε
-        schedule: a training step's policy and reference change little, so the start is
-        near. It changes the iterations only, never the stopping rule: the result is the
-        converged one to within tol. Memory: 3 (V, N) potentials held between calls.
+        Full mode only (a ConfigError in support mode, which would ignore it): keep the
+        last call's potentials (per chunk, keyed by the number of positions, chunk rows,
+        vocabulary, dtype, device, ε and debiasing; another shape drops them) and start
+        the next call of that shape from them instead of the ε schedule: a training step's
+        policy and reference change little, so the start is near. It changes the
+        iterations only, never the stopping rule: the result is the converged one to
+        within tol. Memory: 3 (V, N) potentials held between calls.
         :meth:`clear_warm_start` forgets them.
 
     Shapes

@@ -4,22 +4,22 @@ As geomloss's ``SamplesLoss`` holds plain configuration and looks up
 ``routines[loss][backend]``, ``SinkhornDivergence`` keeps its settings and runs the routine
 that :func:`routine_for` finds in :data:`ROUTINES`:
 
-=================  ==========================================================================
-``"full"``         :class:`FullRoutine`: the truncated cost on the whole vocabulary
-                   (:class:`~._kernel.SparseLogKernel`); O(N·V·k) per iteration.
-                   Its own arguments: ``acceleration`` (all four), ``relaxation``, ``warm_start``.
-``"support"``      :class:`SupportRoutine`: top-m(p) ∪ top-m(q) + a rest bin, a dense (s, s)
-                   cost per position (s = 2m + 1), the pair by Newton's method; O(N·m²) per
-                   update, O(N·m³) per Newton step, O(N·V) to pick the supports.
-                   Its own arguments: ``support``, ``embeddings``, ``acceleration`` ("auto",
-                   "newton", "none").
-``"support-fused"`` the slot for a fused support-mode routine on CUDA (a Triton kernel that
-                   gathers the support, solves and writes ∂S/∂z in one launch). None until it
-                   lands; then :func:`routine_for` dispatches support-mode calls on a CUDA
-                   device to it wherever its ``applies(module, device)`` says so, and to
-                   :class:`SupportRoutine` otherwise. It takes the support mode's arguments
-                   (its ``check`` is :meth:`SupportRoutine.check` unless it defines one).
-=================  ==========================================================================
+``"full"``
+    :class:`FullRoutine`: the truncated cost on the whole vocabulary
+    (:class:`~._kernel.SparseLogKernel`); O(N·V·k) per iteration. Its own arguments:
+    ``acceleration`` (all four), ``relaxation``, ``warm_start``.
+``"support"``
+    :class:`SupportRoutine`: top-m(p) ∪ top-m(q) + a rest bin, a dense (s, s) cost per
+    position (s = 2m + 1), the pair by Newton's method; O(N·m²) per update, O(N·m³) per
+    Newton step, O(N·V) to pick the supports. Its own arguments: ``support``,
+    ``embeddings``, ``acceleration`` ("auto", "newton", "none").
+``"support-fused"``
+    The slot for a fused support-mode routine on CUDA (a Triton kernel that gathers the
+    support, solves and writes ∂S/∂z in one launch; it lands in its own module, registered
+    by one line at the end of this one). None until then; after, :func:`routine_for` sends a
+    support-mode call on a CUDA device to it wherever its ``applies(module, device)`` says
+    so, and to :class:`SupportRoutine` otherwise. It takes the support mode's arguments,
+    checked by :meth:`SupportRoutine.check`.
 
 A routine is a class with the interface below; the module calls nothing else::
 
@@ -124,6 +124,10 @@ class FullRoutine:
 
 #: The routine per mode; "support-fused" is the CUDA slot (see the module docstring).
 ROUTINES: dict = {"full": FullRoutine, "support": SupportRoutine, "support-fused": None}
+# The fused support routine registers here when it lands, after the table (so that its
+# module may import SupportRoutine from this one):
+#   from ._fused_support import FusedSupportRoutine
+#   ROUTINES["support-fused"] = FusedSupportRoutine
 
 
 def routine_for(module, device: torch.device):
