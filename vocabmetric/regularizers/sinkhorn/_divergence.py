@@ -32,9 +32,9 @@ Two ways to lay the problem out:
   neighbours of i plus i itself (c_ii = 0): O(V·k) per position, never O(V²). On CPU a
   numba kernel does one multiply-add per stored entry (linear domain, log-domain fallback);
   on CUDA a Triton kernel (:mod:`.triton_kernels`) sums exactly in the log domain; elsewhere a torch
-  path gathers rows grouped by degree (:mod:`._sparse_kernel`). The solver keeps this
+  path gathers rows grouped by degree (:mod:`._kernel`). The solver keeps this
   mode's potentials token-major, (V, n), over the tokens renumbered for locality
-  (:func:`~._sparse_kernel.locality_order`), so each stored entry reads one contiguous
+  (:func:`~._kernel.locality_order`), so each stored entry reads one contiguous
   row of n values, mostly from cache.
 * **Support** (``support=m``). Per position the support is top-m(p) ∪ top-m(q) plus one
   "rest" bin holding the remaining mass at cost ``cap`` from every other point; the
@@ -62,7 +62,7 @@ gradient are exactly 0 there. Values are clamped at 0 (S_ε ≥ 0), gradient 0 w
 A position leaves the active set as soon as it has converged. Without debiasing the
 pair is annealed.
 
-On the full vocabulary the pair is accelerated (``acceleration``, :mod:`._full`): by
+On the full vocabulary the pair is accelerated (``acceleration``, :mod:`._acceleration`): by
 default the heavy-token block Newton (:mod:`._heavy`), which took the benchmark's kNN
 operator at ε = cap/15 from a plateau at 1e-2 after 100 iterations to tol 1e-4 in 33
 (cold) or 19 (warm start) iterations at N = 64 (``benchmarks/results/regularizers.md``).
@@ -71,9 +71,14 @@ Gradient (envelope theorem, never backpropagation through the iterations):
 ``∂S/∂p = f_pq − f_pp`` (defined up to a constant) and, through the softmax,
 ``∂S/∂z = p ⊙ (h − ⟨p, h⟩)`` with ``h = f_pq − f_pp``.
 
-Where the parts live: this module holds the ``nn.Module``; :mod:`._sparse_kernel` the
-full-vocabulary kernel, :mod:`._support` the support problem and its dense kernel,
-:mod:`._solver` the ε schedule and the solver, :mod:`._logspace` the log-space helpers.
+Where the parts live: this module holds the ``nn.Module`` and its settings; each mode is a
+routine in one table (:mod:`._routines`: "full", "support", and the slot for a fused
+support-mode routine on CUDA). A routine builds a geometry (:mod:`._geometry`: the
+operations a solver may call; :mod:`._kernel` for the full vocabulary, :mod:`._support` for
+a support) and a solver (:mod:`._solver`, log domain; :mod:`._scaling_solver`, scaling
+domain), the domain fixed when it is built; the solver loops over an immutable state
+(:mod:`._state`) and iterates the pair by an acceleration strategy it is given
+(:mod:`._acceleration`). :mod:`._logspace` has the log-space helpers.
 """
 
 from __future__ import annotations
@@ -89,10 +94,10 @@ from ...cost import CostOperator
 from .._chunks import solve_by_chunks
 from .._inputs import Reference
 from .._penalty import Penalty
-from ._full import ACCELERATIONS, solve_full_chunk
-from ._solver import solver_chunk_rows, eps_schedule
+from ._acceleration import ACCELERATIONS
 from ._kernel import SparseLogKernel
-from ._support import solve_support_chunk
+from ._routines import ROUTINES, routine_for
+from ._solver import eps_schedule
 
 LOG = logging.getLogger(__name__)
 
@@ -130,8 +135,9 @@ class SinkhornDivergence(Penalty):
         top-m(p) ∪ top-m(q) plus a rest bin at cost ``cap``, O(m²) per position and
         iteration. Exact when p and q put all their mass on their top m tokens.
     embeddings : array-like, shape (V, d), optional
-        Support mode only: the cost between support tokens is ``min(‖e_i − e_j‖₂, cap)``,
-        exact instead of truncated (the ``l2`` metric).
+        Support mode only (a ConfigError with ``support=None``, which never reads them):
+        the cost between support tokens is ``min(‖e_i − e_j‖₂, cap)``, exact instead of
+        truncated (the ``l2`` metric).
     eps_scaling : float
         Ratio of the geometric ε annealing from ``cap`` down to ``eps`` (0 disables it).
     chunk_size : int, optional
@@ -139,24 +145,27 @@ class SinkhornDivergence(Penalty):
         scratch (``GPU_CHUNK_BYTES``, 4 GiB, on a GPU), so extra memory is O(chunk·V·k),
         never O(N·V·k).
     acceleration : {"auto", "none", "newton", "overrelax"}
-        How the pair OT(p, q) is iterated. Support mode: ``"auto"``/``"newton"`` solve it
+        How the pair OT(p, q) is iterated: each setting names a strategy object the solver
+        is given (:mod:`._acceleration`). Support mode: ``"auto"``/``"newton"`` solve it
         by Newton's method (supports of at most 257 points), ``"none"`` by alternating
-        updates; ``"overrelax"`` is full mode only. Full mode (:mod:`._full`): ``"newton"``
+        updates; ``"overrelax"`` is full mode only. Full mode: ``"newton"``
         (``"auto"``): each row update solves the ~32 heaviest tokens' potentials exactly
         (:mod:`._heavy`, block Newton); ``"overrelax"``: over-relaxed updates with ω =
         ``relaxation``; ``"none"``: plain alternating updates. Every setting stops at the
         same rule (marginal error ≤ tol) and has the same fixed point, value and gradient.
         One that diverges or stalls is abandoned, with a warning naming it (said once), for
         plain updates from its best iterate.
-    relaxation : float
-        ω in (0, 2) for ``acceleration="overrelax"``.
+    relaxation : float, optional
+        ω in (0, 2) for ``acceleration="overrelax"`` (default 1.5); full mode only (a
+        ConfigError in support mode, which has no over-relaxation).
     warm_start : bool
-        Full mode only: keep the last call's potentials (per chunk, keyed by the number
-        of positions, chunk rows, vocabulary, dtype, device, ε and debiasing; another shape
-        drops them) and start the next call of that shape from them instead of the ε
-        schedule: a training step's policy and reference change little, so the start is
-        near. It changes the iterations only, never the stopping rule: the result is the
-        converged one to within tol. Memory: 3 (V, N) potentials held between calls.
+        Full mode only (a ConfigError in support mode, which would ignore it): keep the
+        last call's potentials (per chunk, keyed by the number of positions, chunk rows,
+        vocabulary, dtype, device, ε and debiasing; another shape drops them) and start
+        the next call of that shape from them instead of the ε schedule: a training step's
+        policy and reference change little, so the start is near. It changes the
+        iterations only, never the stopping rule: the result is the converged one to
+        within tol. Memory: 3 (V, N) potentials held between calls.
         :meth:`clear_warm_start` forgets them.
 
     Shapes
@@ -198,7 +207,7 @@ class SinkhornDivergence(Penalty):
         eps_scaling: float = 0.5,
         chunk_size: int | None = None,
         acceleration: str = "auto",
-        relaxation: float = 1.5,
+        relaxation: float | None = None,
         warm_start: bool = False,
     ):
         super().__init__()
@@ -215,13 +224,14 @@ class SinkhornDivergence(Penalty):
             raise self.config_error(f"tol must be > 0, got {tol!r}")
         if acceleration not in ACCELERATIONS:
             raise self.config_error(f"acceleration must be one of {ACCELERATIONS}, got {acceleration!r}")
-        if not (isinstance(relaxation, (int, float)) and 0 < relaxation < 2):
-            raise self.config_error(f"relaxation must be in (0, 2), got {relaxation!r}")
         if support is not None and not (isinstance(support, int) and support >= 1):
             raise self.config_error(f"support must be None or an int >= 1, got {support!r}")
-        if support is not None and acceleration == "overrelax":
-            raise self.config_error("acceleration='overrelax' is for the full vocabulary (support=None); "
-                                    "in support mode choose 'auto' (Newton) or 'none'")
+        self.op, self.support, self.acceleration = op, support, acceleration
+        #: "full" or "support": the routine that runs (:data:`~._routines.ROUTINES`)
+        self.mode = "full" if support is None else "support"
+        self.embeddings = None if embeddings is None else torch.as_tensor(np.asarray(embeddings, np.float32))
+        # each mode's routine checks its own arguments, and rejects those only another reads
+        ROUTINES[self.mode].check(self, embeddings=self.embeddings, relaxation=relaxation, warm_start=warm_start)
         self._configure(chunk_size=chunk_size)
         if not op.is_symmetric:
             if not symmetrize:
@@ -233,13 +243,9 @@ class SinkhornDivergence(Penalty):
             op = op.symmetrized()
         self.op = op
         self.eps, self.max_iter, self.tol, self.debias = float(eps), int(max_iter), float(tol), bool(debias)
-        self.support, self.eps_scaling = support, float(eps_scaling)
-        self.embeddings = None if embeddings is None else torch.as_tensor(np.asarray(embeddings, np.float32))
-        if self.embeddings is not None and self.embeddings.shape[0] != op.vocab_size:
-            raise self.config_error(
-                f"embeddings have {self.embeddings.shape[0]} rows, the operator {op.vocab_size}"
-            )
-        self.acceleration, self.relaxation, self.warm_start = acceleration, float(relaxation), bool(warm_start)
+        self.eps_scaling = float(eps_scaling)
+        self.relaxation = 1.5 if relaxation is None else float(relaxation)
+        self.warm_start = bool(warm_start)
         self.last_info: dict = {}
         self._warm: dict = {}  # full mode with warm_start: {key: {chunk index: potentials}}
         self._kernels: dict = {}
@@ -296,42 +302,25 @@ class SinkhornDivergence(Penalty):
         dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
         eps_list = eps_schedule(self.eps, self.op.cap, self.eps_scaling)
         solve = dict(eps_list=eps_list, max_iter=self.max_iter, tol=self.tol, debias=self.debias)
-        kernel = None if self.support is not None else self.sparse_kernel(logits.device, dtype)
-        rows = self.chunk_size or solver_chunk_rows(self.vocab_size, dtype, logits.device, kernel=kernel,
-                                                    support=self.support, slot_map=self.embeddings is None)
-        embeddings = None if self.embeddings is None or self.support is None else self.embeddings.to(logits.device)
+        run = routine_for(self, logits.device)(self, logits, dtype)
         infos: list[dict] = []
-        scratch: dict = {}
-        starts = self._warm_starts(logits, dtype, rows) if kernel is not None else None
 
         def chunk(p, q, value_out, dz_out) -> None:
             # p and q must carry the same mass exactly; normalizing both alike keeps p = q
             # bit for bit where the logits are equal (the solver then reuses one solve)
             p, q = p.div_(p.sum(-1, keepdim=True)), q.div_(q.sum(-1, keepdim=True))
-            if self.support is not None:  # writes dz_out itself, from the support's potentials
-                value, info = solve_support_chunk(
-                    p, q, support=self.support, table=self._torch_table(p.device), cap=self.op.cap,
-                    embeddings=embeddings, scratch=scratch, dz_out=dz_out, newton=self.acceleration != "none",
-                    **solve)
-            else:
-                warm = None if starts is None else starts.setdefault(len(infos), {})
-                info = {"warm": bool(warm)}
-                value, more = solve_full_chunk(kernel, p, q, dz_out=dz_out, acceleration=self.acceleration,
-                                               relaxation=self.relaxation, warm=warm, **solve)
-                info.update(more)
+            value, info = run.solve(p, q, dz_out, **solve)
             infos.append(info)
             value_out.copy_(value)
 
         try:
-            out = solve_by_chunks(logits, ref, chunk, chunk_size=rows, dtype=dtype, where=where)
+            out = solve_by_chunks(logits, ref, chunk, chunk_size=run.rows, dtype=dtype, where=where)
         finally:
-            if kernel is not None:
-                kernel.release()
+            run.close()
         fell_back = sorted({i.pop("fell_back", None) for i in infos} - {None})
         self.last_info = {key: max(i[key] for i in infos) for key in infos[0]} if infos else {}
-        if kernel is not None:
-            self.last_info.update(acceleration=self.acceleration, fell_back=", ".join(fell_back) or None)
-        self.last_info.update(chunks=len(infos), eps=self.eps, mode="full" if self.support is None else "support")
+        self.last_info.update(run.summary(fell_back))
+        self.last_info.update(chunks=len(infos), eps=self.eps, mode=self.mode)
         self._warn_unconverged()
         if self.last_info.get("fell_back") and not self._warned_fallback:
             self._warned_fallback = True

@@ -28,7 +28,7 @@ summed exactly; every other row sees H only through ``δ·Σ u``, so its terms d
 scalar and are summed from a per-position histogram of ``log A`` (``BINS`` bins, each at
 its a-weighted mean ``A``: relative error ≲ (bin width)², an inexact block solve; the
 marginal error is always measured exactly, and where the binning leaves a floor near tol
-the solver finishes with plain updates (:mod:`._full`)).
+the solver finishes with plain updates (:mod:`._acceleration`)).
 
 Cost per position and iteration: the masked kernel call (as the plain update), a few O(V)
 passes (histogram, ``f``), and per Newton step O(B + E + P + h³): K between the near rows

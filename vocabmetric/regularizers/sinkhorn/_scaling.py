@@ -7,7 +7,7 @@ With scalings ``φ = e^{f/ε}``, ``ψ = e^{g/ε}`` the updates of :mod:`._solver
     φ = T_b(ψ) = 1 / K(b ⊙ ψ),\\qquad (K w)_i = δ Σ_j w_j + Σ_{j∈N(i)} S_{ij} w_j,
 
 with ``δ = e^{−cap/ε}`` and ``S = e^{−C/ε} − δ ≥ 0`` on the stored entries (the sparse
-kernel's CSR table, :mod:`._sparse_kernel`). One kernel application is a multiply pass
+kernel's CSR table, :mod:`._kernel`). One kernel application is a multiply pass
 (``w = b ⊙ ψ`` and its column sums) and one sparse pass that ends each row with a
 reciprocal: two passes over (V, n) where the log-domain kernel makes nine (shift, exp,
 sum, log, …). The symmetric update ``½(f + T_a(f))`` is ``√(φ · T_a(φ))``, the marginal
@@ -17,7 +17,7 @@ Same equations, same fixed point: only the arithmetic differs.
 
 Why it is safe: entries of K lie in ``[δ, 1]``, so a sum ``K w`` lies in ``[δ Σw, Σw]``
 and every scaling within ``e^{cap/ε}`` of its position's others. The CPU solver
-(:class:`~._full.ScalingSolver`) takes this path for ``cap/ε ≤ SCALING_RANGE[dtype]`` (40
+(:class:`~._scaling_solver.ScalingSolver`) takes this path for ``cap/ε ≤ SCALING_RANGE[dtype]`` (40
 in float32, 300 in float64); every sparse pass checks its sums against
 ``SUM_RANGE[dtype]``, and a problem whose sums leave it is redone in the log domain from
 its start (:class:`OutOfRange`). Potentials enter and leave as potentials (one ``exp`` and
@@ -73,7 +73,7 @@ def by_blocks(kernel, n_rows: int, width: int, *shared, extra: tuple = ()) -> np
 
 
 class LinearKernel:
-    """``w ↦ K w`` and ``ψ ↦ 1/K(m ⊙ ψ)`` on a :class:`~._sparse_kernel.SparseLogKernel`'s CSR
+    """``w ↦ K w`` and ``ψ ↦ 1/K(m ⊙ ψ)`` on a :class:`~._kernel.SparseLogKernel`'s CSR
     table at one ε, token-major (V, n) in the kernel's compute dtype (numba, threads)."""
 
     def __init__(self, kernel, eps: float):

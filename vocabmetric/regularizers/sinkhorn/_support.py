@@ -17,7 +17,8 @@ import math
 import torch
 
 from ._logspace import LINEAR_RANGE, lse_
-from ._solver import NewtonSolver, Solver, solve_chunk
+from ._acceleration import PLAIN, DenseNewton
+from ._solver import Solver, solve_chunk
 
 LOG = logging.getLogger(__name__)
 
@@ -138,8 +139,8 @@ def solve_support_chunk(p, q, *, support, table, cap, embeddings, scratch, eps_l
         slots = scratch["slots"][:rows]
     index, costs = table
     a, b, cost, ids, dup = support_problem(p, q, support, index, costs, cap, embeddings, slots)
-    kind = NewtonSolver if newton and cost.shape[-1] <= NEWTON_MAX_POINTS else Solver
-    solver = kind(DenseLogKernel(cost), eps_list, max_iter, tol)
+    strategy = DenseNewton() if newton and cost.shape[-1] <= NEWTON_MAX_POINTS else PLAIN
+    solver = Solver(DenseLogKernel(cost), eps_list, max_iter, tol, acceleration=strategy)
     value, f_small, info = solve_chunk(solver, a, b, debias)
     if dz_out is not None:
         # a duplicate (zero-mass) point follows its original in the sorted support and
