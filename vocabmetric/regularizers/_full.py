@@ -192,8 +192,8 @@ class ScalingSolver(AcceleratedSolver):
         eps, n = self.eps_list[-1], self.positions(f)
         try:
             phi = f.div(eps).exp_()
-            err = torch.zeros(n, dtype=f.dtype)
-            active = torch.arange(n)
+            err = torch.zeros(n, dtype=f.dtype, device=f.device)
+            active = torch.arange(n, device=f.device)
             for it in range(self.max_iter):
                 take = self.taker(active, n)
                 pa, ma = take(phi), take(a)
