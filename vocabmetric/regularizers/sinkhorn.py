@@ -92,6 +92,7 @@ from ._penalty import Penalty
 from ._full import ACCELERATIONS, solve_full_chunk
 from ._solver import chunk_rows, eps_schedule
 from ._sparse_kernel import SparseLogKernel
+from ._fused_support import fused_unavailable, solve_support_fused
 from ._support import solve_support_chunk
 
 LOG = logging.getLogger(__name__)
@@ -156,6 +157,14 @@ class SinkhornDivergence(Penalty):
         near. It changes the iterations only, never the stopping rule: the result is the
         converged one to within tol. Memory: 3 (V, N) potentials held between calls.
         :meth:`clear_warm_start` forgets them.
+    backend : {"auto", "torch", "triton"}
+        Support mode's solver. ``"triton"``: the fused kernel (:mod:`._fused_support`), one
+        launch per chunk solving all its positions' three problems, every iteration in the
+        kernel; it needs a CUDA device with Triton, ``debias=True`` and 2·min(m, V) ≤ 128
+        (m ≤ 64), and raises (naming which is missing) otherwise. ``"auto"`` takes it
+        wherever it can run and falls back to the torch path (Newton steps) elsewhere:
+        CPU tensors, no Triton, m > 64, ``debias=False``. Positions the fused loop leaves
+        unconverged are solved again on the torch path, so the two agree to within ``tol``.
 
     Shapes
     ------
@@ -181,6 +190,7 @@ class SinkhornDivergence(Penalty):
 
     name = "sinkhorn"
     takes_metric = True
+    backends = ("auto", "torch", "triton")
 
     def __init__(
         self,
@@ -198,6 +208,7 @@ class SinkhornDivergence(Penalty):
         acceleration: str = "auto",
         relaxation: float = 1.5,
         warm_start: bool = False,
+        backend: str = "auto",
     ):
         super().__init__()
         where = "SinkhornDivergence"
@@ -217,7 +228,9 @@ class SinkhornDivergence(Penalty):
             raise self.config_error(f"relaxation must be in (0, 2), got {relaxation!r}")
         if support is not None and not (isinstance(support, int) and support >= 1):
             raise self.config_error(f"support must be None or an int >= 1, got {support!r}")
-        self._configure(chunk_size=chunk_size)
+        self._configure(backend=backend, chunk_size=chunk_size)
+        if backend == "triton" and support is None:
+            raise self.config_error("backend='triton' is the fused support-mode solver; pass support=m")
         if not op.is_symmetric:
             if not symmetrize:
                 raise self.config_error(
@@ -298,13 +311,15 @@ class SinkhornDivergence(Penalty):
         infos: list[dict] = []
         scratch: dict = {}
         starts = self._warm_starts(logits, dtype, rows) if kernel is not None else None
+        fused = self.support is not None and self._fused_for(logits.device)
 
         def chunk(p, q, value_out, dz_out) -> None:
             # p and q must carry the same mass exactly; normalizing both alike keeps p = q
             # bit for bit where the logits are equal (the solver then reuses one solve)
             p, q = p.div_(p.sum(-1, keepdim=True)), q.div_(q.sum(-1, keepdim=True))
             if self.support is not None:  # writes dz_out itself, from the support's potentials
-                value, info = solve_support_chunk(
+                solve_support = solve_support_fused if fused else solve_support_chunk
+                value, info = solve_support(
                     p, q, support=self.support, table=self._torch_table(p.device), cap=self.op.cap,
                     embeddings=embeddings, scratch=scratch, dz_out=dz_out, **solve)
             else:
@@ -326,6 +341,8 @@ class SinkhornDivergence(Penalty):
         if kernel is not None:
             self.last_info.update(acceleration=self.acceleration, fell_back=", ".join(fell_back) or None)
         self.last_info.update(chunks=len(infos), eps=self.eps, mode="full" if self.support is None else "support")
+        if self.support is not None:
+            self.last_info["backend"] = "triton" if fused else "torch"
         self._warn_unconverged()
         if self.last_info.get("fell_back") and not self._warned_fallback:
             self._warned_fallback = True
@@ -333,6 +350,18 @@ class SinkhornDivergence(Penalty):
                         "(the result still meets tol). Use another acceleration= or relaxation= (this is said once)",
                         self.last_info["fell_back"])
         return out.to(logits.dtype)
+
+    def _fused_for(self, device: torch.device) -> bool:
+        """Whether support mode runs the fused Triton solver (:mod:`._fused_support`) for
+        tensors on ``device``: ``backend="auto"`` takes it on CUDA when it can run (Triton,
+        debias, 2m within its tile) and the torch path otherwise; ``"triton"`` raises why
+        it cannot; ``"torch"`` never takes it."""
+        if self.backend == "torch":
+            return False
+        why = fused_unavailable(device, self.support, self.vocab_size, self.debias)
+        if self.backend == "triton" and why is not None:
+            raise self.config_error(f"backend='triton' cannot run: {why}; use backend='auto' or 'torch'")
+        return why is None and (self.backend == "triton" or device.type == "cuda")
 
     def _warm_starts(self, logits: torch.Tensor, dtype: torch.dtype, rows: int) -> dict | None:
         """The per-chunk potentials of the last call of this shape (``warm_start=True``),
