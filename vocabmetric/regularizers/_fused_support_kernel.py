@@ -33,17 +33,17 @@ def _error(w, w_r, old, old_r, new, new_r, eps):
     return tl.sum(w * tl.abs(ratio), 0) + w_r * tl.abs(ratio_r)
 
 @triton.jit
-def _symmetric(w, w_r, lw, lw_r, cost, eps_ptr, n_eps, cap, tol, max_iter):
-    """OT_ε(w, w)'s potential: ε-annealed averaged updates, then to ``tol`` at the target."""
+def _symmetric(w, w_r, lw, lw_r, neg_cost, eps, eps_ptr, n_eps, cap, tol, max_iter):
+    """OT_ε(w, w)'s potential: ε-annealed averaged updates, then to ``tol`` at the target
+    ``eps``. ``neg_cost = −C/eps`` is the only (TOKENS, TOKENS) tile kept: an earlier ε's is
+    it times eps/ε."""
     pot = w * 0.0
     pot_r = w_r * 0.0
     for k in range(0, n_eps - 1):
-        eps = tl.load(eps_ptr + k).to(pot.dtype)
-        t, t_r = _transform(lw, lw_r, pot, pot_r, -cost / eps, eps, cap)
+        eps_k = tl.load(eps_ptr + k).to(pot.dtype)
+        t, t_r = _transform(lw, lw_r, pot, pot_r, neg_cost * (eps / eps_k), eps_k, cap)
         pot = 0.5 * (pot + t)
         pot_r = 0.5 * (pot_r + t_r)
-    eps = tl.load(eps_ptr + n_eps - 1).to(pot.dtype)
-    neg_cost = -cost / eps
     err = tol + 1.0
     it = 0
     while (it < max_iter) & (err > tol):
@@ -71,14 +71,14 @@ def solve_positions(a_ptr, b_ptr, cost_ptr, eps_ptr, value_ptr, h_ptr, err_ptr, 
     cost = tl.load(cost_ptr + row * tokens * tokens + i[:, None] * tokens + i[None, :],
                    mask=real[:, None] & real[None, :], other=cap)
     cost = tl.where(i[:, None] == i[None, :], 0.0, cost)
+    eps = tl.load(eps_ptr + n_eps - 1).to(a.dtype)
+    neg_cost = -cost / eps
     la = tl.where(a > 0, tl.log(tl.where(a > 0, a, 1.0)), float("-inf"))
     lb = tl.where(b > 0, tl.log(tl.where(b > 0, b, 1.0)), float("-inf"))
     la_r = tl.where(a_r > 0, tl.log(tl.where(a_r > 0, a_r, 1.0)), float("-inf"))
     lb_r = tl.where(b_r > 0, tl.log(tl.where(b_r > 0, b_r, 1.0)), float("-inf"))
-    fp, fp_r, err_p, it_p = _symmetric(a, a_r, la, la_r, cost, eps_ptr, n_eps, cap, tol, max_iter)
-    gq, gq_r, err_q, it_q = _symmetric(b, b_r, lb, lb_r, cost, eps_ptr, n_eps, cap, tol, max_iter)
-    eps = tl.load(eps_ptr + n_eps - 1).to(a.dtype)
-    neg_cost = -cost / eps
+    fp, fp_r, err_p, it_p = _symmetric(a, a_r, la, la_r, neg_cost, eps, eps_ptr, n_eps, cap, tol, max_iter)
+    gq, gq_r, err_q, it_q = _symmetric(b, b_r, lb, lb_r, neg_cost, eps, eps_ptr, n_eps, cap, tol, max_iter)
     same = (tl.max(tl.abs(a - b), 0) == 0) & (a_r == b_r)
     # the pair from OT(q, q)'s potential (OT(p, p)'s where p = q: the solution itself)
     g = tl.where(same, fp, gq)
