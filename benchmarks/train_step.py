@@ -99,13 +99,18 @@ def drift(policy, reference, tokens, scale: float, vocab: int) -> dict:
                 "kl_per_token": (probs * (lp - lq)).sum(-1).mean().item(), "logit_scale": scale}
 
 
+def pg_loss(logits, actions, advantages) -> torch.Tensor:
+    """The policy-gradient loss ``−mean(A · log π(action))`` on sampled tokens."""
+    logp = torch.log_softmax(logits.float(), -1).gather(-1, actions[..., None])[..., 0]
+    return -(advantages * logp).mean()
+
+
 def step(policy, reference, tokens, actions, advantages, scale: float, penalty) -> float:
     """One step's loss (backward done); the reference forward included."""
     with torch.no_grad():
         ref_logits = reference(tokens).logits * scale
     logits = policy(tokens).logits * scale
-    logp = torch.log_softmax(logits.float(), -1).gather(-1, actions[..., None])[..., 0]
-    loss = -(advantages * logp).mean()
+    loss = pg_loss(logits, actions, advantages)
     if penalty is not None:
         mask = torch.ones(tokens.shape, dtype=torch.bool, device=tokens.device)
         loss = loss + BETA * aggregate(penalty(logits, ref_logits), mask)
@@ -152,7 +157,7 @@ def main(argv=None) -> None:
         opt = torch.optim.SGD(policy.parameters(), lr=lr)
         for _ in range(args.lag):
             logits = policy(tokens).logits * scale
-            (-(advantages * torch.log_softmax(logits.float(), -1).gather(-1, actions[..., None])[..., 0]).mean()).backward()
+            pg_loss(logits, actions, advantages).backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
         del opt, logits

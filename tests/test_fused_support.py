@@ -140,7 +140,8 @@ def test_the_fused_backend_says_why_it_cannot_run():
         SinkhornDivergence(op, support=4, backend="triton", debias=False)(z.to(DEVICE), z.to(DEVICE))
     reason = _fused_support.fused_unavailable(torch.device("cuda"), 65, 1000, True)
     assert reason is not None and "130 support tokens" in reason  # above the 128-token tile
-    assert _fused_support.fused_unavailable(torch.device("cuda"), 64, 1000, True) in (None, "Triton is not installed (pip install triton)")
+    fits = _fused_support.fused_unavailable(torch.device("cuda"), 64, 1000, True)
+    assert fits in (None, "Triton is not installed (pip install triton)")  # m = 64: the 128-token tile
 
 
 def test_auto_takes_the_torch_path_off_cuda():

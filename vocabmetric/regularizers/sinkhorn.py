@@ -44,7 +44,9 @@ Two ways to lay the problem out:
   in the log domain). O(m²) per position and iteration: the practical mode for training.
   The pair OT(p, q) is solved by Newton's method (:mod:`._newton`, O(m³) per step) for
   m ≤ 128: at ε = cap/15 between peaked distributions it converges in tens of steps where
-  alternating updates take hundreds to thousands.
+  alternating updates take hundreds to thousands. On CUDA (``backend="auto"``, m ≤ 64) a
+  chunk's problems are solved in one Triton launch instead (:mod:`._fused_support`: a
+  program per position, every iteration in the kernel), to the same ``tol``.
 
 Positions are solved in chunks (:func:`~._chunks.solve_by_chunks`): ``p``, ``q`` and the
 potential live in reused (chunk, V) buffers, and ``∂S/∂z`` is written per chunk, so no
