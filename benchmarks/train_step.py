@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import statistics
 import sys
 import time
@@ -61,17 +62,18 @@ def build_model(shape: str, device: str, dtype: torch.dtype):
 
 
 def penalties(vocab_size: int, device: str) -> dict:
-    """The rows' penalties, as makers (only the rows asked for are built)."""
+    """The rows' penalties, as makers (only the rows asked for are built; the Sinkhorn rows
+    share one symmetrized operator)."""
+    operator = functools.cache(lambda: random_neighbour_operator(vocab_size).symmetrized())
     regs = {
         "none": lambda: None,
         "full_kl": lambda: full_kl,
         "tree": lambda: TreeWasserstein(balanced_tree(vocab_size)),
         "sliced": lambda: SlicedWasserstein(clustered_embeddings(vocab_size), n_projections=16),
-        "sinkhorn": lambda: SinkhornDivergence(random_neighbour_operator(vocab_size), eps=0.1, support=64, tol=1e-4),
+        "sinkhorn": lambda: SinkhornDivergence(operator(), eps=0.1, support=64, tol=1e-4),
     }
     if device.startswith("cuda"):
-        regs["sinkhorn torch"] = lambda: SinkhornDivergence(random_neighbour_operator(vocab_size), eps=0.1,
-                                                            support=64, tol=1e-4, backend="torch")
+        regs["sinkhorn torch"] = lambda: SinkhornDivergence(operator(), eps=0.1, support=64, tol=1e-4, backend="torch")
     return regs
 
 
