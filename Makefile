@@ -9,7 +9,7 @@ STAMP  := $(VENV)/.installed
 TORCH  ?= torch==2.13.0
 OUT    ?= runs/demo
 
-.PHONY: install run test test-slow test-gpu bench bench-gpu browser loadgen clean venv-verl test-verl
+.PHONY: install run test test-slow test-gpu bench bench-gpu gpu-check browser loadgen clean venv-verl test-verl
 
 install: $(STAMP)
 
@@ -70,6 +70,12 @@ test-gpu:
 bench-gpu:
 	$(GPU_PYTHON) benchmarks/sparse_kernel.py --device cuda --positions 64 1024 8192 --name sparse_kernel_cuda
 	$(GPU_PYTHON) benchmarks/regularizers.py --device cuda --vocab 100277 --repeats 2 --name regularizers_cuda
+
+# One H100/H200, at most 8 minutes: the GPU tests, then the regularizers and training-step
+# benchmarks on CUDA (benchmarks/results/*_cuda*, a summary in gpu_check_cuda.md). What the
+# machine needs is in the script's header; `benchmarks/gpu_check.sh --dry-run` checks it on CPU.
+gpu-check:
+	GPU_PYTHON=$(GPU_PYTHON) bash benchmarks/gpu_check.sh
 
 clean:
 	rm -rf $(VENV) runs build *.egg-info

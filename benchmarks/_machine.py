@@ -44,8 +44,9 @@ def _cpu_model() -> str:
 
 
 def write_results(name: str, payload: dict, table_md: str, out_dir: Path | None = None) -> Path:
-    """Write ``<name>.json`` (payload + machine) and ``<name>.md`` (the table) atomically."""
-    out_dir = Path(out_dir) if out_dir else RESULTS
+    """Write ``<name>.json`` (payload + machine) and ``<name>.md`` (the table) atomically,
+    into ``out_dir``, else ``$BENCH_RESULTS`` (a dry run's scratch folder), else results/."""
+    out_dir = Path(out_dir or os.environ.get("BENCH_RESULTS") or RESULTS)
     out_dir.mkdir(parents=True, exist_ok=True)
     for suffix, text in ((".json", json.dumps(payload, indent=2, default=str)), (".md", table_md)):
         path = out_dir / f"{name}{suffix}"

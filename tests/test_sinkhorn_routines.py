@@ -68,13 +68,13 @@ class EchoRoutine(_routines.SupportRoutine):
         return cls.where
 
 
-def test_the_support_fused_slot_is_taken_on_cuda_only_where_its_routine_applies(op, monkeypatch):
+def test_the_support_fused_routine_is_taken_where_it_applies(op, monkeypatch):
     reg = SinkhornDivergence(op, support=8)
     cuda, cpu = torch.device("cuda"), torch.device("cpu")
-    assert _routines.routine_for(reg, cuda) is _routines.SupportRoutine  # the slot is empty
+    assert _routines.routine_for(reg, cpu) is _routines.SupportRoutine  # auto: the fused solver is for CUDA
+    assert _routines.routine_for(SinkhornDivergence(op, support=8, backend="torch"), cuda) is _routines.SupportRoutine
     monkeypatch.setitem(_routines.ROUTINES, "support-fused", EchoRoutine)
     assert _routines.routine_for(reg, cuda) is EchoRoutine
-    assert _routines.routine_for(reg, cpu) is _routines.SupportRoutine
     assert _routines.routine_for(SinkhornDivergence(op), cuda) is _routines.FullRoutine
     monkeypatch.setattr(EchoRoutine, "where", False)
     assert _routines.routine_for(reg, cuda) is _routines.SupportRoutine

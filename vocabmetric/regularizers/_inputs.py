@@ -68,6 +68,11 @@ def check_reference_shape(ref: Reference, logits: torch.Tensor, where: str) -> N
     """Raise unless reference logits have the policy logits' shape, or a top-k pair
     ``(ids, logprobs)`` (tensors) has two ``[..., m]`` parts with the logits' leading dims."""
     if isinstance(ref, torch.Tensor):
+        if ref.device != logits.device:
+            raise VocabMetricError(
+                f"{where}: reference logits are on {ref.device}, policy logits on {logits.device}; "
+                "move the reference to the policy's device (ref.to(logits.device))"
+            )
         if ref.shape != logits.shape:
             raise VocabMetricError(
                 f"{where}: reference logits {tuple(ref.shape)} and policy logits "

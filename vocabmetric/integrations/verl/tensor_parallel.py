@@ -100,7 +100,7 @@ class _TreeSharded(torch.autograd.Function):
             mean = (p * g).sum(-1)
             dist.all_reduce(mean, group=group)
             dz[a:b, :width] = p * (g - mean[:, None])
-        ctx.save_for_backward(dz if dz is not None else torch.empty(0))
+        ctx.save_for_backward(dz if dz is not None else torch.empty(0, device=shard.device))
         return value
 
     @staticmethod

@@ -96,6 +96,7 @@ from .._inputs import Reference
 from .._penalty import Penalty
 from ._acceleration import ACCELERATIONS
 from ._kernel import SparseLogKernel
+from ._fused_support import fused_unavailable
 from ._routines import ROUTINES, routine_for
 from ._solver import eps_schedule
 
@@ -168,6 +169,15 @@ class SinkhornDivergence(Penalty):
         within tol. Memory: 3 (V, N) potentials held between calls.
         :meth:`clear_warm_start` forgets them.
 
+    backend : {"auto", "torch", "triton"}
+        Support mode's solver. ``"triton"``: the fused kernel (:mod:`._fused_support`), one
+        launch per chunk solving all its positions' three problems, every iteration in the
+        kernel; it needs a CUDA device with Triton, ``debias=True`` and 2·min(m, V) ≤ 128
+        (m ≤ 64), and raises (naming which is missing) otherwise. ``"auto"`` takes it
+        wherever it can run and falls back to the torch path (Newton steps) elsewhere:
+        CPU tensors, no Triton, m > 64, ``debias=False``. Positions the fused loop leaves
+        unconverged are solved again on the torch path, so the two agree to within ``tol``.
+
     Shapes
     ------
     ``forward(logits [..., V], ref)`` → ``[...]``, where ``ref`` is reference logits
@@ -192,6 +202,7 @@ class SinkhornDivergence(Penalty):
 
     name = "sinkhorn"
     takes_metric = True
+    backends = ("auto", "torch", "triton")
 
     def __init__(
         self,
@@ -209,6 +220,7 @@ class SinkhornDivergence(Penalty):
         acceleration: str = "auto",
         relaxation: float | None = None,
         warm_start: bool = False,
+        backend: str = "auto",
     ):
         super().__init__()
         where = "SinkhornDivergence"
@@ -232,7 +244,9 @@ class SinkhornDivergence(Penalty):
         self.embeddings = None if embeddings is None else torch.as_tensor(np.asarray(embeddings, np.float32))
         # each mode's routine checks its own arguments, and rejects those only another reads
         ROUTINES[self.mode].check(self, embeddings=self.embeddings, relaxation=relaxation, warm_start=warm_start)
-        self._configure(chunk_size=chunk_size)
+        self._configure(backend=backend, chunk_size=chunk_size)
+        if backend == "triton" and support is None:
+            raise self.config_error("backend='triton' is the fused support-mode solver; pass support=m")
         if not op.is_symmetric:
             if not symmetrize:
                 raise self.config_error(
@@ -328,6 +342,18 @@ class SinkhornDivergence(Penalty):
                         "(the result still meets tol). Use another acceleration= or relaxation= (this is said once)",
                         self.last_info["fell_back"])
         return out.to(logits.dtype)
+
+    def _fused_for(self, device: torch.device) -> bool:
+        """Whether support mode runs the fused Triton solver (:mod:`._fused_support`) for
+        tensors on ``device``: ``backend="auto"`` takes it on CUDA when it can run (Triton,
+        debias, 2m within its tile) and the torch path otherwise; ``"triton"`` raises why
+        it cannot; ``"torch"`` never takes it."""
+        if self.backend == "torch" or self.mode != "support":
+            return False
+        why = fused_unavailable(device, self.support, self.vocab_size, self.debias)
+        if self.backend == "triton" and why is not None:
+            raise self.config_error(f"backend='triton' cannot run: {why}; use backend='auto' or 'torch'")
+        return why is None and (self.backend == "triton" or device.type == "cuda")
 
     def _warm_starts(self, logits: torch.Tensor, dtype: torch.dtype, rows: int) -> dict | None:
         """The per-chunk potentials of the last call of this shape (``warm_start=True``),

@@ -216,8 +216,8 @@ class HeavyBlock:
         ``δ²Σw + δ(t_j + t_k) + Σ_i w_i S_ij S_ik`` with ``t = Sᵀw``."""
         delta = math.exp(self.log_delta)
         r, h = w.shape[0], self.h
-        t = torch.zeros((r, h), dtype=w.dtype).scatter_add_(1, self.ent_col, self.ent_val * w.gather(1, self.ent_row))
-        out = torch.zeros((r, h * h), dtype=w.dtype).scatter_add_(1, self.pair_jk, self.pair_val * w.gather(1, self.pair_row))
+        t = torch.zeros((r, h), dtype=w.dtype, device=w.device).scatter_add_(1, self.ent_col, self.ent_val * w.gather(1, self.ent_row))
+        out = torch.zeros((r, h * h), dtype=w.dtype, device=w.device).scatter_add_(1, self.pair_jk, self.pair_val * w.gather(1, self.pair_row))
         out = out.view(r, h, h)
         out += delta * (t[:, :, None] + t[:, None, :]) + (delta**2 * w.sum(1))[:, None, None]
         return out

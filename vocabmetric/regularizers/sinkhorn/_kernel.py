@@ -289,7 +289,7 @@ class SparseLogKernel:
         25–50 MB tensor costs thousands of page faults each time)."""
         size = self.vocab_size * n
         if self._buffers is None or self._buffers.shape[1] < size:
-            self._buffers = torch.empty(2, size, dtype=self.dtype)
+            self._buffers = torch.empty(2, size, dtype=self.dtype, device=self.device)
         return tuple(b[:size].view(self.vocab_size, n) for b in self._buffers)
 
     def release(self) -> None:

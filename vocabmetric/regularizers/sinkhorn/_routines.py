@@ -14,12 +14,12 @@ that :func:`routine_for` finds in :data:`ROUTINES`:
     Newton step, O(N·V) to pick the supports. Its own arguments: ``support``,
     ``embeddings``, ``acceleration`` ("auto", "newton", "none").
 ``"support-fused"``
-    The slot for a fused support-mode routine on CUDA (a Triton kernel that gathers the
-    support, solves and writes ∂S/∂z in one launch; it lands in its own module, registered
-    by one line at the end of this one). None until then; after, :func:`routine_for` sends a
-    support-mode call on a CUDA device to it wherever its ``applies(module, device)`` says
-    so, and to :class:`SupportRoutine` otherwise. It takes the support mode's arguments,
-    checked by :meth:`SupportRoutine.check`.
+    :class:`FusedSupportRoutine`: support mode with each chunk solved in one Triton launch
+    (:mod:`._fused_support`); :func:`routine_for` sends a support-mode call to it wherever
+    its ``applies(module, device)`` says so (``backend="auto"`` on CUDA when Triton, the
+    tile and ``debias`` allow; ``backend="triton"`` anywhere, else a ConfigError naming
+    why), and to :class:`SupportRoutine` otherwise. The support mode's arguments, checked
+    by :meth:`SupportRoutine.check`.
 
 A routine is a class with the interface below; the module calls nothing else::
 
@@ -37,6 +37,7 @@ from __future__ import annotations
 import torch
 
 from ._full import solve_full_chunk
+from ._fused_support import solve_support_fused
 from ._solver import solver_chunk_rows
 from ._support import solve_support_chunk
 
@@ -77,10 +78,27 @@ class SupportRoutine:
                                    newton=m.acceleration != "none", **solve)
 
     def summary(self, fell_back: list[str]) -> dict:
-        return {}
+        return {"backend": "torch"}
 
     def close(self) -> None:
         self.scratch.clear()
+
+
+class FusedSupportRoutine(SupportRoutine):
+    """Support mode in one Triton launch per chunk (:func:`~._fused_support.solve_support_fused`):
+    the same support, values and gradient as :class:`SupportRoutine` to within ``tol``."""
+
+    @staticmethod
+    def applies(module, device: torch.device) -> bool:
+        return module._fused_for(device)
+
+    def solve(self, p, q, dz_out, **solve):
+        m = self.module
+        return solve_support_fused(p, q, support=m.support, table=m._torch_table(p.device), cap=m.op.cap,
+                                   embeddings=self.embeddings, scratch=self.scratch, dz_out=dz_out, **solve)
+
+    def summary(self, fell_back: list[str]) -> dict:
+        return {"backend": "triton"}
 
 
 class FullRoutine:
@@ -122,17 +140,13 @@ class FullRoutine:
         self.kernel.release()
 
 
-#: The routine per mode; "support-fused" is the CUDA slot (see the module docstring).
-ROUTINES: dict = {"full": FullRoutine, "support": SupportRoutine, "support-fused": None}
-# The fused support routine registers here when it lands, after the table (so that its
-# module may import SupportRoutine from this one):
-#   from ._fused_support import FusedSupportRoutine
-#   ROUTINES["support-fused"] = FusedSupportRoutine
+#: The routine per mode; "support-fused" runs support mode where its ``applies`` says so.
+ROUTINES: dict = {"full": FullRoutine, "support": SupportRoutine, "support-fused": FusedSupportRoutine}
 
 
 def routine_for(module, device: torch.device):
     """The routine class that runs ``module``'s mode on ``device``."""
     fused = ROUTINES.get("support-fused")
-    if module.mode == "support" and device.type == "cuda" and fused is not None and fused.applies(module, device):
+    if module.mode == "support" and fused is not None and fused.applies(module, device):
         return fused
     return ROUTINES[module.mode]

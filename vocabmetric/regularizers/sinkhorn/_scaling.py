@@ -136,7 +136,7 @@ class ScaledHeavyBlock(HeavyBlock):
 
     def mask(self, w: torch.Tensor, total: torch.Tensor) -> None:
         """Zero the heavy tokens' weights of ``w (V, r)`` in place; take them off ``total``."""
-        cols = torch.arange(w.shape[1])[:, None]
+        cols = torch.arange(w.shape[1], device=w.device)[:, None]
         total.sub_(w[self.heavy, cols].double().sum(1))
         w[self.heavy, cols] = 0.0
 
@@ -168,7 +168,7 @@ class ScaledHeavyBlock(HeavyBlock):
         extra, extra_plain = ((delta * at.exp().sum(1) * scale).to(rest.dtype) for at in (x, x0))
         by_blocks(kernels().far_potential, rest.shape[0], r, rest.numpy(), extra.numpy(), extra_plain.numpy(),
                   plain, out.numpy(), out_plain.numpy())
-        pos = torch.arange(r)[:, None].expand_as(self.near)
+        pos = torch.arange(r, device=rest.device)[:, None].expand_as(self.near)
         rows, cols = self.near[self.near_valid], pos[self.near_valid]
         for target, at in ((out, x), (out_plain, x0)) if plain else ((out, x),):
             s_near = self.near_sums(rest_near, at.exp())

@@ -54,9 +54,9 @@ class ScalingSolver(Solver):
     def symmetric(self, a, log_a, f, rows, iterations: int = 0) -> State:
         """The log domain's loop as ``φ ← √(φ · T_a(φ))``; out of range, the log domain's."""
         eps, n = self.eps_list[-1], self.positions(f)
-        state = State(f=f.div(eps).exp_(), error=torch.zeros(n, dtype=f.dtype), iterations=iterations)
+        state = State(f=f.div(eps).exp_(), error=torch.zeros(n, dtype=f.dtype, device=f.device), iterations=iterations)
         try:
-            active = torch.arange(n)
+            active = torch.arange(n, device=f.device)
             for it in range(self.max_iter):
                 take = self.taker(active, n)
                 pa, ma = take(state.f), take(a)

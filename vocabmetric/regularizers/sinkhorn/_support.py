@@ -143,13 +143,21 @@ def solve_support_chunk(p, q, *, support, table, cap, embeddings, scratch, eps_l
     solver = Solver(DenseLogKernel(cost), eps_list, max_iter, tol, acceleration=strategy)
     value, f_small, info = solve_chunk(solver, a, b, debias)
     if dz_out is not None:
-        # a duplicate (zero-mass) point follows its original in the sorted support and
-        # takes the original's potential; a token without mass gets no gradient
-        rest, f_ids = f_small[:, -1:], f_small[:, :-1]
-        f_ids = torch.where(dup, f_ids.roll(1, -1), f_ids)
-        p_ids = p.gather(1, ids)
-        p_once = torch.where(dup, 0.0, p_ids)
-        mean = rest * (1 - p_once.sum(-1, keepdim=True)) + (p_once * f_ids).sum(-1, keepdim=True)
-        torch.mul(p, rest - mean, out=dz_out)
-        dz_out.scatter_(1, ids, torch.where(p_ids > 0, p_ids * (f_ids - mean), 0.0))
+        write_support_gradient(p, ids, dup, f_small, dz_out)
     return value, info
+
+
+def write_support_gradient(p, ids, dup, h_small, dz_out) -> None:
+    """``∂S/∂z = p ⊙ (h − ⟨p, h⟩)`` into ``dz_out (rows, V)`` from the gradient potential
+    ``h_small (rows, s₁ + 1)`` on the support ``ids (rows, s₁)`` and its rest bin (last):
+    every token off the support takes the bin's potential, so this is one scaling of ``p``
+    plus the support's s₁ entries."""
+    # a duplicate (zero-mass) point follows its original in the sorted support and
+    # takes the original's potential; a token without mass gets no gradient
+    rest, f_ids = h_small[:, -1:], h_small[:, :-1]
+    f_ids = torch.where(dup, f_ids.roll(1, -1), f_ids)
+    p_ids = p.gather(1, ids)
+    p_once = torch.where(dup, 0.0, p_ids)
+    mean = rest * (1 - p_once.sum(-1, keepdim=True)) + (p_once * f_ids).sum(-1, keepdim=True)
+    torch.mul(p, rest - mean, out=dz_out)
+    dz_out.scatter_(1, ids, torch.where(p_ids > 0, p_ids * (f_ids - mean), 0.0))
