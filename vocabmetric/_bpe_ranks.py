@@ -84,16 +84,19 @@ import numpy as np
 
 LOG = logging.getLogger(__name__)
 
-#: The byte-level alternatives of the known patterns (GPT-2, cl100k, o200k, Qwen2 forms), each
-#: with the character classes a match can start on (``""``: only specific strings).
+#: The byte-level alternatives of the known patterns (GPT-2; cl100k and Llama 3; o200k; Qwen2/2.5's single
+#: digits; Qwen3.5's letter-or-mark words), each with the character classes a match can start on: ``S`` (``\s``),
+#: ``L`` (``\p{L}``), ``N`` (``\p{N}``), ``M`` (``\p{M}``), ``X`` (anything else); ``""``: only specific strings;
+#: ``l``/``u``: o200k's lower-/upper-case-led words, which start on every letter only together.
 _ALTERNATIVES: dict[str, str] = {
     **{f"'{s}": "" for s in ("s", "t", "re", "ve", "m", "ll", "d")},
     "(?i:'s|'t|'re|'ve|'m|'ll|'d)": "",
-    r" ?\p{L}+": "L", r"[^\r\n\p{L}\p{N}]?\p{L}+": "L",
-    r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+(?i:'s|'t|'re|'ve|'m|'ll|'d)?": "l",
-    r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*(?i:'s|'t|'re|'ve|'m|'ll|'d)?": "u",
+    r" ?\p{L}+": "L", r"[^\r\n\p{L}\p{N}]?\p{L}+": "L", r"[^\r\n\p{L}\p{N}]?[\p{L}\p{M}]+": "LM",
+    r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+(?i:'s|'t|'re|'ve|'m|'ll|'d)?": "lM",
+    r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*(?i:'s|'t|'re|'ve|'m|'ll|'d)?": "uM",
     r" ?\p{N}+": "N", r"\p{N}{1,3}": "N", r"\p{N}": "N", r"\p{N}+": "N",
-    r" ?[^\s\p{L}\p{N}]+": "O", r" ?[^\s\p{L}\p{N}]+[\r\n]*": "O", r" ?[^\s\p{L}\p{N}]+[\r\n/]*": "O",
+    r" ?[^\s\p{L}\p{N}]+": "MX", r" ?[^\s\p{L}\p{N}]+[\r\n]*": "MX", r" ?[^\s\p{L}\p{N}]+[\r\n/]*": "MX",
+    r" ?[^\s\p{L}\p{M}\p{N}]+[\r\n]*": "X",
     r"\s*[\r\n]+": "", r"\s+(?!\S)": "", r"\s+": "S", r"\s": "S",
 }
 #: HF's ByteLevel(use_regex=true) pattern (pre_tokenizers/byte_level.rs).
@@ -225,7 +228,7 @@ def _pattern(pre: dict) -> tuple[str | None, str]:
     starts = set("".join(_ALTERNATIVES[a] for a in alternatives))
     if {"l", "u"} <= starts:  # o200k's two letter alternatives: lower-case-led and upper-case-led
         starts.add("L")
-    if not {"S", "L", "N", "O"} <= starts:
+    if not {"S", "L", "N", "M", "X"} <= starts:
         return None, "its split regex may leave characters unmatched: tiktoken drops them, HF keeps them"
     return pattern, ""
 
