@@ -155,16 +155,20 @@ def exact_engine(spec: dict, hf: Any, source: str) -> tuple[Callable[[Sequence[s
     allowed = engine.special_tokens_set
 
     def encode_batch(texts: Sequence[str]) -> list[np.ndarray]:
-        arrays = [np.asarray(engine.encode(t, allowed_special=allowed), dtype=np.uint32) for t in texts]
+        arrays = [engine.encode_to_numpy(t, allowed_special=allowed) for t in texts]  # no Python int per id
         return arrays if identity else [lut[a] for a in arrays]
 
     if normalizer is not None:
         split = re.compile("(" + "|".join(map(re.escape, raw)) + ")") if raw else None
+        normalize = normalizer.normalize_str
+        if _is_nfc(spec["normalizer"]):  # NFC leaves a text of code points below U+0300 as it is: skip the call
+            below_0300 = re.compile("[\x00-\u02ff]*").fullmatch
+            normalize = lambda p: p if below_0300(p) else normalizer.normalize_str(p)  # noqa: E731
 
         def encode_one(text: str) -> np.ndarray:
             pieces = split.split(text) if split else [text]  # text, token, text, ...: a token at odd places
             ids = [np.array([raw[p]], dtype=np.uint32) if k % 2 else
-                   lut[np.asarray(engine.encode(normalizer.normalize_str(p), allowed_special=allowed), dtype=np.uint32)]
+                   lut[engine.encode_to_numpy(normalize(p), allowed_special=allowed)]
                    for k, p in enumerate(pieces) if p]
             return np.concatenate(ids) if ids else np.zeros(0, np.uint32)
 
@@ -173,6 +177,14 @@ def exact_engine(spec: dict, hf: Any, source: str) -> tuple[Callable[[Sequence[s
 
     encode_batch.engine = "tiktoken"  # type: ignore[attr-defined]  (which path a caller got)
     return encode_batch, ""
+
+
+def _is_nfc(normalizer: dict) -> bool:
+    """Whether a tokenizer.json normalizer is NFC alone (Qwen's). Every code point below U+0300
+    has canonical combining class 0, is its own NFC, and is no composition's second element
+    (those start at U+0300), so NFC maps a text of them to itself, in every Unicode version."""
+    steps = normalizer.get("normalizers") if normalizer.get("type") == "Sequence" else [normalizer]
+    return len(steps or ()) == 1 and steps[0].get("type") == "NFC"
 
 
 def _structure_refusal(spec: dict, added: dict[int, Any]) -> str:
