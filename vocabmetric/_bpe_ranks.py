@@ -52,17 +52,32 @@ token anyway; by (D) with it HF returns nothing outside the table. ∎
 not marked ``normalized`` on the raw text, normalizes each remaining piece on its own, then
 splits out the ``normalized`` ones; the engine does the same, calling the file's own
 normalizer (``normalize_str``) on the same pieces, so the text that reaches the regex is the
-same string (an empty piece must stay empty: it is skipped). Pre-tokenizer: ``ByteLevel(add_prefix_space=false,
-use_regex=true)`` (GPT-2's pattern), or ``Sequence[Split(Regex P, Isolated, invert=false),
-ByteLevel(add_prefix_space=false, use_regex=false)]``. tiktoken BPE-encodes only the regex
-*matches* and HF also keeps the text between them, so P must match at every position:
-its top-level alternatives must come from the known list below (none matches the empty
-string; each means the same in Oniguruma and fancy-regex: no possessive quantifiers —
-Oniguruma reads ``{1,3}+`` as "``{1,3}``, one or more times") and must include one that
-starts a match on each character class: ``\\s``, ``\\p{L}``, ``\\p{N}`` and everything else.
+same string (an empty piece must stay empty: it is skipped). An NFC normalizer alone (Qwen's) is
+not called on a piece whose code points are all below U+0300: those have combining class 0,
+are their own NFC and are no composition's second element, so NFC returns the piece as is.
+Pre-tokenizer: ``ByteLevel(add_prefix_space=false, use_regex=true)`` (GPT-2's pattern), or
+``Sequence[Split(Regex P, Isolated, invert=false), ByteLevel(add_prefix_space=false,
+use_regex=false)]``. tiktoken BPE-encodes only the regex *matches* and HF also keeps the
+text between them, so P must match at every position. What is checked on P:
+
+1. its top-level alternatives (split at ``|`` outside groups and classes) are each, as
+   strings, one of ``_ALTERNATIVES``: the alternatives of GPT-2's, cl100k's as Llama 3's
+   file writes it (``\\p{N}{1,3}``), Qwen2/2.5/3's (single ``\\p{N}``), o200k's, and
+   Qwen3.5/3.6's (``[^\\r\\n\\p{L}\\p{N}]?[\\p{L}\\p{M}]+`` words,
+   ``[^\\s\\p{L}\\p{M}\\p{N}]+[\\r\\n]*`` symbols after an optional space). None matches the empty string, and each
+   means the same in Oniguruma and fancy-regex: Unicode classes, ``?``/``*``/``+``/``{m,n}``,
+   ``(?i:...)``, ``(?!\\S)``, no possessive quantifiers (Oniguruma reads ``{1,3}+`` as
+   "``{1,3}``, one or more times"; that form is refused);
+2. every character starts a match: each alternative lists the classes a match can start on
+   (``\\s``, ``\\p{L}``, ``\\p{N}``, ``\\p{M}``, everything else — a partition of all code
+   points), and together the alternatives must cover all five. ``\\p{M}`` is its own class
+   because Qwen3.5's symbol alternative excludes marks: there, only the word alternative
+   starts on a mark; a regex with neither leaves a mark not before a letter unmatched.
+
 The regex equivalence rests on the two engines agreeing on these constructs and on their
 Unicode tables (a character classed differently by two Unicode versions would split
-differently; ``tests/test_tokenizer_fast.py`` compares every code point, marked slow); the
+differently; ``tests/test_tokenizer_fast.py`` and ``tests/test_tokenizer_layouts.py``
+compare every code point beside letters, marks, digits and spaces, marked slow); the
 rest is the proof above. Added tokens are split out before the regex by
 both: they must have no ``lstrip``/``rstrip``/``single_word``, and no added token may
 overlap another (none a substring of another, no suffix of one a prefix of another), so
