@@ -23,9 +23,12 @@ already increase with ``k``, else ``256 + k`` and a lookup table back to the ids
 
 **The conditions** (each checked on the file; any failure refuses, naming it):
 
-* (A) the 256 byte-level characters are vocabulary tokens (so no unknown/byte-fallback
-  path is ever taken; ``unk_token``/``byte_fallback`` are then inert), no dropout, no
-  ``continuing_subword_prefix``/``end_of_word_suffix``;
+* (A) every byte of a text the engine encodes has its byte-level character in the
+  vocabulary (so no unknown/byte-fallback path is ever taken; ``unk_token``/``byte_fallback``
+  are then inert), no dropout, no ``continuing_subword_prefix``/``end_of_word_suffix``. A
+  file may lack up to 32 of the 256 (SmolLM2's lacks 21: control bytes, bytes no UTF-8 text
+  has): a text whose UTF-8 (after the normalizer) holds one of those bytes is encoded by the
+  library instead, whole — the library drops such a character and may merge across it;
 * (B) the results ``t_k`` are distinct: one merge per token;
 * (C) every ``t_k`` BPE-encodes, by HF's own model with ``ignore_merges`` off, to ``[t_k]``;
 * (D) with ``ignore_merges`` on, every vocabulary token over the byte alphabet is a byte
@@ -131,18 +134,21 @@ def byte_level_alphabet() -> dict[int, str]:
     return {b: chr(c) for b, c in zip(bs, cs)}
 
 
-def exact_engine(spec: dict, hf: Any, source: str) -> tuple[Callable[[Sequence[str]], list[np.ndarray]] | None, str]:
+def exact_engine(spec: dict, hf: Any, source: str, library: Callable[[Sequence[str]], list[np.ndarray]]
+                 ) -> tuple[Callable[[Sequence[str]], list[np.ndarray]] | None, str]:
     """``(encoder, "")`` when the tokenizer.json ``spec`` passes the check, else ``(None, reason)``.
 
     ``hf``: the same file loaded by ``tokenizers``: its added tokens' real ids (which need not
     be the file's) and its normalizer, which the engine calls as the library's ``encode`` does.
+    ``library``: the library's own encoder, for the texts with a byte whose byte-level character
+    the vocabulary lacks (condition (A)).
     """
     added = hf.get_added_tokens_decoder()
     reason = _structure_refusal(spec, added)
     if reason:
         return None, reason
     pattern, _ = _pattern(spec["pre_tokenizer"])
-    ranks, ids, reason = _ranks(spec["model"])
+    ranks, ids, reason, missing = _ranks(spec["model"])
     if reason:
         return None, reason
     normalizer = hf.normalizer if spec.get("normalizer") else None
@@ -169,10 +175,16 @@ def exact_engine(spec: dict, hf: Any, source: str) -> tuple[Callable[[Sequence[s
                                special_tokens=special_ranks)
     allowed = engine.special_tokens_set
 
-    def encode_batch(texts: Sequence[str]) -> list[np.ndarray]:
-        arrays = [engine.encode_to_numpy(t, allowed_special=allowed) for t in texts]  # no Python int per id
-        return arrays if identity else [lut[a] for a in arrays]
+    lacks = re.compile(b"[" + re.escape(missing) + b"]").search if missing else None
 
+    def encode_piece(text: str) -> np.ndarray | None:
+        """tiktoken's ids, or None when a byte of the text has no byte-level token (the library's case)."""
+        if lacks is not None and lacks(text.encode("utf-8", "surrogatepass")):
+            return None
+        ids = engine.encode_to_numpy(text, allowed_special=allowed)  # no Python int per id
+        return ids if identity else lut[ids]
+
+    encode_text = encode_piece
     if normalizer is not None:
         split = re.compile("(" + "|".join(map(re.escape, raw)) + ")") if raw else None
         normalize = normalizer.normalize_str
@@ -180,15 +192,20 @@ def exact_engine(spec: dict, hf: Any, source: str) -> tuple[Callable[[Sequence[s
             below_0300 = re.compile("[\x00-\u02ff]*").fullmatch
             normalize = lambda p: p if below_0300(p) else normalizer.normalize_str(p)  # noqa: E731
 
-        def encode_one(text: str) -> np.ndarray:
+        def encode_text(text: str) -> np.ndarray | None:
             pieces = split.split(text) if split else [text]  # text, token, text, ...: a token at odd places
-            ids = [np.array([raw[p]], dtype=np.uint32) if k % 2 else
-                   lut[engine.encode_to_numpy(normalize(p), allowed_special=allowed)]
+            ids = [np.array([raw[p]], dtype=np.uint32) if k % 2 else encode_piece(normalize(p))
                    for k, p in enumerate(pieces) if p]
+            if any(a is None for a in ids):
+                return None
             return np.concatenate(ids) if ids else np.zeros(0, np.uint32)
 
-        def encode_batch(texts: Sequence[str]) -> list[np.ndarray]:  # noqa: F811 (the normalizing variant)
-            return [encode_one(t) for t in texts]
+    def encode_batch(texts: Sequence[str]) -> list[np.ndarray]:
+        arrays = [encode_text(t) for t in texts]
+        routed = [i for i, a in enumerate(arrays) if a is None]
+        for i, a in zip(routed, library([texts[i] for i in routed]) if routed else ()):
+            arrays[i] = a
+        return arrays
 
     encode_batch.engine = "tiktoken"  # type: ignore[attr-defined]  (which path a caller got)
     return encode_batch, ""
@@ -280,45 +297,47 @@ def _top_level_alternatives(pattern: str) -> list[str]:
     return parts + [pattern[start:]]
 
 
-def _ranks(model: dict) -> tuple[dict[bytes, int], np.ndarray, str]:
-    """tiktoken's table (bytes → rank), the HF id of each rank, and why not, if conditions (A)–(D) fail."""
+def _ranks(model: dict) -> tuple[dict[bytes, int], np.ndarray, str, bytes]:
+    """tiktoken's table (bytes → rank), the HF id of each rank, why not if conditions (A)–(D) fail,
+    and the bytes whose byte-level character the vocabulary lacks (texts with them go to the library)."""
     vocab: dict[str, int] = model["vocab"]
     alphabet = byte_level_alphabet()
     to_latin1 = str.maketrans({c: chr(b) for b, c in alphabet.items()})
     outside = re.compile("[^" + re.escape("".join(alphabet.values())) + "]")
-    missing = [c for c in alphabet.values() if c not in vocab]
-    if missing:
-        return {}, np.zeros(0), f"{len(missing)} of the 256 byte-level characters are not in its vocabulary (e.g. {missing[0]!r})"
+    missing = bytes(b for b, c in alphabet.items() if c not in vocab)
+    if len(missing) > 32:  # a few (SmolLM2 lacks 21, mostly bytes UTF-8 never has) are routed; many mean another model
+        return {}, np.zeros(0), f"{len(missing)} of the 256 byte-level characters are not in its vocabulary", missing
     merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in model.get("merges") or ()]
     if any(len(m) != 2 for m in merges):
-        return {}, np.zeros(0), "a merge is not a pair of tokens"
+        return {}, np.zeros(0), "a merge is not a pair of tokens", missing
     results = [a + b for a, b in merges]
     if len(set(results)) != len(results):
         seen: set[str] = set()
         dup = next(t for t in results if t in seen or seen.add(t))
-        return {}, np.zeros(0), f"several merges produce the same token (e.g. {dup!r}): HF ranks the pairs, tiktoken the token"
+        return {}, np.zeros(0), (f"several merges produce the same token (e.g. {dup!r}): HF ranks the pairs, "
+                                 "tiktoken the token"), missing
     if outside.search("".join(results)):
-        return {}, np.zeros(0), "a merge produces a token outside the byte-level alphabet"
+        return {}, np.zeros(0), "a merge produces a token outside the byte-level alphabet", missing
     if model.get("ignore_merges"):
         table = set(results) | set(alphabet.values())
         extra = [t for t in vocab if t not in table and not outside.search(t)]
         if extra:
             return {}, np.zeros(0), (f"ignore_merges is on and {len(extra)} vocabulary tokens are neither bytes nor "
-                                     f"merge results (e.g. {extra[0]!r}): HF returns them for a whole word, tiktoken cannot")
+                                     f"merge results (e.g. {extra[0]!r}): HF returns them for a whole word, tiktoken cannot"), missing
     broken = _not_self_encoding(vocab, merges, results)
     if broken:
         return {}, np.zeros(0), (f"{len(broken)} merged tokens do not BPE-encode to themselves (e.g. {broken[0]!r}), "
-                                 "so tiktoken's lowest-rank-token rule would merge pairs HF never merges")
-    byte_ids = [vocab[alphabet[b]] for b in range(256)]
+                                 "so tiktoken's lowest-rank-token rule would merge pairs HF never merges"), missing
+    byte_ids = {b: vocab[alphabet[b]] for b in range(256) if b not in missing}  # a missing byte gets no rank
     result_ids = np.array([vocab[t] for t in results], dtype=np.int64)
     token_bytes = [t.translate(to_latin1).encode("latin-1") for t in results]
     if bool(np.all(np.diff(result_ids) > 0)):  # the ids order the merges: they can be the ranks themselves
-        ranks = {bytes([b]): byte_ids[b] for b in range(256)}  # byte ranks are never compared: any distinct ids do
+        ranks = {bytes([b]): i for b, i in byte_ids.items()}  # byte ranks are never compared: any distinct ids do
         ranks.update(zip(token_bytes, result_ids.tolist()))
-        return ranks, np.arange(max(byte_ids + result_ids[-1:].tolist()) + 1, dtype=np.uint32), ""
-    ranks = {bytes([b]): b for b in range(256)}
+        return ranks, np.arange(max([*byte_ids.values(), *result_ids[-1:].tolist()]) + 1, dtype=np.uint32), "", missing
+    ranks = {bytes([b]): b for b in byte_ids}
     ranks.update(zip(token_bytes, range(256, 256 + len(token_bytes))))
-    return ranks, np.array(byte_ids + result_ids.tolist(), dtype=np.uint32), ""
+    return ranks, np.array([byte_ids.get(b, 0) for b in range(256)] + result_ids.tolist(), dtype=np.uint32), "", missing
 
 
 def _not_self_encoding(vocab: dict[str, int], merges: list[tuple[str, str]], results: list[str]) -> list[str]:

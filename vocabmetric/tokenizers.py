@@ -304,7 +304,7 @@ def _hf_encoder(path: Path | None, hf: Any = None) -> Callable[[Sequence[str]], 
         if getattr(hf, "encode_special_tokens", False):
             reason = "it encodes special tokens as text (encode_special_tokens is on)"
         else:
-            encode, reason = exact_engine(spec, hf, name)
+            encode, reason = exact_engine(spec, hf, name, _library_encoder(hf))  # the library: texts with a byte it lacks
         if encode is None:
             LOG.warning("%s: no exact fast path, tokenizing with the tokenizers library (slower): %s", name, reason)
         else:
