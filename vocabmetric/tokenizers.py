@@ -8,7 +8,8 @@ Specs:
   used instead (the same ids and bytes).
 * ``hf:PATH/tokenizer.json`` — any Hugging Face ``tokenizers`` JSON file; ``hf:MODEL_DIR``
   — the ``tokenizer.json`` of a model directory (``save_pretrained``, a hub-cache snapshot).
-  A plain byte-level BPE file is encoded by an exact tiktoken engine on its own merges
+  A byte-level BPE file (GPT-2's, SmolLM2's, Llama 3's, Qwen2/2.5/3's, Qwen3.5/3.6's
+  layouts) is encoded by an exact tiktoken engine on its own merges
   (:mod:`vocabmetric._bpe_ranks` proves when that is exact, and checks it on the file);
   any other file, or ``VOCABMETRIC_BPE_FAST=0``, by the ``tokenizers`` library, after one
   warning that says why. Either way the ids are ``encode(text, add_special_tokens=False)``'s,
