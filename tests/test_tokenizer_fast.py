@@ -259,3 +259,22 @@ def test_every_code_point_in_letter_digit_space_and_quote_context(which, request
     library = hf.encode_batch_fast(texts, add_special_tokens=False)
     wrong = [hex(code_points[256 * i]) for i, (a, e) in enumerate(zip(encode(texts), library)) if a.tolist() != e.ids]
     assert not wrong, f"texts starting at these code points differ: {wrong[:10]}"
+
+
+def test_bytes_the_vocabulary_lacks_send_only_their_texts_to_the_library(trained_json, tmp_path, caplog):
+    # SmolLM2's tokenizer.json lacks 21 byte-level characters (control bytes, bytes UTF-8 never has). The
+    # library drops such a character and may merge across it ("the\x04re" is "there"); tiktoken cannot
+    # encode it. A text with such a byte goes to the library, every other text stays on the fast path.
+    spec = json.loads(trained_json.read_text(encoding="utf-8"))
+    alphabet = byte_level_alphabet()
+    for b in (0x04, 0x80, 0xC0, 0xF1):  # a control byte, a continuation byte, bytes no UTF-8 text has
+        del spec["model"]["vocab"][alphabet[b]]
+    assert not any(alphabet[b] in "".join(m) for m in spec["model"]["merges"] for b in (0x04, 0x80, 0xC0, 0xF1))
+    path = write(tmp_path / "tokenizer.json", spec)
+    with caplog.at_level(logging.WARNING):
+        encode = batch_encoder(f"hf:{path}")
+    assert encode.engine == "tiktoken" and not warnings_from(caplog)
+    lacking = ["the\x04re", "a\U00044444b", "\u0400 Ѐ", "x<|endoftext|>\x04"]  # U+0400 is d0 80: the continuation byte
+    texts = lacking + HARD_TEXTS + real_texts()[:60]
+    assert [a.tolist() for a in encode(texts)] == library_ids(path, texts)
+    assert library_ids(path, ["the\x04re"]) == library_ids(path, ["there"])

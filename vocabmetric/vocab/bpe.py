@@ -23,9 +23,12 @@ already increase with ``k``, else ``256 + k`` and a lookup table back to the ids
 
 **The conditions** (each checked on the file; any failure refuses, naming it):
 
-* (A) the 256 byte-level characters are vocabulary tokens (so no unknown/byte-fallback
-  path is ever taken; ``unk_token``/``byte_fallback`` are then inert), no dropout, no
-  ``continuing_subword_prefix``/``end_of_word_suffix``;
+* (A) every byte of a text the engine encodes has its byte-level character in the
+  vocabulary (so no unknown/byte-fallback path is ever taken; ``unk_token``/``byte_fallback``
+  are then inert), no dropout, no ``continuing_subword_prefix``/``end_of_word_suffix``. A
+  file may lack up to 32 of the 256 (SmolLM2's lacks 21: control bytes, bytes no UTF-8 text
+  has): a text whose UTF-8 (after the normalizer) holds one of those bytes is encoded by the
+  library instead, whole — the library drops such a character and may merge across it;
 * (B) the results ``t_k`` are distinct: one merge per token;
 * (C) every ``t_k`` BPE-encodes, by HF's own model with ``ignore_merges`` off, to ``[t_k]``;
 * (D) with ``ignore_merges`` on, every vocabulary token over the byte alphabet is a byte
@@ -52,17 +55,32 @@ token anyway; by (D) with it HF returns nothing outside the table. ∎
 not marked ``normalized`` on the raw text, normalizes each remaining piece on its own, then
 splits out the ``normalized`` ones; the engine does the same, calling the file's own
 normalizer (``normalize_str``) on the same pieces, so the text that reaches the regex is the
-same string (an empty piece must stay empty: it is skipped). Pre-tokenizer: ``ByteLevel(add_prefix_space=false,
-use_regex=true)`` (GPT-2's pattern), or ``Sequence[Split(Regex P, Isolated, invert=false),
-ByteLevel(add_prefix_space=false, use_regex=false)]``. tiktoken BPE-encodes only the regex
-*matches* and HF also keeps the text between them, so P must match at every position:
-its top-level alternatives must come from the known list below (none matches the empty
-string; each means the same in Oniguruma and fancy-regex: no possessive quantifiers —
-Oniguruma reads ``{1,3}+`` as "``{1,3}``, one or more times") and must include one that
-starts a match on each character class: ``\\s``, ``\\p{L}``, ``\\p{N}`` and everything else.
+same string (an empty piece must stay empty: it is skipped). An NFC normalizer alone (Qwen's) is
+not called on a piece whose code points are all below U+0300: those have combining class 0,
+are their own NFC and are no composition's second element, so NFC returns the piece as is.
+Pre-tokenizer: ``ByteLevel(add_prefix_space=false, use_regex=true)`` (GPT-2's pattern), or
+``Sequence[Split(Regex P, Isolated, invert=false), ByteLevel(add_prefix_space=false,
+use_regex=false)]``. tiktoken BPE-encodes only the regex *matches* and HF also keeps the
+text between them, so P must match at every position. What is checked on P:
+
+1. its top-level alternatives (split at ``|`` outside groups and classes) are each, as
+   strings, one of ``_ALTERNATIVES``: the alternatives of GPT-2's, cl100k's as Llama 3's
+   file writes it (``\\p{N}{1,3}``), Qwen2/2.5/3's (single ``\\p{N}``), o200k's, and
+   Qwen3.5/3.6's (``[^\\r\\n\\p{L}\\p{N}]?[\\p{L}\\p{M}]+`` words,
+   ``[^\\s\\p{L}\\p{M}\\p{N}]+[\\r\\n]*`` symbols after an optional space). None matches the empty string, and each
+   means the same in Oniguruma and fancy-regex: Unicode classes, ``?``/``*``/``+``/``{m,n}``,
+   ``(?i:...)``, ``(?!\\S)``, no possessive quantifiers (Oniguruma reads ``{1,3}+`` as
+   "``{1,3}``, one or more times"; that form is refused);
+2. every character starts a match: each alternative lists the classes a match can start on
+   (``\\s``, ``\\p{L}``, ``\\p{N}``, ``\\p{M}``, everything else — a partition of all code
+   points), and together the alternatives must cover all five. ``\\p{M}`` is its own class
+   because Qwen3.5's symbol alternative excludes marks: there, only the word alternative
+   starts on a mark; a regex with neither leaves a mark not before a letter unmatched.
+
 The regex equivalence rests on the two engines agreeing on these constructs and on their
 Unicode tables (a character classed differently by two Unicode versions would split
-differently; ``tests/test_tokenizer_fast.py`` compares every code point, marked slow); the
+differently; ``tests/test_tokenizer_fast.py`` and ``tests/test_tokenizer_layouts.py``
+compare every code point beside letters, marks, digits and spaces, marked slow); the
 rest is the proof above. Added tokens are split out before the regex by
 both: they must have no ``lstrip``/``rstrip``/``single_word``, and no added token may
 overlap another (none a substring of another, no suffix of one a prefix of another), so
@@ -84,16 +102,19 @@ import numpy as np
 
 LOG = logging.getLogger(__name__)
 
-#: The byte-level alternatives of the known patterns (GPT-2, cl100k, o200k, Qwen2 forms), each
-#: with the character classes a match can start on (``""``: only specific strings).
+#: The byte-level alternatives of the known patterns (GPT-2; cl100k and Llama 3; o200k; Qwen2/2.5's single
+#: digits; Qwen3.5's letter-or-mark words), each with the character classes a match can start on: ``S`` (``\s``),
+#: ``L`` (``\p{L}``), ``N`` (``\p{N}``), ``M`` (``\p{M}``), ``X`` (anything else); ``""``: only specific strings;
+#: ``l``/``u``: o200k's lower-/upper-case-led words, which start on every letter only together.
 _ALTERNATIVES: dict[str, str] = {
     **{f"'{s}": "" for s in ("s", "t", "re", "ve", "m", "ll", "d")},
     "(?i:'s|'t|'re|'ve|'m|'ll|'d)": "",
-    r" ?\p{L}+": "L", r"[^\r\n\p{L}\p{N}]?\p{L}+": "L",
-    r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+(?i:'s|'t|'re|'ve|'m|'ll|'d)?": "l",
-    r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*(?i:'s|'t|'re|'ve|'m|'ll|'d)?": "u",
+    r" ?\p{L}+": "L", r"[^\r\n\p{L}\p{N}]?\p{L}+": "L", r"[^\r\n\p{L}\p{N}]?[\p{L}\p{M}]+": "LM",
+    r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+(?i:'s|'t|'re|'ve|'m|'ll|'d)?": "lM",
+    r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*(?i:'s|'t|'re|'ve|'m|'ll|'d)?": "uM",
     r" ?\p{N}+": "N", r"\p{N}{1,3}": "N", r"\p{N}": "N", r"\p{N}+": "N",
-    r" ?[^\s\p{L}\p{N}]+": "O", r" ?[^\s\p{L}\p{N}]+[\r\n]*": "O", r" ?[^\s\p{L}\p{N}]+[\r\n/]*": "O",
+    r" ?[^\s\p{L}\p{N}]+": "MX", r" ?[^\s\p{L}\p{N}]+[\r\n]*": "MX", r" ?[^\s\p{L}\p{N}]+[\r\n/]*": "MX",
+    r" ?[^\s\p{L}\p{M}\p{N}]+[\r\n]*": "X",
     r"\s*[\r\n]+": "", r"\s+(?!\S)": "", r"\s+": "S", r"\s": "S",
 }
 #: HF's ByteLevel(use_regex=true) pattern (pre_tokenizers/byte_level.rs).
@@ -113,18 +134,21 @@ def byte_level_alphabet() -> dict[int, str]:
     return {b: chr(c) for b, c in zip(bs, cs)}
 
 
-def exact_engine(spec: dict, hf: Any, source: str) -> tuple[Callable[[Sequence[str]], list[np.ndarray]] | None, str]:
+def exact_engine(spec: dict, hf: Any, source: str, library: Callable[[Sequence[str]], list[np.ndarray]]
+                 ) -> tuple[Callable[[Sequence[str]], list[np.ndarray]] | None, str]:
     """``(encoder, "")`` when the tokenizer.json ``spec`` passes the check, else ``(None, reason)``.
 
     ``hf``: the same file loaded by ``tokenizers``: its added tokens' real ids (which need not
     be the file's) and its normalizer, which the engine calls as the library's ``encode`` does.
+    ``library``: the library's own encoder, for the texts with a byte whose byte-level character
+    the vocabulary lacks (condition (A)).
     """
     added = hf.get_added_tokens_decoder()
     reason = _structure_refusal(spec, added)
     if reason:
         return None, reason
     pattern, _ = _pattern(spec["pre_tokenizer"])
-    ranks, ids, reason = _ranks(spec["model"])
+    ranks, ids, reason, missing = _ranks(spec["model"])
     if reason:
         return None, reason
     normalizer = hf.normalizer if spec.get("normalizer") else None
@@ -151,25 +175,48 @@ def exact_engine(spec: dict, hf: Any, source: str) -> tuple[Callable[[Sequence[s
                                special_tokens=special_ranks)
     allowed = engine.special_tokens_set
 
-    def encode_batch(texts: Sequence[str]) -> list[np.ndarray]:
-        arrays = [np.asarray(engine.encode(t, allowed_special=allowed), dtype=np.uint32) for t in texts]
-        return arrays if identity else [lut[a] for a in arrays]
+    lacks = re.compile(b"[" + re.escape(missing) + b"]").search if missing else None
 
+    def encode_piece(text: str) -> np.ndarray | None:
+        """tiktoken's ids, or None when a byte of the text has no byte-level token (the library's case)."""
+        if lacks is not None and lacks(text.encode("utf-8", "surrogatepass")):
+            return None
+        ids = engine.encode_to_numpy(text, allowed_special=allowed)  # no Python int per id
+        return ids if identity else lut[ids]
+
+    encode_text = encode_piece
     if normalizer is not None:
         split = re.compile("(" + "|".join(map(re.escape, raw)) + ")") if raw else None
+        normalize = normalizer.normalize_str
+        if _is_nfc(spec["normalizer"]):  # NFC leaves a text of code points below U+0300 as it is: skip the call
+            below_0300 = re.compile("[\x00-\u02ff]*").fullmatch
+            normalize = lambda p: p if below_0300(p) else normalizer.normalize_str(p)  # noqa: E731
 
-        def encode_one(text: str) -> np.ndarray:
+        def encode_text(text: str) -> np.ndarray | None:
             pieces = split.split(text) if split else [text]  # text, token, text, ...: a token at odd places
-            ids = [np.array([raw[p]], dtype=np.uint32) if k % 2 else
-                   lut[np.asarray(engine.encode(normalizer.normalize_str(p), allowed_special=allowed), dtype=np.uint32)]
+            ids = [np.array([raw[p]], dtype=np.uint32) if k % 2 else encode_piece(normalize(p))
                    for k, p in enumerate(pieces) if p]
+            if any(a is None for a in ids):
+                return None
             return np.concatenate(ids) if ids else np.zeros(0, np.uint32)
 
-        def encode_batch(texts: Sequence[str]) -> list[np.ndarray]:  # noqa: F811 (the normalizing variant)
-            return [encode_one(t) for t in texts]
+    def encode_batch(texts: Sequence[str]) -> list[np.ndarray]:
+        arrays = [encode_text(t) for t in texts]
+        routed = [i for i, a in enumerate(arrays) if a is None]
+        for i, a in zip(routed, library([texts[i] for i in routed]) if routed else ()):
+            arrays[i] = a
+        return arrays
 
     encode_batch.engine = "tiktoken"  # type: ignore[attr-defined]  (which path a caller got)
     return encode_batch, ""
+
+
+def _is_nfc(normalizer: dict) -> bool:
+    """Whether a tokenizer.json normalizer is NFC alone (Qwen's). Every code point below U+0300
+    has canonical combining class 0, is its own NFC, and is no composition's second element
+    (those start at U+0300), so NFC maps a text of them to itself, in every Unicode version."""
+    steps = normalizer.get("normalizers") if normalizer.get("type") == "Sequence" else [normalizer]
+    return len(steps or ()) == 1 and steps[0].get("type") == "NFC"
 
 
 def _structure_refusal(spec: dict, added: dict[int, Any]) -> str:
@@ -225,7 +272,7 @@ def _pattern(pre: dict) -> tuple[str | None, str]:
     starts = set("".join(_ALTERNATIVES[a] for a in alternatives))
     if {"l", "u"} <= starts:  # o200k's two letter alternatives: lower-case-led and upper-case-led
         starts.add("L")
-    if not {"S", "L", "N", "O"} <= starts:
+    if not {"S", "L", "N", "M", "X"} <= starts:
         return None, "its split regex may leave characters unmatched: tiktoken drops them, HF keeps them"
     return pattern, ""
 
@@ -250,45 +297,47 @@ def _top_level_alternatives(pattern: str) -> list[str]:
     return parts + [pattern[start:]]
 
 
-def _ranks(model: dict) -> tuple[dict[bytes, int], np.ndarray, str]:
-    """tiktoken's table (bytes → rank), the HF id of each rank, and why not, if conditions (A)–(D) fail."""
+def _ranks(model: dict) -> tuple[dict[bytes, int], np.ndarray, str, bytes]:
+    """tiktoken's table (bytes → rank), the HF id of each rank, why not if conditions (A)–(D) fail,
+    and the bytes whose byte-level character the vocabulary lacks (texts with them go to the library)."""
     vocab: dict[str, int] = model["vocab"]
     alphabet = byte_level_alphabet()
     to_latin1 = str.maketrans({c: chr(b) for b, c in alphabet.items()})
     outside = re.compile("[^" + re.escape("".join(alphabet.values())) + "]")
-    missing = [c for c in alphabet.values() if c not in vocab]
-    if missing:
-        return {}, np.zeros(0), f"{len(missing)} of the 256 byte-level characters are not in its vocabulary (e.g. {missing[0]!r})"
+    missing = bytes(b for b, c in alphabet.items() if c not in vocab)
+    if len(missing) > 32:  # a few (SmolLM2 lacks 21, mostly bytes UTF-8 never has) are routed; many mean another model
+        return {}, np.zeros(0), f"{len(missing)} of the 256 byte-level characters are not in its vocabulary", missing
     merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in model.get("merges") or ()]
     if any(len(m) != 2 for m in merges):
-        return {}, np.zeros(0), "a merge is not a pair of tokens"
+        return {}, np.zeros(0), "a merge is not a pair of tokens", missing
     results = [a + b for a, b in merges]
     if len(set(results)) != len(results):
         seen: set[str] = set()
         dup = next(t for t in results if t in seen or seen.add(t))
-        return {}, np.zeros(0), f"several merges produce the same token (e.g. {dup!r}): HF ranks the pairs, tiktoken the token"
+        return {}, np.zeros(0), (f"several merges produce the same token (e.g. {dup!r}): HF ranks the pairs, "
+                                 "tiktoken the token"), missing
     if outside.search("".join(results)):
-        return {}, np.zeros(0), "a merge produces a token outside the byte-level alphabet"
+        return {}, np.zeros(0), "a merge produces a token outside the byte-level alphabet", missing
     if model.get("ignore_merges"):
         table = set(results) | set(alphabet.values())
         extra = [t for t in vocab if t not in table and not outside.search(t)]
         if extra:
             return {}, np.zeros(0), (f"ignore_merges is on and {len(extra)} vocabulary tokens are neither bytes nor "
-                                     f"merge results (e.g. {extra[0]!r}): HF returns them for a whole word, tiktoken cannot")
+                                     f"merge results (e.g. {extra[0]!r}): HF returns them for a whole word, tiktoken cannot"), missing
     broken = _not_self_encoding(vocab, merges, results)
     if broken:
         return {}, np.zeros(0), (f"{len(broken)} merged tokens do not BPE-encode to themselves (e.g. {broken[0]!r}), "
-                                 "so tiktoken's lowest-rank-token rule would merge pairs HF never merges")
-    byte_ids = [vocab[alphabet[b]] for b in range(256)]
+                                 "so tiktoken's lowest-rank-token rule would merge pairs HF never merges"), missing
+    byte_ids = {b: vocab[alphabet[b]] for b in range(256) if b not in missing}  # a missing byte gets no rank
     result_ids = np.array([vocab[t] for t in results], dtype=np.int64)
     token_bytes = [t.translate(to_latin1).encode("latin-1") for t in results]
     if bool(np.all(np.diff(result_ids) > 0)):  # the ids order the merges: they can be the ranks themselves
-        ranks = {bytes([b]): byte_ids[b] for b in range(256)}  # byte ranks are never compared: any distinct ids do
+        ranks = {bytes([b]): i for b, i in byte_ids.items()}  # byte ranks are never compared: any distinct ids do
         ranks.update(zip(token_bytes, result_ids.tolist()))
-        return ranks, np.arange(max(byte_ids + result_ids[-1:].tolist()) + 1, dtype=np.uint32), ""
-    ranks = {bytes([b]): b for b in range(256)}
+        return ranks, np.arange(max([*byte_ids.values(), *result_ids[-1:].tolist()]) + 1, dtype=np.uint32), "", missing
+    ranks = {bytes([b]): b for b in byte_ids}
     ranks.update(zip(token_bytes, range(256, 256 + len(token_bytes))))
-    return ranks, np.array(byte_ids + result_ids.tolist(), dtype=np.uint32), ""
+    return ranks, np.array([byte_ids.get(b, 0) for b in range(256)] + result_ids.tolist(), dtype=np.uint32), "", missing
 
 
 def _not_self_encoding(vocab: dict[str, int], merges: list[tuple[str, str]], results: list[str]) -> list[str]:

@@ -8,7 +8,8 @@ Specs:
   used instead (the same ids and bytes).
 * ``hf:PATH/tokenizer.json`` — any Hugging Face ``tokenizers`` JSON file; ``hf:MODEL_DIR``
   — the ``tokenizer.json`` of a model directory (``save_pretrained``, a hub-cache snapshot).
-  A plain byte-level BPE file is encoded by an exact tiktoken engine on its own merges
+  A byte-level BPE file (GPT-2's, SmolLM2's, Llama 3's, Qwen2/2.5/3's, Qwen3.5/3.6's
+  layouts) is encoded by an exact tiktoken engine on its own merges
   (:mod:`vocabmetric.vocab.bpe` proves when that is exact, and checks it on the file);
   any other file, or ``VOCABMETRIC_BPE_FAST=0``, by the ``tokenizers`` library, after one
   warning that says why. Either way the ids are ``encode(text, add_special_tokens=False)``'s,
@@ -290,7 +291,7 @@ _HF_ENCODERS: dict[tuple, Callable[[Sequence[str]], list[np.ndarray]]] = {}
 
 
 def _hf_encoder(path: Path | None, hf: Any = None) -> Callable[[Sequence[str]], list[np.ndarray]]:
-    """The exact tiktoken engine of a tokenizer.json when :mod:`._bpe_ranks` proves it exact, else
+    """The exact tiktoken engine of a tokenizer.json when :mod:`.bpe` proves it exact, else
     the ``tokenizers`` library's ``encode_batch_fast``. A refusal is logged once per file."""
     fast = os.environ.get("VOCABMETRIC_BPE_FAST", "1") != "0"
     key = (str(path), path.stat().st_size, path.stat().st_mtime_ns, fast) if path is not None else None
@@ -304,7 +305,7 @@ def _hf_encoder(path: Path | None, hf: Any = None) -> Callable[[Sequence[str]], 
         if getattr(hf, "encode_special_tokens", False):
             reason = "it encodes special tokens as text (encode_special_tokens is on)"
         else:
-            encode, reason = exact_engine(spec, hf, name)
+            encode, reason = exact_engine(spec, hf, name, _library_encoder(hf))  # the library: texts with a byte it lacks
         if encode is None:
             LOG.warning("%s: no exact fast path, tokenizing with the tokenizers library (slower): %s", name, reason)
         else:
