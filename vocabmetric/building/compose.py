@@ -53,6 +53,7 @@ import numpy as np
 from .._util.vectors import normalized
 from .embeddings import Embeddings
 from ..errors import ConfigError, CorpusError
+from ..vocab.bpe import merge_pairs
 
 LOG = logging.getLogger(__name__)
 
@@ -134,12 +135,7 @@ def hf_merges(tokenizer) -> list[tuple[int, int]] | None:
     if model.get("type") != "BPE":
         return None
     vocab = model["vocab"]
-    pairs = []
-    for m in model.get("merges", []):
-        a, b = m.split(" ", 1) if isinstance(m, str) else m
-        if a in vocab and b in vocab:
-            pairs.append((vocab[a], vocab[b]))
-    return pairs
+    return [(vocab[m[0]], vocab[m[1]]) for m in merge_pairs(model) if len(m) == 2 and m[0] in vocab and m[1] in vocab]
 
 
 def compose_merges(emb: Embeddings, parts: np.ndarray, text: np.ndarray, token_bytes: Sequence[bytes],

@@ -297,6 +297,13 @@ def _top_level_alternatives(pattern: str) -> list[str]:
     return parts + [pattern[start:]]
 
 
+def merge_pairs(model: dict) -> list[tuple[str, ...]]:
+    """A BPE model's merges (a tokenizer.json's ``model``) as token-string tuples, in priority
+    order: ``"a b"`` (the older form) and ``["a", "b"]`` alike. A well-formed merge is a pair;
+    the callers decide what to do with one that is not."""
+    return [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in model.get("merges") or ()]
+
+
 def _ranks(model: dict) -> tuple[dict[bytes, int], np.ndarray, str, bytes]:
     """tiktoken's table (bytes → rank), the HF id of each rank, why not if conditions (A)–(D) fail,
     and the bytes whose byte-level character the vocabulary lacks (texts with them go to the library)."""
@@ -307,7 +314,7 @@ def _ranks(model: dict) -> tuple[dict[bytes, int], np.ndarray, str, bytes]:
     missing = bytes(b for b, c in alphabet.items() if c not in vocab)
     if len(missing) > 32:  # a few (SmolLM2 lacks 21, mostly bytes UTF-8 never has) are routed; many mean another model
         return {}, np.zeros(0), f"{len(missing)} of the 256 byte-level characters are not in its vocabulary", missing
-    merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in model.get("merges") or ()]
+    merges = merge_pairs(model)
     if any(len(m) != 2 for m in merges):
         return {}, np.zeros(0), "a merge is not a pair of tokens", missing
     results = [a + b for a, b in merges]
