@@ -32,9 +32,10 @@ import gc
 import json
 import logging
 import os
+import re
 import sys
 import time
-from pathlib import Path
+from pathlib import Path, PurePath
 from typing import Any, Sequence
 
 import numpy as np
@@ -174,8 +175,33 @@ def info(request: Request):
     s = _state(request)
     out = s.store.info()
     out.pop("path", None)
+    out = relative_paths(out, s.store.path.parent)
     return {**out, "store": s.store.path.name, "vocab_size": s.vocab_size, "fingerprint": s.store.fingerprint,
             "limits": s.limits}
+
+
+_ABSOLUTE = re.compile(r"^(?P<kind>[a-z]\w*:)?(?P<path>/|[A-Za-z]:[\\/]|~/)")
+
+
+def relative_paths(value: Any, base: Path) -> Any:
+    """``value`` (the store's info, nested dicts and lists) with every absolute path made
+    relative to ``base`` (the store's build directory) when under it, else cut to its file
+    name: ``"hf:/srv/models/tokenizer.json"`` → ``"hf:tokenizer.json"``. The server's
+    filesystem layout stays private. O(size of the info)."""
+    if isinstance(value, dict):
+        return {k: relative_paths(v, base) for k, v in value.items()}
+    if isinstance(value, list):
+        return [relative_paths(v, base) for v in value]
+    if not isinstance(value, str):
+        return value
+    match = _ABSOLUTE.match(value)
+    if not match:
+        return value
+    kind, path = match.group("kind") or "", PurePath(value[len(match.group("kind") or ""):])
+    try:
+        return kind + path.relative_to(base).as_posix()
+    except ValueError:
+        return kind + path.name
 
 
 def neighbors_get_for(max_k: int):
