@@ -21,6 +21,10 @@ from ._schema import EXACT_METRICS, PROVENANCE_KEY, SCHEMA_VERSION, TREE, Neighb
 
 LOG = logging.getLogger(__name__)
 
+#: How far above the k-th float32 l2 distance a candidate still gets its exact (float64)
+#: cost: far beyond float32's error on unit vectors (~1e-6), so the k nearest are exact.
+L2_SHORTLIST_SLACK = 1e-3
+
 
 def token_id_of(text: str) -> int | None:
     """The id an all-digit text names (``"12"``, ``" 7 "`` → 12, 7), or None for any other text.
@@ -399,13 +403,28 @@ class MetricStore:
                 return []
             candidates = np.flatnonzero(self.usable)
             candidates = candidates[candidates != i]
-            costs = self.costs_from(i, candidates, metric)
+            if metric == TREE:  # one pass over the tree's nodes, no LCA per pair
+                costs = self.tree().distances_from(i)[candidates].astype(np.float32)
+            else:  # a float32 pass over the unit vectors picks who can be among the k; exact costs for those
+                candidates = self._l2_shortlist(i, candidates, k)
+                costs = self.pair_costs(i, candidates, metric)
             top = np.argsort(costs, kind="stable")[:k]
             ids, cs = candidates[top], costs[top]
         else:
             ids, cs = self.operator(metric).neighbors(i)
             ids, cs = ids[:k], cs[:k]
         return [Neighbor(int(j), self.token_text(j), float(c)) for j, c in zip(ids, cs)]
+
+    def _l2_shortlist(self, i: int, candidates: np.ndarray, k: int) -> np.ndarray:
+        """The ``candidates`` (ascending ids) whose l2 to ``i`` can be among the ``k``
+        smallest: a float32 distance over the unit vectors (normalized once, cached), every
+        candidate within :data:`L2_SHORTLIST_SLACK` of the k-th kept. O(V·d) float32."""
+        if len(candidates) <= k:
+            return candidates
+        unit = self.embeddings(normalized=True)
+        approx = np.sqrt(np.einsum("ij,ij->i", diff := unit[candidates] - unit[i], diff))
+        kth = np.partition(approx, k - 1)[k - 1]
+        return candidates[approx <= kth + L2_SHORTLIST_SLACK]
 
     def faiss_index(self):
         """The faiss inner-product index over the normalized usable embeddings (ids = token ids)."""
