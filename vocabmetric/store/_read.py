@@ -21,9 +21,10 @@ from ._schema import EXACT_METRICS, PROVENANCE_KEY, SCHEMA_VERSION, TREE, Neighb
 
 LOG = logging.getLogger(__name__)
 
-#: How far above the k-th float32 l2 distance a candidate still gets its exact (float64)
-#: cost: far beyond float32's error on unit vectors (~1e-6), so the k nearest are exact.
-L2_SHORTLIST_SLACK = 1e-3
+#: How far above the k-th float32 squared l2 distance (2 − 2·cos) a candidate still gets its
+#: exact (float64) cost: twice the float32 error of a d-term dot product (≤ 2·d·2⁻²⁴ ≈ 1e-3
+#: at d = 4096) and more, so the k nearest are the exact ones.
+L2_SHORTLIST_SLACK = 4e-3
 
 
 def token_id_of(text: str) -> int | None:
@@ -417,14 +418,15 @@ class MetricStore:
 
     def _l2_shortlist(self, i: int, candidates: np.ndarray, k: int) -> np.ndarray:
         """The ``candidates`` (ascending ids) whose l2 to ``i`` can be among the ``k``
-        smallest: a float32 distance over the unit vectors (normalized once, cached), every
-        candidate within :data:`L2_SHORTLIST_SLACK` of the k-th kept. O(V·d) float32."""
+        smallest: a float32 squared distance over the unit vectors (normalized once, cached),
+        every candidate within :data:`L2_SHORTLIST_SLACK` of the k-th kept. O(V·d) float32."""
         if len(candidates) <= k:
             return candidates
         unit = self.embeddings(normalized=True)
-        approx = np.sqrt(np.einsum("ij,ij->i", diff := unit[candidates] - unit[i], diff))
-        kth = np.partition(approx, k - 1)[k - 1]
-        return candidates[approx <= kth + L2_SHORTLIST_SLACK]
+        # ‖u_i − u_j‖² = 2 − 2·u_i·u_j for unit rows: one matrix-vector product, no (V, d) copy
+        squared = 2 - 2 * (unit @ unit[i])[candidates]
+        kth = np.partition(squared, k - 1)[k - 1]
+        return candidates[squared <= kth + L2_SHORTLIST_SLACK]
 
     def faiss_index(self):
         """The faiss inner-product index over the normalized usable embeddings (ids = token ids)."""
