@@ -46,3 +46,26 @@ def test_grpo_steps_penalize_drift_and_move_the_policy(penalty, small_build, sma
     assert outs[0]["penalty"] == pytest.approx(0.0, abs=1e-6)  # the first step starts at the reference
     assert outs[-1]["penalty"] > 1e-4
     assert any(not torch.equal(a, b) for a, b in zip(policy.parameters(), reference.parameters()))
+
+
+def test_the_script_as_run_rewards_with_spread_and_penalizes_after_the_first_step(small_build, monkeypatch, capsys):
+    """`python examples/grpo_step.py STORE --penalty tree --steps 3`, as a newcomer runs it:
+    the reward differs between completions (so the advantages move the policy), the penalty
+    is 0 at step 0 and > 0 from step 1, and no tensor-with-grad conversion warning."""
+    import re
+    import warnings
+
+    recipe = load_recipe()
+    monkeypatch.setattr("sys.argv", ["grpo_step.py", str(small_build[1].store_path), "--penalty", "tree", "--steps", "3"])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        recipe.main()
+    lines = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("step ")]
+    assert len(lines) == 3
+    parsed = [re.search(r"reward ([\d.]+) \(std ([\d.]+)\)\s+tree ([\d.e+-]+)", ln) for ln in lines]
+    assert all(parsed), lines
+    reward_std = [float(m.group(2)) for m in parsed]
+    penalty = [float(m.group(3)) for m in parsed]
+    assert reward_std[0] > 0.01, lines  # a reward with spread on a random model
+    assert penalty[0] == 0.0 and penalty[1] > 1e-4 and penalty[2] > 1e-4, lines
+    assert not [w for w in caught if "requires_grad" in str(w.message)], [str(w.message) for w in caught]

@@ -230,6 +230,49 @@ def _offset_from_center(driver, x: float, y: float) -> tuple[int, int]:
     return round(x - canvas.size["width"] / 2), round(y - canvas.size["height"] / 2)
 
 
+LAYOUT = """
+const box = (el) => { const r = el.getBoundingClientRect(); return [r.left, r.top, r.right, r.bottom]; };
+const out = { page: [document.documentElement.scrollWidth, window.innerWidth] };
+for (const id of ["table-a", "table-b", "map", "panel-a", "panel-b"]) out[id] = box(document.getElementById(id));
+out.cells = [...document.querySelectorAll("#tables td, #tables th")].map((td) => [td.closest("table").id, ...box(td)]);
+return out;
+"""
+
+
+def _overlap(a, b) -> bool:
+    return a[0] < b[2] - 0.5 and b[0] < a[2] - 0.5 and a[1] < b[3] - 0.5 and b[1] < a[3] - 0.5
+
+
+@pytest.mark.parametrize("width", [1280, 1400])
+def test_the_page_opens_on_an_example_and_fits_a_laptop_width(browser, small_url, small_store, width, tmp_path):
+    """No address fragment: the page opens on the store's example token with both tables
+    filled; at 1,280 and 1,400 px the tables and the map do not overlap, every cell lies
+    inside its own table's panel, and nothing is cut at the right edge."""
+    example = httpx.get(f"{small_url}/info").json()["example"]
+    assert example is not None and small_store.usable[example["id"]]
+    browser.set_window_size(width, 900)
+    try:
+        _open(browser, small_url)
+        _wait(browser, lambda d: _query_id(d) == example["id"], "the example query")
+        _wait(browser, lambda d: d.execute_script("return document.body.dataset.state") == "ready", "the tables")
+        assert browser.find_element("id", "query").get_attribute("value") == example["text"]
+        assert len(_table(browser, "a")) == 10 and len(_table(browser, "b")) == 10
+        time.sleep(0.3)
+        browser.save_screenshot(str(tmp_path / f"explorer-{width}.png"))
+        got = browser.execute_script(LAYOUT)
+    finally:
+        browser.set_window_size(*WINDOW)
+    page_width, viewport = got["page"]
+    assert page_width <= viewport, f"the page is {page_width} px wide in a {viewport} px window (a cut column)"
+    assert not _overlap(got["table-a"], got["table-b"]), got
+    for table in ("table-a", "table-b"):
+        assert not _overlap(got[table], got["map"]), (table, got)
+        assert got[table][2] <= viewport
+    for table, *cell in got["cells"]:
+        panel = got["panel-a" if table == "table-a" else "panel-b"]
+        assert panel[0] - 0.5 <= cell[0] and cell[2] <= panel[2] + 0.5, (table, cell, panel)
+
+
 def test_hover_shows_the_token_and_a_click_makes_it_the_query(browser, small_url, small_store, tmp_path):
     from selenium.webdriver.common.action_chains import ActionChains
 

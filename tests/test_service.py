@@ -81,7 +81,12 @@ def test_healthz_and_info_describe_the_store(http, small_store):
     info = http.get("/info").json()
     api = small_store.info()
     assert info["vocab_size"] == small_store.vocab_size
-    assert info["tokenizer"] == api["tokenizer"]
+    assert info["tokenizer"] == {**api["tokenizer"], "spec": "hf:tokenizer.json"}  # relative to the build directory
+    assert info["corpus"]["sources"] == ["lee_background.txt.gz"]  # outside it: the file's name
+    assert api["corpus"]["sources"][0].startswith("/")  # (the store itself keeps the absolute path)
+    strings = []
+    json.loads(json.dumps(info), object_hook=lambda d: strings.extend(v for v in d.values() if isinstance(v, str)) or d)
+    assert not [v for v in strings if v.startswith("/") or ":/" in v], strings  # no absolute server path at all
     assert set(info["metrics"]) == set(small_store.metrics) == {"l2", "knn", "geodesic", "umap", "tree"}
     for m in small_store.metrics:
         assert info["metrics"][m]["cap"] == pytest.approx(api["metrics"][m]["cap"])

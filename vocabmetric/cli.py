@@ -93,7 +93,7 @@ def verify(store: Path = typer.Argument(..., help="a metric.zarr store")) -> Non
 def neighbors(
     store: Path = typer.Argument(..., help="a metric.zarr store"),
     token: str = typer.Argument(..., help="token text (quote a leading space: ' beautiful') or id"),
-    k: int = typer.Option(10, "-k", help="how many neighbours"),
+    k: int = typer.Option(10, "-k", help="how many neighbours (a stored metric has at most its stored k)"),
     metric: str = typer.Option("knn", "--metric", "-m", help="metric name (see `vocabmetric info`)"),
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
@@ -110,6 +110,18 @@ def neighbors(
         typer.echo(json.dumps([{**r._asdict(), "provenance": s.provenance_of(r.id)} for r in rows], ensure_ascii=False))
     else:
         typer.echo(neighbor_table(s, query, rows, metric))
+    if 0 < len(rows) < k:  # on stderr: stdout stays the table (or JSON) a script reads
+        typer.echo(_fewer_rows_note(s, metric, len(rows), k), err=True)
+
+
+def _fewer_rows_note(s, metric: str, n: int, k: int) -> str:
+    from .store import EXACT_METRICS, TREE
+
+    if metric in EXACT_METRICS or metric == TREE:
+        return f"note: {n} of the {k} asked: only {n} other tokens have a vector"
+    stored = s.operator(metric).k
+    return (f"note: {n} of the {k} asked: {metric} stores {stored} neighbours per token (the rest cost its cap "
+            f"{s.metric_attrs(metric)['cap']:.4g}); l2 and tree rank every token")
 
 
 @app.command()
@@ -122,9 +134,14 @@ def cost(
     """The cost between tokens A and B."""
     s = _open(store)
     try:
-        typer.echo(f"{s.cost(a, b, metric=metric):.6g}")
+        value, stored = s.cost(a, b, metric=metric), s.is_stored(a, b, metric)
     except VocabMetricError as exc:
         _fail(exc)
+    typer.echo(f"{value:.6g}")
+    if not stored:  # on stderr: stdout stays the number a script reads
+        why = ("one of the tokens has no vector" if metric in ("l2",) else
+               f"{b!r} is not among the {s.operator(metric).k} stored {metric} neighbours of {a!r}")
+        typer.echo(f"note: the cap of {metric}: {why}", err=True)
 
 
 @app.command()

@@ -110,6 +110,31 @@ def validate_metrics(metrics: Mapping[str, Any]) -> None:
         _builder_class(kind, table)(**params).validate(where=f"[{where}]")
 
 
+#: Builder keywords that count neighbours: each must be below the tokens a metric can place.
+NEIGHBOUR_COUNTS = ("k", "k_graph", "n_neighbors", "follow_knn")
+
+
+def check_neighbour_counts(metrics: Mapping[str, Any], projection: Mapping[str, Any], n_tokens: int,
+                           tokenizer: str) -> None:
+    """Every neighbour count of every ``[metrics.*]`` table (and of ``[projection]``, when a
+    metric is configured) below ``n_tokens``, the tokenizer's ids that have a text (the
+    most tokens that can ever get a vector): checked once the tokenizer is loaded, before the
+    corpus is read. A :class:`ConfigError` naming the key, its value and the count."""
+    counts = []
+    for name, table in metrics.items():
+        kind, params = _split(name, table)
+        builder = _builder_class(kind, table)(**params)
+        counts += [(f"metrics.{name}.{key}", getattr(builder, key)) for key in NEIGHBOUR_COUNTS
+                   if isinstance(getattr(builder, key, None), int)]
+    if metrics and projection.get("enabled", True):
+        counts.append(("projection.n_neighbors", projection.get("n_neighbors", 15)))
+    for where, value in counts:
+        if value >= n_tokens:
+            raise ConfigError(f"{where}: {value} must be smaller than the {n_tokens:,} tokens with a text in "
+                              f"{tokenizer} (at most {n_tokens - 1:,} others can be a token's neighbours; fewer "
+                              f"once the corpus decides which get a vector); lower it")
+
+
 def _graph_degree(builder: Any) -> int:
     """How many flat kNN neighbours a builder reads (0: it builds none)."""
     if isinstance(builder, GeodesicMetric):

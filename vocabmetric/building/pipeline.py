@@ -17,6 +17,7 @@ the store's temporary copy) is removed at the start of the next build.
 
 from __future__ import annotations
 
+import difflib
 import json
 import logging
 import os
@@ -35,13 +36,15 @@ from .corpus import expand_sources, tokenize_corpus
 from .compose import compose_untrained
 from .embeddings import Embeddings, apply_untrained_policy, import_embeddings, train_word2vec
 from ..errors import ConfigError, CorpusError, VocabMetricError
-from .metrics_stage import build_metrics, validate_metrics
+from .metrics_stage import build_metrics, check_neighbour_counts, validate_metrics
 from .stages import StageResult, Stages, save_array, stage_key
 from ..store import open_store, write_store
 from ..vocab.tokenizer import load_tokenizer
 
 LOG = logging.getLogger(__name__)
 
+#: The tokenizer kinds a spec names (``kind:rest``).
+TOKENIZER_KINDS = ("tiktoken", "hf")
 #: The store's ``corpus`` attributes of a build without a [corpus] (embeddings imported).
 NO_CORPUS = {"absent": True, "sources": [], "n_documents": 0, "n_tokens": 0, "seconds": 0.0,
              "tokens_per_second": 0.0, "note": "no [corpus]: token counts are absent (tokens/count is all zero)"}
@@ -153,6 +156,12 @@ def _check_config(config: PipelineConfig, base: Path, path: Path) -> None:
         raise ConfigError(f"{path}: corpus: required key is missing ([corpus] sources = [...]); "
                           "only embeddings.method = 'import' builds without a corpus")
     spec = config.tokenizer.spec
+    kind, sep, rest = spec.partition(":")
+    if kind not in TOKENIZER_KINDS or not sep or not rest:
+        near = [k for k in TOKENIZER_KINDS if kind[:1].lower() == k[0]] or difflib.get_close_matches(kind, TOKENIZER_KINDS, n=1)
+        hint = f"; did you mean '{near[0]}:{rest}'?" if near and sep else ""
+        raise ConfigError(f"{path}: tokenizer.spec: {spec!r} is not 'tiktoken:<encoding>' nor "
+                          f"'hf:<tokenizer.json or model directory>'{hint}")
     if spec.startswith("hf:"):
         where = _resolve(spec[3:], base)
         if not where.exists():
@@ -213,12 +222,20 @@ def build(
     """
     config, base = load_config(config_path)
     out = Path(out) if out else Path("runs") / Path(config_path).stem
-    out.mkdir(parents=True, exist_ok=True)
     show = show_progress(progress)
+    spec = tokenizer_spec(config, base)
+    try:
+        tokenizer = load_tokenizer(spec)
+    except VocabMetricError as exc:
+        raise type(exc)(f"{config_path}: tokenizer.spec: {exc}") from None  # the file: key: prefix of every config error
+    try:
+        check_neighbour_counts(config.metrics, config.projection.model_dump(), _tokens_with_text(tokenizer),
+                               config.tokenizer.spec)
+    except ConfigError as exc:
+        raise ConfigError(f"{config_path}: {exc}") from None
+    make_build_directory(out)
     stages = Stages(out, force)
     stages.remove_leftovers()  # of builds killed earlier
-    spec = tokenizer_spec(config, base)
-    tokenizer = load_tokenizer(spec)
     sources = expand_sources(config.corpus.sources, base) if config.corpus else []
     cc, ec = config.corpus, config.embeddings
 
@@ -298,6 +315,26 @@ def build(
              "n_composed": int(emb.composed.sum()) if emb.composed is not None else 0,
              "tokens_per_second": corpus_stats["tokens_per_second"], "corpus_absent": cc is None}
     return BuildResult(store_path, stages.results, stats, config)
+
+
+def make_build_directory(out: Path) -> None:
+    """Create the build directory ``out`` (and its parents); a :class:`ConfigError` in one
+    line when it is a file or cannot be written, before any work."""
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out} is an existing file, not a directory; give a build directory (it is created)")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(f"--out {out}: cannot create the build directory ({exc.strerror or exc}); "
+                          "give a directory you can write") from None
+    if not os.access(out, os.W_OK | os.X_OK):
+        raise ConfigError(f"--out {out}: the build directory is not writable; give a directory you can write")
+
+
+def _tokens_with_text(tokenizer: Any) -> int:
+    """The ids that have a text and are not special: the most tokens a metric can place."""
+    special = tokenizer.special_ids
+    return sum(1 for i, b in enumerate(tokenizer.token_bytes_array()) if b and i not in special)
 
 
 def _fasttext_params(ec: EmbeddingsConfig) -> dict:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from typing import Any
 
 import numpy as np
@@ -73,6 +74,7 @@ class CostOperator:
         if dup.any():
             row = int(np.argwhere(dup)[0, 0])
             raise VocabMetricError(f"CostOperator: row {row} lists the same neighbour twice")
+        self._init_caches()
 
     # -- shape -------------------------------------------------------------------------
     @property
@@ -132,37 +134,68 @@ class CostOperator:
 
     @property
     def is_symmetric(self) -> bool:
-        """True when every stored (i, j, c) has its twin (j, i, c). O(V·k·log)."""
-        rows, cols, cs = self._coo()
-        V = self.vocab_size
-        key = rows * V + cols
-        order = np.argsort(key)
-        key, cs = key[order], cs[order]
-        twin = cols[order] * V + rows[order]
-        pos = np.searchsorted(key, twin)
-        pos = np.minimum(pos, max(len(key) - 1, 0))
-        return bool(len(key) == 0 or (np.all(key[pos] == twin) and np.allclose(cs[pos], cs, rtol=0, atol=1e-7)))
+        """True when every stored (i, j, c) has its twin (j, i, c). Two int64 sorts,
+        O(V·k·log(V·k)), once per operator (the arrays are not to be modified afterwards)."""
+        with self._lock:
+            if self._symmetric is None:
+                rows, cols, cs = self._coo()
+                V = self.vocab_size
+                by_key, by_twin = np.argsort(rows * V + cols), np.argsort(cols * V + rows)
+                # pair by_key[t] and pair by_twin[t] are each other's twins when the sets match
+                self._symmetric = bool(np.array_equal(rows[by_key], cols[by_twin])
+                                       and np.array_equal(cols[by_key], rows[by_twin])
+                                       and np.allclose(cs[by_key], cs[by_twin], rtol=0, atol=1e-7))
+            return self._symmetric
 
     def symmetrized(self) -> "CostOperator":
         """The union of both directions: cost(i, j) = cost(j, i) = the smaller stored cost.
 
-        Rows are sorted by cost and padded with -1 to the largest degree of the union: k
-        out-neighbours plus every token that lists this one, so a "hub" (a token among
-        many tokens' k nearest, common in high dimension) widens every row. The result
-        takes ``V·max_degree·8`` bytes; ``max_degree`` is between k and V-1.
-        O(V·k·log(V·k)) time.
+        Rows are sorted by cost (ties: the larger ids first, each half by id) and padded with
+        -1 to the largest degree of the union: k out-neighbours plus every token that lists
+        this one, so a "hub" (a token among many tokens' k nearest, common in high dimension)
+        widens every row. The result takes ``V·max_degree·8`` bytes; ``max_degree`` is
+        between k and V-1. Made once per operator (later calls return it; a symmetric
+        operator returns itself): two int64 sorts of the V·k pairs, O(V·k·log(V·k)).
         """
+        if self.is_symmetric:
+            return self
+        with self._lock:
+            if self._symmetrized is None:
+                self._symmetrized = self._union()
+            return self._symmetrized
+
+    def _union(self) -> "CostOperator":
+        V = self.vocab_size
         rows, cols, cs = self._coo()
-        rows, cols = np.concatenate([rows, cols]), np.concatenate([cols, rows])
-        cs = np.concatenate([cs, cs])
-        order = np.lexsort((cs, cols, rows))  # by row, then col, then cost
-        rows, cols, cs = rows[order], cols[order], cs[order]
-        first = np.ones(len(rows), dtype=bool)
-        first[1:] = (rows[1:] != rows[:-1]) | (cols[1:] != cols[:-1])
-        rows, cols, cs = rows[first], cols[first], cs[first]
-        order = np.lexsort((cs, rows))  # cheapest first within a row
-        rows, cols, cs = rows[order], cols[order], cs[order]
-        return CostOperator(*_pack_rows(rows, cols, cs, self.vocab_size, self.cap), self.cap, self.fingerprint)
+        lo, hi = np.minimum(rows, cols), np.maximum(rows, cols)
+        order = np.argsort(lo * V + hi, kind="stable")  # each undirected pair's copies side by side
+        lo, hi, cs = lo[order], hi[order], cs[order]
+        new = np.r_[True, (lo[1:] != lo[:-1]) | (hi[1:] != hi[:-1])] if len(lo) else np.zeros(0, bool)
+        starts = np.flatnonzero(new)
+        cheapest = np.minimum.reduceat(cs, starts) if len(starts) else cs[:0]
+        lo, hi = lo[starts], hi[starts]
+        rows, cols, cs = np.concatenate([lo, hi]), np.concatenate([hi, lo]), np.concatenate([cheapest, cheapest])
+        # by row, then cost: a non-negative float32's bits sort as the float does
+        order = np.argsort((rows << 32) | cs.astype(np.float32).view(np.uint32).astype(np.int64), kind="stable")
+        sym = CostOperator._checked(*_pack_rows(rows[order], cols[order], cs[order], V, self.cap), self.cap, self.fingerprint)
+        sym._symmetric = True
+        return sym
+
+    @classmethod
+    def _checked(cls, indices: np.ndarray, costs: np.ndarray, cap: float, fingerprint: str | None) -> "CostOperator":
+        """An operator from arrays this module made and checked (int32 / float32 (V, k), one
+        id per row at most, costs within the cap, empty slots at the cap): no second check,
+        which would sort every row again."""
+        op = cls.__new__(cls)
+        op.indices, op.costs, op.cap, op.fingerprint = indices, costs, float(cap), fingerprint
+        op._init_caches()
+        return op
+
+    def _init_caches(self) -> None:
+        """What is made once per operator, on first use (the arrays are not to be modified)."""
+        self._lock = threading.RLock()  # symmetrized() holds it while is_symmetric takes it
+        self._symmetric: bool | None = None
+        self._symmetrized: CostOperator | None = None
 
     def dense(self) -> np.ndarray:
         """The full (V, V) float32 matrix. Tests only: refuses V > 20000."""

@@ -107,6 +107,36 @@ class TreeMetric:
         d = np.maximum(d, 0.0)
         return float(d) if scalar else d
 
+    def distances_from(self, i: int) -> np.ndarray:
+        """``distance(i, j)`` for every token j, (V,) float64, the same values: O(n_nodes).
+
+        No LCA per pair: each node's meeting point with ``i``'s root path is carried down
+        the tree one level at a time (a node on the path meets it at itself, any other node
+        where its parent does), then ``d(i, j) = r(a) + r(b) − 2·r(meet(b))`` with ``r`` the
+        distance to the root, ``a``, ``b`` the tokens' nodes.
+        """
+        if not 0 <= int(i) < self.vocab_size:
+            raise VocabMetricError(f"TreeMetric.distances_from: i out of range [0, {self.vocab_size})")
+        a = int(self.leaf_of_token[int(i)])
+        on_path = np.zeros(self.n_nodes, dtype=bool)
+        while a >= 0:
+            on_path[a] = True
+            a = int(self.parent[a])
+        meet = np.zeros(self.n_nodes, dtype=np.float64)  # r(lca(node of i, v)) for every node v
+        for level in self._levels():
+            meet[level] = np.where(on_path[level], self.dist_to_root[level], meet[self.parent[level]])
+        a, b = self.leaf_of_token[int(i)], self.leaf_of_token
+        return np.maximum(self.dist_to_root[a] + self.dist_to_root[b] - 2 * meet[b], 0.0)
+
+    def _levels(self) -> list[np.ndarray]:
+        """Node ids by depth, the root's level first; made once, O(n_nodes·log)."""
+        levels = self.__dict__.get("_by_depth")
+        if levels is None:
+            order = np.argsort(self.depth, kind="stable")
+            levels = np.split(order, np.cumsum(np.bincount(self.depth))[:-1])
+            self.__dict__["_by_depth"] = levels
+        return levels
+
     def dense(self) -> np.ndarray:
         """The full (V, V) distance matrix. Tests only: refuses V > 20000."""
         _check_dense(self.vocab_size, "TreeMetric")
@@ -185,6 +215,10 @@ class TreeEnsemble:
         """Mean tree-path length between tokens ``i`` and ``j`` (ints or broadcast int arrays)."""
         total = sum(np.asarray(t.distance(i, j), dtype=np.float64) for t in self.trees) / self.n_trees
         return float(total) if np.ndim(total) == 0 else total
+
+    def distances_from(self, i: int) -> np.ndarray:
+        """``distance(i, j)`` for every token j, (V,) float64: O(Σ_t n_nodes_t)."""
+        return sum(t.distances_from(i) for t in self.trees) / self.n_trees
 
     def dense(self) -> np.ndarray:
         """The full (V, V) mean distance matrix. Tests only: refuses V > 20000."""

@@ -110,8 +110,8 @@ def check_k(k: int, n_trained: int, what: str, name: str = "k") -> int:
         raise VocabMetricError(f"{what}: {name} must be a positive integer, got {k!r}")
     if k >= n_trained:
         raise CorpusError(
-            f"{what}: {name}={k} must be smaller than the number of trained tokens ({n_trained}); "
-            f"lower {name} or train on a larger corpus"
+            f"{what}: {name}={k} must be smaller than the number of tokens with a vector ({n_trained}: "
+            f"trained, borrowed or composed); lower {name} or train on a larger corpus"
         )
     return int(k)
 

@@ -23,6 +23,7 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
+from .._util.progress import progress_bar
 from ..errors import ConfigError, StoreError
 from ..store import EXACT_METRICS, TREE, MetricStore
 from ..vocab.tokenizer import visible
@@ -123,15 +124,17 @@ def plot_map(store: MetricStore, out: str | Path, *, probes: Sequence[int | str]
 
 # -- neighbour costs ------------------------------------------------------------------------------
 def neighbor_costs(store: MetricStore, metric: str, *, sample: int = SAMPLED_QUERIES, k: int = SAMPLED_K,
-                   seed: int = 0) -> tuple[np.ndarray, str]:
+                   seed: int = 0, progress: bool | None = None) -> tuple[np.ndarray, str]:
     """``(costs, what)``: every stored neighbour cost of a stored metric (filled slots), or,
-    for ``l2``/``tree`` (computed on demand, O(V) per query), the ``k`` cheapest of
-    ``sample`` random usable tokens."""
+    for ``l2``/``tree`` (computed on demand: O(V·d) float32 per query for l2, O(n_nodes)
+    for tree, :meth:`~vocabmetric.store.MetricStore.neighbors`), the ``k`` cheapest of
+    ``sample`` random usable tokens, with a progress bar (``progress``: None = on a terminal)."""
     if metric in EXACT_METRICS or metric == TREE:
         usable = np.flatnonzero(store.usable)
         rng = np.random.default_rng(seed)
         queries = rng.choice(usable, size=min(sample, len(usable)), replace=False) if len(usable) else []
-        costs = np.array([r.cost for i in queries for r in store.neighbors(int(i), k=k, metric=metric)], dtype=np.float64)
+        bar = progress_bar(queries, progress, desc=f"{metric}: neighbours of {len(queries)} sampled tokens", unit="token")
+        costs = np.array([r.cost for i in bar for r in store.neighbors(int(i), k=k, metric=metric)], dtype=np.float64)
         return costs, f"{k} nearest of {len(queries)} sampled tokens"
     op = store.operator(metric)
     return op.costs[op.indices >= 0].astype(np.float64), f"{op.indices.shape[1]} stored neighbours per token"

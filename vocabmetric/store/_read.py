@@ -21,6 +21,11 @@ from ._schema import EXACT_METRICS, PROVENANCE_KEY, SCHEMA_VERSION, TREE, Neighb
 
 LOG = logging.getLogger(__name__)
 
+#: How far above the k-th float32 squared l2 distance (2 − 2·cos) a candidate still gets its
+#: exact (float64) cost: twice the float32 error of a d-term dot product (≤ 2·d·2⁻²⁴ ≈ 1e-3
+#: at d = 4096) and more, so the k nearest are the exact ones.
+L2_SHORTLIST_SLACK = 4e-3
+
 
 def token_id_of(text: str) -> int | None:
     """The id an all-digit text names (``"12"``, ``" 7 "`` → 12, 7), or None for any other text.
@@ -253,6 +258,18 @@ class MetricStore:
             raise TokenNotFound(f"no token has the text {token!r} in {self.tokenizer_spec}{self._candidates(token)}")
         raise TokenizerError(f"a token is an id (int) or a text (str), got {type(token).__name__}")
 
+    def resolve_many(self, tokens: Any) -> np.ndarray:
+        """Token ids (int64, the input's shape) of an id, a text, an int array, or a sequence
+        mixing ids and texts (``[" Paris", 1234]``); each text as in :meth:`resolve`."""
+        if isinstance(tokens, (str, int, np.integer)) and not isinstance(tokens, bool):
+            return np.asarray(self.resolve(tokens), dtype=np.int64)
+        array = np.asarray(tokens, dtype=object if _has_text(tokens) else None)
+        if array.dtype != object:
+            if array.size and array.dtype.kind not in "iu":
+                raise TokenizerError(f"tokens are ids (ints) or texts (str), got an array of {array.dtype}")
+            return array.astype(np.int64, copy=False)
+        return np.vectorize(self.resolve, otypes=[np.int64])(array) if array.size else array.astype(np.int64)
+
     def ids_of_text(self, text: str) -> list[int]:
         """Every id whose token text (UTF-8, invalid bytes backslash-escaped) is ``text``."""
         return list(self._by_text.get(text, []))
@@ -328,18 +345,35 @@ class MetricStore:
         i, j = self.resolve(a), self.resolve(b)
         return float(self.costs_from(i, np.array([j]), metric)[0])
 
-    def costs_from(self, i: int, js: np.ndarray, metric: str) -> np.ndarray:
-        """Costs from token ``i`` to each of ``js`` (int array), float32."""
-        js = np.asarray(js, dtype=np.int64)
-        return self.pair_costs(np.full(len(js), int(i)), js, metric)
+    def costs_from(self, token: Token, tokens: Any, metric: str) -> np.ndarray:
+        """Costs from ``token`` to each of ``tokens`` (ids or texts, as in :meth:`resolve_many`),
+        float32: ``store.costs_from(" London", [" Paris", " Rome"], "tree")``."""
+        js = self.resolve_many(tokens).reshape(-1)
+        return self.pair_costs(np.full(len(js), self.resolve(token)), js, metric)
+
+    def is_stored(self, a: Token, b: Token, metric: str) -> bool:
+        """Whether the cost of ``(a, b)`` under ``metric`` is more than the cap by default:
+        for a stored metric, ``b`` is among ``a``'s stored neighbours (or ``a == b``); for
+        ``l2``, both tokens have a vector; ``tree`` gives every pair a path. A pair that is
+        not stored costs the metric's cap."""
+        i, j = self.resolve(a), self.resolve(b)
+        self._check_metric(metric)
+        if i == j or metric == TREE:
+            return True
+        if metric in EXACT_METRICS and f"metrics/{metric}" not in self._root:
+            return bool(self.usable[i] and self.usable[j])
+        return bool(np.any(self.operator(metric).indices[i] == j))
 
     def pair_costs(self, i: Any, j: Any, metric: str) -> np.ndarray:
-        """Costs of the pairs ``(i[t], j[t])`` (broadcast int id arrays), float32.
+        """Costs of the pairs ``(i[t], j[t])`` (broadcast id arrays; texts are resolved as in
+        :meth:`resolve_many`), float32.
 
         O(d) per pair for ``l2`` (exact, :func:`~vocabmetric._util.vectors.l2_distance`; an unusable
         token costs the cap 2), O(k) for a stored metric, O(depth) for ``tree``.
         """
         self._check_metric(metric)
+        if _has_text(i) or _has_text(j):
+            i, j = self.resolve_many(i), self.resolve_many(j)
         i, j = np.broadcast_arrays(np.asarray(i, dtype=np.int64), np.asarray(j, dtype=np.int64))
         for t in (i, j):
             if t.size and (t.min() < 0 or t.max() >= self.vocab_size):
@@ -370,13 +404,29 @@ class MetricStore:
                 return []
             candidates = np.flatnonzero(self.usable)
             candidates = candidates[candidates != i]
-            costs = self.costs_from(i, candidates, metric)
+            if metric == TREE:  # one pass over the tree's nodes, no LCA per pair
+                costs = self.tree().distances_from(i)[candidates].astype(np.float32)
+            else:  # a float32 pass over the unit vectors picks who can be among the k; exact costs for those
+                candidates = self._l2_shortlist(i, candidates, k)
+                costs = self.pair_costs(i, candidates, metric)
             top = np.argsort(costs, kind="stable")[:k]
             ids, cs = candidates[top], costs[top]
         else:
             ids, cs = self.operator(metric).neighbors(i)
             ids, cs = ids[:k], cs[:k]
         return [Neighbor(int(j), self.token_text(j), float(c)) for j, c in zip(ids, cs)]
+
+    def _l2_shortlist(self, i: int, candidates: np.ndarray, k: int) -> np.ndarray:
+        """The ``candidates`` (ascending ids) whose l2 to ``i`` can be among the ``k``
+        smallest: a float32 squared distance over the unit vectors (normalized once, cached),
+        every candidate within :data:`L2_SHORTLIST_SLACK` of the k-th kept. O(V·d) float32."""
+        if len(candidates) <= k:
+            return candidates
+        unit = self.embeddings(normalized=True)
+        # ‖u_i − u_j‖² = 2 − 2·u_i·u_j for unit rows: one matrix-vector product, no (V, d) copy
+        squared = 2 - 2 * (unit @ unit[i])[candidates]
+        kth = np.partition(squared, k - 1)[k - 1]
+        return candidates[squared <= kth + L2_SHORTLIST_SLACK]
 
     def faiss_index(self):
         """The faiss inner-product index over the normalized usable embeddings (ids = token ids)."""
@@ -388,3 +438,14 @@ class MetricStore:
             return faiss.read_index(str(self.path / "index.faiss"))
         except RuntimeError as exc:
             raise StoreError(f"{self.path}: file index.faiss is unreadable ({exc}); the store is corrupt: {REBUILD}") from None
+
+
+def _has_text(tokens: Any) -> bool:
+    """Whether ``tokens`` (a token, an array or a nested sequence) holds a text."""
+    if isinstance(tokens, str):
+        return True
+    if isinstance(tokens, np.ndarray):
+        return tokens.dtype.kind in "OUS" and any(isinstance(t, (str, bytes, np.str_)) for t in tokens.ravel())
+    if isinstance(tokens, (list, tuple)):
+        return any(_has_text(t) for t in tokens)
+    return False

@@ -32,9 +32,10 @@ import gc
 import json
 import logging
 import os
+import re
 import sys
 import time
-from pathlib import Path
+from pathlib import Path, PurePath
 from typing import Any, Sequence
 
 import numpy as np
@@ -88,6 +89,7 @@ class ServiceState:
         self.projection = projection_bytes(store)
         #: bytes, not the numpy array: indexing one gives an int in ~70 ns, a numpy scalar ~250 ns
         self.provenance = store.provenance.tobytes()
+        self.example = example_token(store)
 
     def check_metric(self, metric: str) -> None:
         if metric not in self.store.metrics:
@@ -174,8 +176,33 @@ def info(request: Request):
     s = _state(request)
     out = s.store.info()
     out.pop("path", None)
-    return {**out, "store": s.store.path.name, "vocab_size": s.vocab_size, "fingerprint": s.store.fingerprint,
+    out = relative_paths(out, s.store.path.parent)
+    return {**out, "example": s.example, "store": s.store.path.name, "vocab_size": s.vocab_size, "fingerprint": s.store.fingerprint,
             "limits": s.limits}
+
+
+_ABSOLUTE = re.compile(r"^(?P<kind>[a-z]\w*:)?(?P<path>/|[A-Za-z]:[\\/]|~/)")
+
+
+def relative_paths(value: Any, base: Path) -> Any:
+    """``value`` (the store's info, nested dicts and lists) with every absolute path made
+    relative to ``base`` (the store's build directory) when under it, else cut to its file
+    name: ``"hf:/srv/models/tokenizer.json"`` → ``"hf:tokenizer.json"``. The server's
+    filesystem layout stays private. O(size of the info)."""
+    if isinstance(value, dict):
+        return {k: relative_paths(v, base) for k, v in value.items()}
+    if isinstance(value, list):
+        return [relative_paths(v, base) for v in value]
+    if not isinstance(value, str):
+        return value
+    match = _ABSOLUTE.match(value)
+    if not match:
+        return value
+    kind, path = match.group("kind") or "", PurePath(value[len(match.group("kind") or ""):])
+    try:
+        return kind + path.relative_to(base).as_posix()
+    except ValueError:
+        return kind + path.name
 
 
 def neighbors_get_for(max_k: int):
@@ -275,6 +302,25 @@ def warm(store: MetricStore) -> None:
     except VocabMetricError:
         pass
     LOG.info("warmed %s in %.2f s", store.path, time.perf_counter() - t0)
+
+
+#: Tokens the explorer opens on, the first one the store places; else a frequent word.
+EXAMPLES = (" London", " Paris", " beautiful", " error", " water")
+
+
+def example_token(store: MetricStore) -> dict | None:
+    """``{"id", "text"}`` of the token the explorer opens on: the first of :data:`EXAMPLES`
+    with a vector, else the most frequent placed word of 6+ letters after a space; None when
+    there is none. O(V log V) once, at startup."""
+    for text in EXAMPLES:
+        ids = store.ids_of_text(text)
+        if len(ids) == 1 and store.usable[ids[0]]:
+            return {"id": ids[0], "text": text}
+    for i in np.argsort(-store.counts, kind="stable")[:20000]:
+        text = store.token_text(i)
+        if store.usable[i] and text[:1] == " " and text[1:].isalpha() and len(text) > 6 and store.ids_of_text(text) == [int(i)]:
+            return {"id": int(i), "text": text}
+    return None
 
 
 def provenance_summary(store: MetricStore) -> str:

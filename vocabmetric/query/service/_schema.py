@@ -151,6 +151,7 @@ class HealthResponse(BaseModel):
 
 class InfoResponse(BaseModel):
     store: str = Field(description="the store directory's name (not its full path)")
+    example: Union[dict[str, Any], None] = Field(None, description="{id, text}: the token the explorer opens on (None: none fits)")
     vocab_size: int
     fingerprint: str
     schema_version: int

@@ -546,7 +546,9 @@
       }
       select.value = defaults[side];
     }
-    const initial = readLocation();
+    // an address without a query opens on the store's example token (GET /info), so the
+    // page never opens empty
+    const initial = readLocation() || (info.example ? { token: info.example.text } : null);
     for (const side of ["a", "b"]) $(`legend-${side}`).textContent = metricOf(side);
     document.body.dataset.state = "ready";
     const map = loadMap().catch((error) => {
