@@ -90,8 +90,8 @@ def open_gguf(path: Path):
         return gguf.GGUFReader(path, "r")
     except ValueError as exc:
         if "GGMLQuantizationType" in str(exc):
-            code = re.search(r"\d+", str(exc))
-            raise ConfigError(f"{path}: a tensor has ggml type {code.group() if code else '?'}, which gguf {_gguf_version()} "
+            code = re.search(r"(\d+)\)? is not a valid", str(exc))
+            raise ConfigError(f"{path}: a tensor has ggml type {code.group(1) if code else '?'}, which gguf {_gguf_version()} "
                               "does not know; upgrade it (pip install -U gguf) or convert the model with a "
                               "common type (F16, Q8_0, Q4_K …)") from None
         raise _unreadable(path, exc) from None
