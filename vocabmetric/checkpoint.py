@@ -274,7 +274,9 @@ def load_matrix(path: Path, vocab_size: int, *, matrix: str = "input", tensor: s
     if path.suffix == ".gguf":
         from .gguf_source import load_gguf_matrix
 
-        return load_gguf_matrix(path, vocab_size, matrix=matrix, tensor=tensor)
+        vectors, entry = load_gguf_matrix(path, vocab_size, matrix=matrix, tensor=tensor)
+        rows = entry.shape[0]  # the dtype recorded is the ggml type name (Q8_0, F16 …)
+        return CheckpointMatrix(vectors, entry.name, path, matrix, False, entry.qtype.name, rows, rows - vocab_size)
     if path.is_file() and path.suffix == ".npy":
         entry, tied = npy_entry(path), False
     elif path.is_dir() or path.suffix == ".safetensors":

