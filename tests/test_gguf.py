@@ -184,10 +184,19 @@ def test_config_naming_a_missing_gguf(tmp_path):
     assert "tokenizer.spec" in str(err.value) and str(tmp_path / "models" / "m.gguf") in str(err.value)
 
 
-def test_every_error_is_a_vocabmetric_error(tmp_path):
+def test_not_a_gguf_and_a_gguf_without_a_tokenizer(tmp_path):
+    from vocabmetric import load_tokenizer
+
     (tmp_path / "junk.gguf").write_bytes(b"not a gguf file at all" * 10)
-    with pytest.raises(VocabMetricError, match="junk.gguf"):
+    with pytest.raises(VocabMetricError, match="junk.gguf is not a GGUF file"):
         load_matrix(tmp_path / "junk.gguf", 10)
+    (tmp_path / "empty.gguf").write_bytes(b"")
+    with pytest.raises(VocabMetricError, match="empty.gguf"):
+        load_matrix(tmp_path / "empty.gguf", 10)
+    path = write_gguf(tmp_path / "notok.gguf", {"token_embd.weight": (matrix(40, seed=4), Q.Q8_0)})
+    with pytest.raises(TokenizerError) as err:
+        load_tokenizer(f"gguf:{path}")
+    assert str(path) in str(err.value) and "no tokenizer" in str(err.value) and "hf:" in str(err.value)
 
 
 # ---- tokenizer -----------------------------------------------------------------------------
