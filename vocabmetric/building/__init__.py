@@ -8,3 +8,5 @@ The stage machinery (keys, cache, atomic directories) is :mod:`.stages`; the con
 runner are :mod:`.pipeline`. The public entry points are ``vocabmetric.build`` and
 ``vocabmetric.load_config``.
 """
+
+from .._util.gguf import resolve_source as resolve_source  # a config path, ``pkg:<package>/<file>`` included

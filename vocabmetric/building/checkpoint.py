@@ -5,7 +5,10 @@ Sources:
 * a model directory as ``save_pretrained`` writes it (or a hub-cache snapshot):
   ``config.json``, ``*.safetensors`` and, when sharded, ``model.safetensors.index.json``;
 * one ``.safetensors`` file;
-* one ``.npy`` file.
+* one ``.npy`` file;
+* one ``.gguf`` file (llama.cpp's format, block-quantized): :mod:`vocabmetric._util.gguf`
+  reads ``token_embd.weight`` / ``output.weight`` and dequantizes them as the ``gguf``
+  package does, with the same memory bound.
 
 ``matrix = "input"`` picks the token-embedding tensor (``embed_tokens`` / ``wte`` /
 ``word_embeddings`` / ``embed_in`` / ``tok_embeddings``); ``matrix = "output"`` the LM head
@@ -268,6 +271,12 @@ def load_matrix(path: Path, vocab_size: int, *, matrix: str = "input", tensor: s
     Fewer rows than ``vocab_size`` is a :class:`ConfigError` naming both numbers.
     """
     path = Path(path)
+    if path.suffix == ".gguf":
+        from .._util.gguf import load_gguf_matrix
+
+        vectors, entry = load_gguf_matrix(path, vocab_size, matrix=matrix, tensor=tensor)
+        rows = entry.shape[0]  # the dtype recorded is the ggml type name (Q8_0, F16 …)
+        return CheckpointMatrix(vectors, entry.name, path, matrix, False, entry.qtype.name, rows, rows - vocab_size)
     if path.is_file() and path.suffix == ".npy":
         entry, tied = npy_entry(path), False
     elif path.is_dir() or path.suffix == ".safetensors":
@@ -276,7 +285,7 @@ def load_matrix(path: Path, vocab_size: int, *, matrix: str = "input", tensor: s
     elif not path.exists():
         raise ConfigError(f"embeddings file {path} does not exist")
     else:
-        raise ConfigError(f"embeddings file {path}: use a model directory, a .safetensors or .npy file")
+        raise ConfigError(f"embeddings file {path}: use a model directory, a .safetensors, .npy or .gguf file")
     if len(entry.shape) != 2:
         raise ConfigError(f"embeddings in {path} (tensor {entry.name!r}) have shape {entry.shape}; expected (rows, dim)")
     rows = entry.shape[0]

@@ -135,7 +135,7 @@ def import_embeddings(path: Path, vocab_size: int, *, tensor: str | None = None,
                       matrix: str = "input") -> Embeddings:
     """A model's own input (or output, ``matrix = "output"``) embedding matrix.
 
-    ``path`` is a model directory, a ``.safetensors`` or a ``.npy`` file; only the chosen
+    ``path`` is a model directory, a ``.safetensors``, ``.npy`` or ``.gguf`` file; only the chosen
     tensor is read, by row slices (:mod:`vocabmetric.building.checkpoint`). The matrix needs at least
     ``vocab_size`` rows; rows past the tokenizer (a head padded to a multiple of 64) are
     dropped and counted in ``params["dropped_rows"]``. All-zero rows are marked untrained.

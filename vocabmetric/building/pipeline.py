@@ -32,6 +32,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from .._util.progress import show_progress
 from .checkpoint import checkpoint_files
+from .._util.gguf import resolve_source
 from .corpus import expand_sources, tokenize_corpus
 from .compose import compose_untrained
 from .embeddings import Embeddings, apply_untrained_policy, import_embeddings, train_word2vec
@@ -56,7 +57,8 @@ class _Section(BaseModel):
 
 
 class TokenizerConfig(_Section):
-    spec: str = Field(description="'tiktoken:<encoding>', 'hf:<path/to/tokenizer.json>' or 'hf:<model directory>'")
+    spec: str = Field(description="'tiktoken:<encoding>', 'hf:<path/to/tokenizer.json>', 'hf:<model directory>' or "
+                                  "'gguf:<file.gguf>' (a path may be 'pkg:<package>/<file>')")
 
 
 class CorpusConfig(_Section):
@@ -82,7 +84,8 @@ class EmbeddingsConfig(_Section):
     untrained: Literal["isolate", "borrow", "compose"] = "isolate"
     compose: Literal["merges", "fasttext"] = Field("merges", description="untrained = 'compose': from the "
                                                    "tokenizer's merges, or FastText n-grams over the token texts")
-    path: Optional[str] = Field(None, description="method = 'import': a model directory, a .safetensors or .npy file")
+    path: Optional[str] = Field(None, description="method = 'import': a model directory, a .safetensors, .npy or "
+                                ".gguf file ('pkg:<package>/<file>': a file inside an installed package)")
     matrix: Literal["input", "output"] = Field("input", description="method = 'import': token embeddings or the LM head")
     tensor: Optional[str] = Field(None, description="method = 'import': the tensor name, overriding `matrix`")
 
@@ -169,11 +172,17 @@ def _check_config(config: PipelineConfig, base: Path, path: Path) -> None:
         if where.is_dir() and not (where / "tokenizer.json").is_file():
             raise ConfigError(f"{path}: tokenizer.spec: model directory {where} has no tokenizer.json; "
                               "save the fast tokenizer there or give the file's path")
+    if spec.startswith("gguf:"):
+        where = _resolve(spec[5:], base, f"{path}: tokenizer.spec")
+        if not where.is_file():
+            raise ConfigError(f"{path}: tokenizer.spec: GGUF file {where} does not exist; give a model's .gguf file "
+                              "(relative to the config file) or 'gguf:pkg:<package>/<file>'")
     if config.embeddings.method == "import":
         if not config.embeddings.path:
             raise ConfigError(f"{path}: embeddings.path is required when embeddings.method = 'import'")
-        if not _resolve(config.embeddings.path, base).exists():
-            raise ConfigError(f"{path}: embeddings.path: file {_resolve(config.embeddings.path, base)} does not exist")
+        where = _resolve(config.embeddings.path, base, f"{path}: embeddings.path")
+        if not where.exists():
+            raise ConfigError(f"{path}: embeddings.path: file {where} does not exist")
     if config.embeddings.untrained == "compose" and config.embeddings.compose == "fasttext" and config.corpus is None:
         raise ConfigError(f"{path}: embeddings.compose = 'fasttext' trains on the corpus and needs a [corpus]; "
                           "use embeddings.compose = 'merges' with imported embeddings")
@@ -186,13 +195,18 @@ def _check_config(config: PipelineConfig, base: Path, path: Path) -> None:
         raise ConfigError(f"{path}: {exc}") from None
 
 
-def _resolve(p: str, base: Path) -> Path:
-    q = Path(p).expanduser()
-    return q if q.is_absolute() else base / q
+def _resolve(p: str, base: Path, where: str = "") -> Path:
+    """``p`` relative to the config's folder ``base``; ``pkg:<package>/<file>`` inside an installed package."""
+    try:
+        return resolve_source(p, base)
+    except ConfigError as exc:
+        raise ConfigError(f"{where}: {exc}" if where else str(exc)) from None
 
 
 def tokenizer_spec(config: PipelineConfig, base: Path) -> str:
     spec = config.tokenizer.spec
+    if spec.startswith("gguf:") and not spec.startswith("gguf:pkg:"):  # a pkg: spec stays portable in the store
+        return f"gguf:{_resolve(spec[5:], base)}"
     return f"hf:{_resolve(spec[3:], base)}" if spec.startswith("hf:") else spec
 
 

