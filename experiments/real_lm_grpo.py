@@ -78,10 +78,10 @@ RUNS = ROOT / "runs" / "real_lm_grpo"
 MODEL_CACHE = RUNS / "smollm2-hf"
 GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 ARMS = ("none", "k3", "exact KL", "sinkhorn import", "tree import", "sinkhorn word2vec")
-CPU_DEFAULTS = dict(steps=16, group=4, prompts_per_step=2, max_tokens=24, train_blocks=2, lr=1e-4,
-                    eval_samples=2, strengths=(0.05, 0.2, 0.8), seeds=(0, 1))
+CPU_DEFAULTS = dict(steps=10, group=4, prompts_per_step=1, max_tokens=16, train_blocks=2, lr=3e-4,
+                    eval_samples=2, eval_mid=1, strengths=(0.1, 1.0, 10.0), seeds=(0, 1))
 CUDA_DEFAULTS = dict(steps=100, group=8, prompts_per_step=4, max_tokens=48, train_blocks=30, lr=2e-5,
-                     eval_samples=4, strengths=(0.02, 0.1, 0.5, 2.5), seeds=(0, 1, 2))
+                     eval_samples=4, eval_mid=1, strengths=(0.03, 0.3, 3.0, 30.0), seeds=(0, 1, 2))
 REF_SAMPLES = 4  # reference completions per held-out prompt for the drift's centroid
 SINKHORN = {"support": 64}
 SINKHORN_EPS_OF_CAP = 1 / 15
@@ -201,7 +201,7 @@ def train_run(arm, beta, seed, *, model_dir, reference, tokenizer, embedder, rew
             bf16=False, temperature=1.0, top_k=0, top_p=1.0, disable_tqdm=True, gradient_checkpointing=False)
         dataset = datasets.Dataset.from_dict({"prompt": [[{"role": "user", "content": p}] for p in data["train"]]})
         evals = []
-        eval_at = sorted({opts["steps"] // 2, opts["steps"]})
+        eval_at = sorted({opts["steps"] // 2, opts["steps"]} if opts["eval_mid"] else {opts["steps"]})
 
         class Evaluate(TrainerCallback):
             def on_step_end(self, a, state, control, **kw):
@@ -218,14 +218,15 @@ def train_run(arm, beta, seed, *, model_dir, reference, tokenizer, embedder, rew
         trainer = VocabMetricGRPOTrainer(model=policy, reward_funcs=reward, args=args, train_dataset=dataset,
                                          processing_class=tokenizer, regularizer=penalty,
                                          ref_model=None if k3_beta else reference, callbacks=[Evaluate()])
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.process_time()
         trainer.train()
-        seconds = time.perf_counter() - start
+        seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
     log = [{k: h[k] for k in ("step", "reward", "loss", "vocabmetric/full_kl", "vocabmetric/sinkhorn",
                               "vocabmetric/tree", "kl", "completions/mean_length") if k in h}
            for h in trainer.state.log_history if "reward" in h]
     return {"arm": arm, "beta": beta, "seed": seed, "evals": evals, "train_log": log,
-            "seconds": round(seconds, 1), "seconds_per_step": round(seconds / opts["steps"], 2)}
+            "seconds": round(seconds, 1), "seconds_per_step": round(seconds / opts["steps"], 2),
+            "cpu_seconds": round(cpu, 1), "eval_seconds": round(sum(e["eval_s"] for e in evals), 1)}
 
 
 # -- the sweep ----------------------------------------------------------------------------------
@@ -280,7 +281,8 @@ def sweep(cli, opts) -> dict:
                                    penalty=penalties[arm], opts=opts, device=device)
                 result["beta_kl_units"] = beta
                 last = result["evals"][-1]
-                print(f"{rk}: {result['seconds']:.0f} s ({result['seconds_per_step']:.1f} s/step) reward "
+                print(f"{rk}: {result['seconds']:.0f} s ({result['seconds_per_step']:.1f} s/step, cpu "
+                      f"{result['cpu_seconds']:.0f} s) reward "
                       f"{last['reward']:.3f} kl {last['kl_per_token']:.4f} drift {last['drift']:.4f} "
                       f"ppl {last['ref_perplexity']:.2f}", flush=True)
                 state["runs"][rk] = result
