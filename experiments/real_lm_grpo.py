@@ -314,7 +314,7 @@ def main(argv=None) -> dict:
             ap.add_argument(flag, type=type(value))
     cli = ap.parse_args(argv)
     if cli.redraw:
-        return write_report(None, redraw=True)
+        return write_report(None, redraw=True, label=cli.label)
     torch.set_num_threads(cli.threads)
     logging.getLogger("vocabmetric").setLevel(logging.WARNING)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")

@@ -169,7 +169,9 @@ def evaluate(policy, reference, tokenizer, embedder, reward: VividReward, prompt
         policy.train()
     rewards = torch.tensor(reward(texts))
     d = drift(embedder(texts), ref_centroids)
+    n_texts = len(texts)
     result.update(reward=float(rewards.mean()), drift=float(d.mean()),
+                  reward_se=float(rewards.std() / n_texts ** 0.5), drift_se=float(d.std() / n_texts ** 0.5),
                   vivid_hits=float(sum(reward.hits(t) for t in texts) / len(texts)),
                   completions=[{"prompt": prompts[i // n], "text": texts[i]} for i in range(0, keep_texts * n, n)])
     return result

@@ -4,8 +4,8 @@ Per cell (arm × strength) the held-out measures at the last evaluation, mean ov
 (and each seed's). The comparison: for each Wasserstein cell at semantic drift ``d_W``, the
 reward a KL arm reaches at the same drift, linear between that arm's own cells (its
 strengths, plus the reference at step 0 and the unpenalized run); ``Δ = r_W − r_KL(d_W)``.
-A Δ is called a difference only when it exceeds the seed spread ``σ`` (the mean over cells
-of the half-range of a cell's seeds); otherwise "no difference within the seed spread".
+A Δ is called a difference only when it exceeds the noise ``σ`` (:func:`noise`); otherwise
+"no difference within the noise".
 """
 
 from __future__ import annotations
@@ -52,9 +52,16 @@ def reference_row(state) -> dict:
     return {m: statistics.mean(r[m] for r in rows) for m in MEASURES}
 
 
-def seed_spread(table) -> float:
+def noise(table, ref, n_completions) -> tuple[float, str]:
+    """The reward difference below which two cells are not told apart: the seed spread
+    (mean half-range of a cell's seeds) with two or more seeds, else the evaluation's own
+    sampling error, bounded by ``sqrt(r(1 − r)/n)`` (a [0, 1] reward's variance is at most
+    r(1 − r)) at the reference's reward r over the n held-out completions."""
     halves = [(max(r["reward_seeds"]) - min(r["reward_seeds"])) / 2 for r in table if len(r["reward_seeds"]) > 1]
-    return statistics.mean(halves) if halves else float("nan")
+    if halves:
+        return statistics.mean(halves), "the seed spread"
+    r = ref["reward"]
+    return (r * (1 - r) / n_completions) ** 0.5, f"the sampling error of one evaluation's mean over {n_completions} completions"
 
 
 def kl_curve(table, ref, arm) -> list[tuple[float, float]]:
@@ -86,7 +93,7 @@ def comparisons(table, ref, sigma) -> list[dict]:
             else:
                 delta = row["reward"] - r_kl
                 verdict = ("more reward" if delta > sigma else "less reward" if delta < -sigma
-                           else "no difference within the seed spread")
+                           else "no difference within the noise")
             out.append({"arm": row["arm"], "beta": row["beta"], "drift": row["drift"], "reward": row["reward"],
                         "versus": kl_arm, "kl_reward_at_drift": r_kl, "delta": delta, "verdict": verdict})
     return out
@@ -126,7 +133,7 @@ def plot(table, ref, path: Path) -> None:
     plt.close(fig)
 
 
-def markdown(state, table, ref, comps, sigma) -> str:
+def markdown(state, table, ref, comps, sigma, sigma_kind) -> str:
     o = state["options"]
     runs = list(state["runs"].values())
     lines = [
@@ -168,7 +175,8 @@ def markdown(state, table, ref, comps, sigma) -> str:
                      f"{r['ref_perplexity']:.2f} | {r['vivid_hits']:.2f} | "
                      f"{', '.join(f'{v:.3f}' for v in r['reward_seeds'])} |")
     lines += ["", "![reward against drift](../../docs/real_lm_grpo.png)", "",
-              f"## Wasserstein against KL at the same semantic drift (seed spread σ = {sigma:.3f} reward)", "",
+              f"## Wasserstein against KL at the same semantic drift (noise σ = {sigma:.3f} reward: {sigma_kind})",
+              "",
               "| penalty | β | drift | reward | versus | KL arm's reward at that drift | Δ | verdict |",
               "|---|---|---|---|---|---|---|---|"]
     for c in comps:
@@ -190,17 +198,21 @@ def markdown(state, table, ref, comps, sigma) -> str:
     return "\n".join(lines)
 
 
-def write_report(state, *, redraw: bool = False, summary: str | None = None) -> dict:
+def write_report(state, *, redraw: bool = False, label: str | None = None, summary: str | None = None) -> dict:
+    """Write the .json, .md and picture; ``redraw`` reads the state from the saved .json
+    (``label``/``summary`` replace what it says the results are and what they show)."""
     if redraw:
         state = json.loads((RESULTS / f"{NAME}.json").read_text())
+    if label is not None:
+        state["label"] = label
     table = cells(state)
     ref = reference_row(state)
-    sigma = seed_spread(table)
+    sigma, sigma_kind = noise(table, ref, 12 * state["options"]["eval_samples"])
     comps = comparisons(table, ref, sigma)
-    state.update(table=table, reference=ref, seed_spread=sigma, comparisons=comps)
+    state.update(table=table, reference=ref, noise=sigma, noise_kind=sigma_kind, comparisons=comps)
     if summary is not None:
         state["summary"] = summary
-    md = markdown(state, table, ref, comps, sigma)
+    md = markdown(state, table, ref, comps, sigma, sigma_kind)
     if state.get("summary"):
         md = md.replace("## Held-out measures", f"## What it shows\n\n{state['summary']}\n\n## Held-out measures", 1)
     payload = {k: v for k, v in state.items() if k != "machine"}
