@@ -176,6 +176,12 @@ def markdown(state, table, ref, comps, sigma, sigma_kind) -> str:
         lines.append(f"| {r['arm']} | {r['beta']:g} | {r['reward']:.3f} | {r['drift']:.4f} | {r['kl_per_token']:.4f} | "
                      f"{r['ref_perplexity']:.2f} | {r['vivid_hits']:.2f} | "
                      f"{', '.join(f'{v:.3f}' for v in r['reward_seeds'])} |")
+    se = [r["evals"][-1] for r in runs if "drift_se" in r["evals"][-1]]
+    if se:
+        lines += ["", f"Standard errors of one evaluation's means (over its {12 * o['eval_samples']} completions), in the "
+                  f"{len(se)} runs that record them: reward {min(e['reward_se'] for e in se):.3f}–"
+                  f"{max(e['reward_se'] for e in se):.3f}, drift {min(e['drift_se'] for e in se):.3f}–"
+                  f"{max(e['drift_se'] for e in se):.3f}."]
     lines += ["", "![reward against drift](../../docs/real_lm_grpo.png)", "",
               f"## Wasserstein against KL at the same semantic drift (noise σ = {sigma:.3f} reward: {sigma_kind})",
               "",
