@@ -23,10 +23,13 @@ Setup.
   a store or a penalty's metric.
 * **Arms** — ``none``; ``k3`` (TRL's own ``beta``, its sampled-token k3 against its reference
   model); ``exact KL`` (``full_kl`` over the full vocabulary, through the adapter);
-  ``sinkhorn import`` and ``tree import`` (support-mode Sinkhorn, m = 64, ε = cap/15 on the
-  ``knn`` metric, and the store's Tree-Wasserstein, both on the store built from SmolLM2's
-  own input embeddings, ``--import-store``); ``sinkhorn word2vec`` (the same Sinkhorn on the
-  store of word2vec over the demo corpus with SmolLM2's tokenizer, ``--w2v-store``).
+  ``sinkhorn import`` and ``tree import`` (support-mode Sinkhorn, m = 64, ε = cap/15, its
+  support costs the l2 distance of the store's unit embeddings capped at the ``knn`` cap, the
+  operator the mutual-kNN one (:func:`mutual_knn`: the default union symmetrization of
+  SmolLM2's kNN graph needs 17 GB); and the store's Tree-Wasserstein, both on the store built
+  from SmolLM2's own input embeddings, ``--import-store``); ``sinkhorn word2vec`` (the same
+  Sinkhorn on the store of word2vec over the demo corpus with SmolLM2's tokenizer,
+  ``--w2v-store``).
   Strengths: β ∈ ``--strengths`` for k3 and exact KL; each Wasserstein penalty at
   ``β · s``, ``s = mean KL / mean W`` over one calibration move (the reference's logits at
   held-out completion positions plus Gaussian noise, σ = 1, on every logit), so that at the

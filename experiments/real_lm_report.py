@@ -25,8 +25,8 @@ NAME = "real_lm_grpo"
 MEASURES = ("reward", "drift", "kl_per_token", "ref_perplexity", "vivid_hits")
 KL_ARMS = ("exact KL", "k3")
 W_ARMS = ("sinkhorn import", "tree import", "sinkhorn word2vec")
-COMMAND = ("PYTHONPATH=. .venv/bin/python experiments/real_lm_grpo.py --model /work/stores/smollm2-hf "
-           "--import-store /work/stores/smollm2-import/metric.zarr --w2v-store /work/stores/smollm2-w2v/metric.zarr")
+COMMAND = ("PYTHONPATH=. .venv/bin/python experiments/real_lm_grpo.py --model SMOLLM2_HF_DIR "
+           "--import-store runs/smollm2/metric.zarr --w2v-store runs/smollm2-word2vec/metric.zarr --threads 1")
 
 
 def cells(state) -> list[dict]:
@@ -138,11 +138,14 @@ def plot(table, ref, path: Path, sigma: float) -> None:
 def markdown(state, table, ref, comps, sigma, sigma_kind) -> str:
     o = state["options"]
     runs = list(state["runs"].values())
+    arms = sorted({r["arm"] for r in runs}, key=lambda a: (("none",) + KL_ARMS + W_ARMS).index(a))
+    betas = sorted({r["beta_kl_units"] for r in runs if r["arm"] != "none"})
+    mid = sum(len(r["evals"]) > 1 for r in runs)
     lines = [
         "# GRPO on a real language model: KL against Wasserstein penalties",
         "",
-        f"**What this is: {state['label']}** — arms {', '.join(state['arms'])}; β ∈ "
-        f"{', '.join(f'{b:g}' for b in o['strengths'])} (KL units); seeds {', '.join(map(str, o['seeds']))}; "
+        f"**What this is: {state['label']}** — arms {', '.join(arms)}; β ∈ "
+        f"{', '.join(f'{b:g}' for b in betas)} (KL units); seeds {', '.join(sorted({str(r['seed']) for r in runs}))}; "
         f"{len(runs)} runs. Made by `experiments/real_lm_grpo.py` "
         "(setup, reward and measures in its docstring and `experiments/real_lm_measures.py`):",
         "",
@@ -152,8 +155,8 @@ def markdown(state, table, ref, comps, sigma, sigma_kind) -> str:
         f"(device {state['device']}); torch {state['machine'].get('torch')}. Budget per run: {o['steps']} GRPO steps "
         f"of {o['prompts_per_step']} prompts × {o['group']} completions of ≤ {o['max_tokens']} tokens, the last "
         f"{o['train_blocks']} of 30 blocks and the final norm trained (embeddings / tied LM head frozen), Adam "
-        f"lr {o['lr']:g}; evaluation on 12 held-out prompts × {o['eval_samples']} completions at step 0, "
-        f"{o['steps'] // 2} and {o['steps']}. Mean time per step "
+        f"lr {o['lr']:g}; evaluation on 12 held-out prompts × {o['eval_samples']} completions at step 0 and "
+        f"{o['steps']} (and at step {o['steps'] // 2} in {mid} of the {len(runs)} runs). Mean time per step "
         f"{statistics.mean(r['seconds_per_step'] for r in runs):.1f} s (evaluations included); the sweep's "
         f"wall time {state.get('sweep_seconds', float('nan')) / 60:.0f} min in its last invocation.",
         "",
