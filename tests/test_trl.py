@@ -176,3 +176,45 @@ def test_config_errors_name_the_field(tmp_path):
                                args=VocabMetricGRPOConfig(output_dir=str(tmp_path), use_cpu=True, report_to=[]))
     with pytest.raises(ConfigError, match="penalty_beta must be >= 0"):
         VocabMetricGRPOConfig(output_dir=str(tmp_path), penalty_beta=-1.0, use_cpu=True, report_to=[])
+
+
+def constant_reward(completions, **kwargs):
+    """Every completion alike: GRPO's advantages are 0, so the penalty is the only gradient."""
+    return [1.0] * len(completions)
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_penalty_trains_through_a_frozen_tied_head(small_store, tokenizer, tmp_path, checkpointing):
+    """As experiments/real_lm_grpo.py trains SmolLM2: tied embeddings = LM head frozen, only the
+    last block trained. The penalty's gradient must reach that block through the hidden
+    states: with a constant reward it is the whole loss, and the policy goes back toward the
+    reference (the KL on a fixed batch falls), the frozen weights untouched."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=128,
+                      tie_word_embeddings=True, eos_token_id=tokenizer.eos_token_id,
+                      pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.eos_token_id)
+    reference = LlamaForCausalLM(cfg).eval()
+    policy = copy.deepcopy(reference)
+    with torch.no_grad():  # the policy starts away from the reference, in the block it may train
+        for p in policy.model.layers[-1].parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    policy.requires_grad_(False)
+    policy.model.layers[-1].requires_grad_(True)
+    assert policy.get_output_embeddings().weight is policy.get_input_embeddings().weight
+    start = copy.deepcopy(policy)
+    args = config(tmp_path, "full_kl", max_steps=4, learning_rate=2e-2, penalty_beta=1.0,
+                  gradient_checkpointing=checkpointing)
+    trainer = Recording(model=policy, reward_funcs=constant_reward, args=args, train_dataset=prompts(),
+                        processing_class=tokenizer, ref_model=reference)
+    trainer.train()
+    reg = regularizer_from_store(None, "full_kl")
+    inputs, _ = trainer.seen[0]
+    before = independent_penalty(reg, start, reference, inputs, args.temperature)
+    after = independent_penalty(reg, policy, reference, inputs, args.temperature)
+    assert before > 1e-3 and after < 0.7 * before
+    for name, p in policy.named_parameters():
+        moved = not torch.equal(p, dict(start.named_parameters())[name])
+        assert moved == name.startswith("model.layers.1."), name
