@@ -1,0 +1,47 @@
+"""The static near/far price: synthetic contexts and each penalty's ratio, on the small store."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from vocabmetric.price import MOVED, TARGET_RANK, format_prices, moved_logits, near_far_prices, synthetic_contexts
+
+
+def test_contexts_follow_the_rule(small_store):
+    c = synthetic_contexts(small_store, 30, seed=3)
+    again = synthetic_contexts(small_store, 30, seed=3)
+    assert all(np.array_equal(c[k], again[k]) for k in c)  # seeded
+    trained = small_store.trained & small_store.usable
+    rows = np.arange(len(c["top"]))
+    assert len(rows) > 20 and trained[c["top"]].all() and trained[c["near"]].all() and trained[c["far"]].all()
+    ref = c["ref"].astype(np.float64)
+    np.testing.assert_allclose(np.exp(ref).sum(1), 1, atol=1e-5)
+    assert (ref.argmax(1) == c["top"]).all()
+    assert np.array_equal(ref[rows, c["near"]], ref[rows, c["far"]])  # equal reference probability
+    # near is the top's nearest trained token under l2; far is farther than it
+    l2 = lambda x, y: small_store.pair_costs(x, y, "l2")
+    assert (l2(c["top"], c["near"]) < l2(c["top"], c["far"])).all()
+    for t in range(5):
+        others = np.flatnonzero(trained)
+        others = others[others != c["top"][t]]
+        assert l2(c["top"][t], c["near"][t]) == pytest.approx(l2(np.full(len(others), c["top"][t]), others).min())
+    near = np.exp(moved_logits(c, "near").astype(np.float64))
+    moved = MOVED * np.exp(ref[rows, c["top"]])
+    np.testing.assert_allclose(near[rows, c["near"]] - np.exp(ref[rows, c["near"]]), moved, rtol=1e-4)
+    np.testing.assert_allclose(near.sum(1), 1, atol=1e-5)
+    assert TARGET_RANK > 1
+
+
+def test_prices_kl_is_one_and_tree_is_its_cost_ratio(small_store):
+    rows = {(r.penalty, r.metric): r for r in near_far_prices(small_store, n_contexts=40)}
+    assert rows["kl", "-"].price == pytest.approx(1.0, abs=1e-3)  # KL sees probabilities only
+    assert {("sinkhorn", "knn"), ("tree", "tree"), ("sliced", "embeddings")} <= set(rows)
+    # Tree-Wasserstein of one move is the mass times the tree distance: the price is the cost ratio
+    c = synthetic_contexts(small_store, 40)
+    ratio = small_store.pair_costs(c["top"], c["near"], "tree") / small_store.pair_costs(c["top"], c["far"], "tree")
+    assert rows["tree", "tree"].price == pytest.approx(float(np.mean(ratio)), rel=2e-3)
+    assert rows["sinkhorn", "knn"].price < 1 and rows["sliced", "embeddings"].price < 1
+    text = format_prices(list(rows.values()))
+    assert "near/far price over 40 synthetic contexts" in text
