@@ -34,8 +34,9 @@ embeddings (the pipeline calls it at config load; ``fit`` calls it first) and ra
 :class:`~vocabmetric.errors.ConfigError` naming the argument and its value.
 
 The modules, each importing only those above it:
-``_checks`` (inputs, argument checks, cap policy, the truncated base) ← ``_knn`` (faiss kNN, the kNN graph)
-← ``_geodesic`` (bounded Dijkstra), ``_umap``, ``_tree`` (k-means and Ward trees).
+``_shape`` (cost shaping) ← ``_checks`` (inputs, argument checks, cap policy, the truncated base) ← ``_knn``
+(faiss kNN, the kNN graph) ← ``_geodesic`` (bounded Dijkstra), ``_umap``, ``_tree`` (k-means trees) ← ``_tree_graph``
+(Ward trees on the kNN graph).
 
 Example
 -------
@@ -58,5 +59,7 @@ from ._checks import (
 )
 from ._geodesic import GeodesicMetric as GeodesicMetric, bounded_dijkstra as bounded_dijkstra
 from ._knn import KnnMetric as KnnMetric, L2Metric as L2Metric, drop_self as drop_self, knn_graph as knn_graph
-from ._tree import MIN_EDGE as MIN_EDGE, TreeBuilder as TreeBuilder, WardTreeBuilder as WardTreeBuilder
+from ._shape import SHAPES as SHAPES, CostShape as CostShape, shape_table as shape_table
+from ._tree import MIN_EDGE as MIN_EDGE, TreeBuilder as TreeBuilder
+from ._tree_graph import WardTreeBuilder as WardTreeBuilder
 from ._umap import UmapMetric as UmapMetric
