@@ -45,3 +45,24 @@ def test_prices_kl_is_one_and_tree_is_its_cost_ratio(small_store):
     assert rows["sinkhorn", "knn"].price < 1 and rows["sliced", "embeddings"].price < 1
     text = format_prices(list(rows.values()))
     assert "near/far price over 40 synthetic contexts" in text
+
+
+def test_cli_eval_prints_the_truth_and_the_price(small_store):
+    import json
+
+    from typer.testing import CliRunner
+
+    from vocabmetric.cli import app
+
+    result = CliRunner().invoke(app, ["eval", str(small_store.path), "--contexts", "20"])
+    assert result.exit_code == 0, result.output
+    out = result.output
+    assert "over trained tokens only" in out and "10-NN contrast" in out
+    assert "near/far price over 20 synthetic contexts" in out and "sinkhorn" in out and "sliced" in out
+    for metric in small_store.metrics:
+        assert any(line.startswith(metric) for line in out.split("10-NN contrast")[1].splitlines())
+    result = CliRunner().invoke(app, ["eval", str(small_store.path), "--json", "--no-price"])
+    data = json.loads(result.output)
+    assert set(data) == {"human", "contrast", "price"} and data["price"] == []
+    assert {r["metric"] for r in data["contrast"]} == set(small_store.metrics)
+    assert all(r["pairs"] == "trained" for r in data["contrast"])

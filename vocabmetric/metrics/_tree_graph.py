@@ -35,10 +35,16 @@ from typing import Any
 import numpy as np
 
 from .._vectors import normalized
+from ..errors import ConfigError
 from ._checks import argument_where, check_cap, check_flag, check_inputs, check_integer, check_k, check_knn
 from ._knn import KnnMetric, knn_graph
 from ._tree import FIT_PAIRS, _ShapedTree, _TreeResult, check_tree_shape, shape_params
 from ._tree_fit import check_sample_size, distinct_pairs, fit_forest_weights
+
+#: Merge criteria (scikit-learn's): ``"ward"`` merges the pair of adjacent clusters whose union
+#: least raises the within-cluster variance; ``"average"`` the pair with the smallest mean
+#: length of the graph edges between them (UPGMA restricted to the graph).
+LINKAGES = ("ward", "average")
 
 
 class WardTreeBuilder(_ShapedTree, _TreeResult):
@@ -56,6 +62,8 @@ class WardTreeBuilder(_ShapedTree, _TreeResult):
         false keeps the centroid distances.
     n_pairs : int, optional
         Pairs of that fit (default ``FIT_PAIRS`` or every distinct trained pair).
+    linkage : {"ward", "average"}
+        The merge criterion (:data:`LINKAGES`).
     shape, shape_exponent, shape_fraction, shape_rank
         Fit the weights to shaped l2 distances (see :class:`~vocabmetric.metrics.TreeBuilder`).
 
@@ -65,8 +73,8 @@ class WardTreeBuilder(_ShapedTree, _TreeResult):
 
     def __init__(self, n_neighbors: int = 10, cap: float | None = None, *, seed: int = 0, progress: bool | None = None,
                  fit_weights: bool = True, n_pairs: int | None = None, shape: str = "none",
-                 shape_exponent: float = 1.0, shape_fraction: float = 0.25, shape_rank: int = 10):
-        self.n_neighbors, self.cap, self.seed, self.progress = n_neighbors, cap, seed, progress
+                 shape_exponent: float = 1.0, shape_fraction: float = 0.25, shape_rank: int = 10, linkage: str = "ward"):
+        self.n_neighbors, self.cap, self.seed, self.progress, self.linkage = n_neighbors, cap, seed, progress, linkage
         self.fit_weights, self.n_pairs = fit_weights, n_pairs
         self.shape, self.shape_exponent, self.shape_fraction, self.shape_rank = shape, shape_exponent, shape_fraction, shape_rank
 
@@ -78,6 +86,8 @@ class WardTreeBuilder(_ShapedTree, _TreeResult):
         """
         where = argument_where(self, where)
         check_integer(where, "n_neighbors", self.n_neighbors, 1)
+        if self.linkage not in LINKAGES:
+            raise ConfigError(f"{where} linkage must be one of {', '.join(map(repr, LINKAGES))}, got {self.linkage!r}")
         check_integer(where, "seed", self.seed, 0)
         check_integer(where, "n_pairs", self.n_pairs, 1, unset=True)
         check_cap(where, self.cap)
@@ -110,7 +120,7 @@ class WardTreeBuilder(_ShapedTree, _TreeResult):
                                                  argument_where(self, None), shape=self.tree_shape())
             forest = [(parent, weights[0])]
         return self._finish(forest, root, trained_ids, untrained_ids, self.cap, self.seed, builder="ward",
-                            n_neighbors=n_nb, components=components, fit_weights=bool(self.fit_weights),
+                            n_neighbors=n_nb, linkage=self.linkage, components=components, fit_weights=bool(self.fit_weights),
                             **({"weight_fit": fitted} if fitted else {}), **shape_params(fitted))
 
     def _merge(self, emb: np.ndarray, trained_ids: np.ndarray, knn_idx: np.ndarray, knn_dist: np.ndarray,
@@ -136,7 +146,7 @@ class WardTreeBuilder(_ShapedTree, _TreeResult):
         unit = normalized(emb)[trained_ids].astype(np.float64)
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*connected components.*")  # said above, in our words
-            ward = AgglomerativeClustering(n_clusters=1, linkage="ward", connectivity=connectivity,
+            ward = AgglomerativeClustering(n_clusters=1, linkage=self.linkage, connectivity=connectivity,
                                            compute_full_tree=True).fit(unit)
         children = ward.children_  # merge i makes node n_t + i from two earlier nodes
         n_merged = 2 * n_t - 1
