@@ -10,8 +10,10 @@ exactly the functions ``vocabmetric eval`` runs (:func:`vocabmetric.eval.evaluat
 * the near/far price of Tree-Wasserstein on it (200 synthetic contexts, seeded);
 * the build time.
 
-Configurations (``--configs``): ``kmeans`` (the default: 4 binary k-means trees following
-the kNN graph, fitted), ``ward`` (one tree, Ward on the 10-NN graph, fitted), each with
+Configurations (``--configs``): ``store`` (the store's own tree, as built), ``refit`` (the
+store's trees with weights fitted again: :class:`~vocabmetric.metrics.TreeRefit`), ``kmeans``
+(the default: 4 binary k-means trees following the kNN graph, fitted), ``ward`` (one tree,
+Ward on the 10-NN graph, fitted), each with
 optional ``:key=value`` settings of the builder, e.g. ``ward:shape=fraction:shape_fraction=0.2``.
 ``--knn-shapes`` measures support-mode Sinkhorn's price on the store's ``knn`` table shaped
 by each setting (``none``, ``fraction=0.2``, ``power=2``).
@@ -35,7 +37,7 @@ from _machine import machine_info, write_results  # noqa: E402
 
 from vocabmetric import open_store  # noqa: E402
 from vocabmetric.eval import evaluate, metric_contrast  # noqa: E402
-from vocabmetric.metrics import CostShape, TreeBuilder, WardTreeBuilder, shape_table  # noqa: E402
+from vocabmetric.metrics import CostShape, TreeBuilder, TreeRefit, WardTreeBuilder, shape_table  # noqa: E402
 from vocabmetric.operator import CostOperator  # noqa: E402
 from vocabmetric.price import SINKHORN_EPS, SINKHORN_SUPPORT, near_far_prices  # noqa: E402
 from vocabmetric.regularizers import SinkhornDivergence, TreeWasserstein  # noqa: E402
@@ -88,15 +90,23 @@ def knn_shape(spec: str) -> CostShape:
 def tree_row(store, config: str, knn_table) -> dict:
     name, kw = parse_config(config)
     start = time.perf_counter()
-    builder = BUILDERS[name](progress=False, **kw).fit(store.embeddings(), store.usable, knn=knn_table)
+    if name == "store":  # the store's own tree, as built
+        params = store.metric_attrs(TREE)
+        tree = store.tree()
+    elif name == "refit":  # the store's trees, weights fitted again (through a shape)
+        builder = TreeRefit(**kw).fit(store.embeddings(), store.usable, trees=store.tree(), knn=knn_table)
+        params, tree = builder.params_, builder.to_tree(store.fingerprint)
+    else:
+        builder = BUILDERS[name](progress=False, **kw).fit(store.embeddings(), store.usable, knn=knn_table)
+        params, tree = builder.params_, builder.to_tree(store.fingerprint)
     build_s = time.perf_counter() - start
-    view = WithTree(store, builder.to_tree(store.fingerprint))
+    view = WithTree(store, tree)
     human = {(r.metric, r.dataset): r.spearman for r in evaluate(view, ["l2", TREE])}
     contrast = {r.metric: r for r in metric_contrast(view, ["l2", TREE])}
     (price,) = near_far_prices(view, {("tree", TREE): TreeWasserstein(view.tree())})
     t = contrast[TREE]
-    return {"config": config, "build_s": build_s, "n_trees": view.n_trees, "n_nodes": int(builder.params_["n_nodes"]),
-            "shape": builder.params_.get("shape"), "components": builder.params_.get("components"),
+    return {"config": config, "build_s": build_s, "n_trees": view.n_trees, "n_nodes": int(params["n_nodes"]),
+            "shape": params.get("shape"), "components": params.get("components"),
             "wordsim": human[TREE, "wordsim353"], "simlex": human[TREE, "simlex999"],
             "l2_wordsim": human["l2", "wordsim353"], "l2_simlex": human["l2", "simlex999"],
             "spearman": t.spearman, "near_spearman": t.near_spearman, "contrast": t.contrast,
@@ -120,7 +130,7 @@ def sinkhorn_row(store, spec: str) -> dict:
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--store", required=True)
-    parser.add_argument("--configs", nargs="*", default=["kmeans", "ward"])
+    parser.add_argument("--configs", nargs="*", default=["store", "ward"])
     parser.add_argument("--knn-shapes", nargs="*", default=[])
     parser.add_argument("--name", default="tree_contrast")
     args = parser.parse_args(argv)

@@ -341,3 +341,61 @@ def follow_neighbors(labels: np.ndarray, members: np.ndarray, neighbors: np.ndar
         labels = moved
     side[members] = -1
     return labels
+
+
+class TreeRefit(_ShapedTree, _TreeResult):
+    """New edge weights for grown trees (a store's, say), their topology kept: the joint fit
+    of :class:`TreeBuilder` (``fit_weights``), optionally through a cost shape.
+
+    Parameters
+    ----------
+    cap, seed, n_pairs, shape, shape_exponent, shape_fraction, shape_rank
+        As :class:`TreeBuilder`'s.
+
+    ``fit(embeddings, trained, trees=..., knn=None)``: ``trees`` a
+    :class:`~vocabmetric.operator.TreeMetric`, a :class:`~vocabmetric.operator.TreeEnsemble`
+    or a list of TreeMetrics over the same vocabulary with token i = node i and one root id
+    shared by all (TreeBuilder's trees: root = V; a Ward tree alone). The fit's ridge pulls
+    toward the trees' current weights (TreeBuilder's: toward the centroid distances), so a
+    refit without a shape moves a fitted tree only a little. Cost: the weight fit's,
+    O(n_pairs·T·depth) plus ≤ 200 LSMR steps; no tree is grown.
+
+    Example: ``TreeRefit(shape="fraction", shape_fraction=0.2).fit(emb, usable, trees=store.tree())``.
+    """
+
+    fit_weights = True
+
+    def __init__(self, cap: float | None = None, *, seed: int = 0, n_pairs: int | None = None, shape: str = "none",
+                 shape_exponent: float = 1.0, shape_fraction: float = 0.25, shape_rank: int = 10):
+        self.cap, self.seed, self.n_pairs = cap, seed, n_pairs
+        self.shape, self.shape_exponent, self.shape_fraction, self.shape_rank = shape, shape_exponent, shape_fraction, shape_rank
+
+    def validate(self, where: str | None = None) -> "TreeRefit":
+        """Check every argument (ConfigError naming it)."""
+        where = argument_where(self, where)
+        check_integer(where, "seed", self.seed, 0)
+        check_integer(where, "n_pairs", self.n_pairs, 1, unset=True)
+        check_cap(where, self.cap)
+        check_tree_shape(self, where)
+        return self
+
+    def fit(self, embeddings: Any, trained: Any = None, *, trees: Any, knn: Any = None) -> "TreeRefit":
+        what = type(self).__name__
+        self.validate()
+        emb, mask = check_inputs(embeddings, trained, what)
+        trained_ids, untrained_ids = np.flatnonzero(mask), np.flatnonzero(~mask)
+        trees = list(getattr(trees, "trees", [trees]) if not isinstance(trees, (list, tuple)) else trees)
+        roots = {int(np.flatnonzero(np.asarray(t.parent) < 0)[0]) for t in trees}
+        if len(roots) != 1 or any(t.vocab_size != len(emb) for t in trees):
+            raise VocabMetricError(f"{what}: the trees must share one root and the embeddings' {len(emb)} tokens; "
+                                   f"got roots {sorted(roots)[:4]}")
+        n_pairs = min(FIT_PAIRS, distinct_pairs(len(trained_ids))) if self.n_pairs is None else self.n_pairs
+        check_sample_size(len(trained_ids), n_pairs, argument_where(self, None))
+        near = nearest_indices(emb, mask, knn)
+        forest = [(np.asarray(t.parent, np.int64).copy(), np.asarray(t.weight, np.float64).copy()) for t in trees]
+        (root,) = roots
+        weights, fitted = fit_forest_weights(forest, root, trained_ids, emb, near, n_pairs, self.seed,
+                                             argument_where(self, None), shape=self.tree_shape())
+        forest = [(parent, weight) for (parent, _), weight in zip(forest, weights)]
+        return self._finish(forest, root, trained_ids, untrained_ids, self.cap, self.seed, builder="refit",
+                            weight_fit=fitted, **shape_params(fitted))
