@@ -64,6 +64,11 @@ class WardTreeBuilder(_ShapedTree, _TreeResult):
         Pairs of that fit (default ``FIT_PAIRS`` or every distinct trained pair).
     linkage : {"ward", "average"}
         The merge criterion (:data:`LINKAGES`).
+    top_size : int, optional
+        Keep the graph-constrained merges only below clusters of at most this many tokens and
+        join those clusters by an unconstrained Ward clustering of their centroids
+        (:func:`rebuild_top`): the graph decides who is near, the full distances decide
+        how the far clusters nest. None: the graph all the way up.
     shape, shape_exponent, shape_fraction, shape_rank
         Fit the weights to shaped l2 distances (see :class:`~vocabmetric.metrics.TreeBuilder`).
 
@@ -73,8 +78,10 @@ class WardTreeBuilder(_ShapedTree, _TreeResult):
 
     def __init__(self, n_neighbors: int = 10, cap: float | None = None, *, seed: int = 0, progress: bool | None = None,
                  fit_weights: bool = True, n_pairs: int | None = None, shape: str = "none",
-                 shape_exponent: float = 1.0, shape_fraction: float = 0.25, shape_rank: int = 10, linkage: str = "ward"):
+                 shape_exponent: float = 1.0, shape_fraction: float = 0.25, shape_rank: int = 10, linkage: str = "ward",
+                 top_size: int | None = None):
         self.n_neighbors, self.cap, self.seed, self.progress, self.linkage = n_neighbors, cap, seed, progress, linkage
+        self.top_size = top_size
         self.fit_weights, self.n_pairs = fit_weights, n_pairs
         self.shape, self.shape_exponent, self.shape_fraction, self.shape_rank = shape, shape_exponent, shape_fraction, shape_rank
 
@@ -90,6 +97,7 @@ class WardTreeBuilder(_ShapedTree, _TreeResult):
             raise ConfigError(f"{where} linkage must be one of {', '.join(map(repr, LINKAGES))}, got {self.linkage!r}")
         check_integer(where, "seed", self.seed, 0)
         check_integer(where, "n_pairs", self.n_pairs, 1, unset=True)
+        check_integer(where, "top_size", self.top_size, 2, unset=True)
         check_cap(where, self.cap)
         check_flag(where, "progress", self.progress)
         check_flag(where, "fit_weights", self.fit_weights)
@@ -120,7 +128,7 @@ class WardTreeBuilder(_ShapedTree, _TreeResult):
                                                  argument_where(self, None), shape=self.tree_shape())
             forest = [(parent, weights[0])]
         return self._finish(forest, root, trained_ids, untrained_ids, self.cap, self.seed, builder="ward",
-                            n_neighbors=n_nb, linkage=self.linkage, components=components, fit_weights=bool(self.fit_weights),
+                            n_neighbors=n_nb, linkage=self.linkage, top_size=self.top_size, components=components, fit_weights=bool(self.fit_weights),
                             **({"weight_fit": fitted} if fitted else {}), **shape_params(fitted))
 
     def _merge(self, emb: np.ndarray, trained_ids: np.ndarray, knn_idx: np.ndarray, knn_dist: np.ndarray,
@@ -148,25 +156,69 @@ class WardTreeBuilder(_ShapedTree, _TreeResult):
             warnings.filterwarnings("ignore", message=".*connected components.*")  # said above, in our words
             ward = AgglomerativeClustering(n_clusters=1, linkage=self.linkage, connectivity=connectivity,
                                            compute_full_tree=True).fit(unit)
-        children = ward.children_  # merge i makes node n_t + i from two earlier nodes
-        n_merged = 2 * n_t - 1
-        centroid = np.empty((n_merged, unit.shape[1]))
-        size = np.ones(n_merged)
-        centroid[:n_t] = unit
-        up = np.full(n_merged, -1, dtype=np.int64)
-        for i, (a, b) in enumerate(children):
-            node = n_t + i
-            size[node] = size[a] + size[b]
-            centroid[node] = (size[a] * centroid[a] + size[b] * centroid[b]) / size[node]
-            up[a] = up[b] = node
-        edge = np.zeros(n_merged)
+        up, size, centroid = merge_arrays(ward.children_, unit)
+        if self.top_size is not None and n_t > self.top_size:
+            up, size, centroid = rebuild_top(up, size, centroid, self.top_size)
+        n_nodes = len(up)
+        edge = np.zeros(n_nodes)
         has_up = up >= 0
         edge[has_up] = np.linalg.norm(centroid[has_up] - centroid[up[has_up]], axis=1)
-        # renumber: trained position p -> token trained_ids[p]; merge node n_t+i -> vocab_size+i
-        node_id = np.concatenate([trained_ids, vocab_size + np.arange(n_t - 1)])
-        parent = np.full(vocab_size + n_t - 1, -1, dtype=np.int64)
-        weight = np.zeros(vocab_size + n_t - 1)
+        # renumber: trained position p -> token trained_ids[p]; internal node n_t+i -> vocab_size+i
+        node_id = np.concatenate([trained_ids, vocab_size + np.arange(n_nodes - n_t)])
+        parent = np.full(vocab_size + n_nodes - n_t, -1, dtype=np.int64)
+        weight = np.zeros(vocab_size + n_nodes - n_t)
         parent[node_id[has_up]] = node_id[up[has_up]]
         weight[node_id] = edge
-        root = int(node_id[-1]) if n_t > 1 else int(trained_ids[0])
+        root = int(node_id[np.flatnonzero(~has_up)[0]]) if n_t > 1 else int(trained_ids[0])
         return parent, weight, root, components
+
+
+def merge_arrays(children: np.ndarray, unit: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(up, size, centroid)`` of a scikit-learn merge list over ``n`` points: node ``n + i``
+    is merge ``i`` of ``children[i]``; ``up`` (2n−1,) its parent (−1: the root), ``size`` its
+    tokens, ``centroid`` (2n−1, d) their mean unit vector. O(n·d)."""
+    n = len(unit)
+    n_merged = 2 * n - 1
+    centroid = np.empty((n_merged, unit.shape[1]))
+    size = np.ones(n_merged)
+    centroid[:n] = unit
+    up = np.full(n_merged, -1, dtype=np.int64)
+    for i, (a, b) in enumerate(children):
+        node = n + i
+        size[node] = size[a] + size[b]
+        centroid[node] = (size[a] * centroid[a] + size[b] * centroid[b]) / size[node]
+        up[a] = up[b] = node
+    return up, size, centroid
+
+
+def rebuild_top(up: np.ndarray, size: np.ndarray, centroid: np.ndarray, top_size: int):
+    """Keep the graph-constrained merges below clusters of at most ``top_size`` tokens; join
+    those clusters by an unconstrained Ward clustering of their centroids (scipy, weighted by
+    nothing: one point per cluster), because the constrained merges at the top join whatever
+    clusters happen to share a graph edge. Returns ``(up, size, centroid)`` renumbered: the
+    ``n`` points first, the kept merges, then the new top merges. Cost O(c²·d) for c clusters."""
+    from scipy.cluster.hierarchy import linkage
+
+    keep = size <= top_size  # every node inside a cluster (a node above one is larger)
+    roots = np.flatnonzero(keep & ((up < 0) | ~keep[np.maximum(up, 0)]))
+    kept = np.flatnonzero(keep)
+    local = np.full(len(up), -1, dtype=np.int64)
+    local[kept] = np.arange(len(kept))  # points stay first: they are the first n ids and all kept
+    c = len(roots)
+    top = linkage(centroid[roots], method="ward") if c > 1 else np.zeros((0, 4))
+    n_new = len(kept) + max(c - 1, 0)
+    new_up = np.full(n_new, -1, dtype=np.int64)
+    new_size = np.empty(n_new)
+    new_centroid = np.empty((n_new, centroid.shape[1]))
+    inside = kept[~np.isin(kept, roots)]
+    new_up[local[inside]] = local[up[inside]]
+    new_size[: len(kept)], new_centroid[: len(kept)] = size[kept], centroid[kept]
+    ids = list(local[roots])  # scipy's cluster j < c is root j; cluster c + m is top merge m
+    for m, (a, b, _, _) in enumerate(top):
+        node = len(kept) + m
+        a, b = ids[int(a)], ids[int(b)]
+        new_up[a] = new_up[b] = node
+        new_size[node] = new_size[a] + new_size[b]
+        new_centroid[node] = (new_size[a] * new_centroid[a] + new_size[b] * new_centroid[b]) / new_size[node]
+        ids.append(node)
+    return new_up, new_size, new_centroid
