@@ -34,13 +34,14 @@ import numpy as np
 
 sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).resolve().parent)]
 from _machine import machine_info, write_results  # noqa: E402
+from regularizers import measure, peaky_logits  # noqa: E402
 
 from vocabmetric import open_store  # noqa: E402
 from vocabmetric.eval import evaluate, metric_contrast  # noqa: E402
 from vocabmetric.metrics import CostShape, TreeBuilder, TreeRefit, WardTreeBuilder, shape_table  # noqa: E402
 from vocabmetric.operator import CostOperator  # noqa: E402
 from vocabmetric.price import SINKHORN_EPS, SINKHORN_SUPPORT, near_far_prices  # noqa: E402
-from vocabmetric.regularizers import SinkhornDivergence, TreeWasserstein  # noqa: E402
+from vocabmetric.regularizers import SinkhornDivergence, TreeWasserstein, full_kl  # noqa: E402
 from vocabmetric.store import TREE  # noqa: E402
 
 BUILDERS = {"kmeans": TreeBuilder, "ward": WardTreeBuilder}
@@ -87,7 +88,7 @@ def knn_shape(spec: str) -> CostShape:
     return CostShape(name, **({"fraction": float(value)} if name == "fraction" else {"exponent": float(value)}))
 
 
-def tree_row(store, config: str, knn_table) -> dict:
+def tree_row(store, config: str, knn_table, positions: int) -> dict:
     name, kw = parse_config(config)
     start = time.perf_counter()
     if name == "store":  # the store's own tree, as built
@@ -105,7 +106,13 @@ def tree_row(store, config: str, knn_table) -> dict:
     contrast = {r.metric: r for r in metric_contrast(view, ["l2", TREE])}
     (price,) = near_far_prices(view, {("tree", TREE): TreeWasserstein(view.tree())})
     t = contrast[TREE]
-    return {"config": config, "build_s": build_s, "n_trees": view.n_trees, "n_nodes": int(params["n_nodes"]),
+    timing = {}
+    if positions:  # Tree-Wasserstein fwd+bwd beside full_kl, same run (the load changes between configs)
+        logits, ref = peaky_logits(positions, store.vocab_size)
+        kl = measure(full_kl, logits, ref, 2)["seconds"]
+        tw = measure(TreeWasserstein(tree), logits, ref, 2)["seconds"]
+        timing = {"positions": positions, "full_kl_s": kl, "tree_s": tw, "tree_cost_ratio": tw / kl}
+    return {**timing, "config": config, "build_s": build_s, "n_trees": view.n_trees, "n_nodes": int(params["n_nodes"]),
             "shape": params.get("shape"), "components": params.get("components"),
             "wordsim": human[TREE, "wordsim353"], "simlex": human[TREE, "simlex999"],
             "l2_wordsim": human["l2", "wordsim353"], "l2_simlex": human["l2", "simlex999"],
@@ -133,6 +140,7 @@ def main(argv=None) -> None:
     parser.add_argument("--configs", nargs="*", default=["store", "ward"])
     parser.add_argument("--knn-shapes", nargs="*", default=[])
     parser.add_argument("--name", default="tree_contrast")
+    parser.add_argument("--positions", type=int, default=0, help="time Tree-Wasserstein beside full_kl at N positions")
     args = parser.parse_args(argv)
     store = open_store(args.store)
     knn = store.operator("knn")
@@ -145,7 +153,7 @@ def main(argv=None) -> None:
         print(payload["sinkhorn"][-1], flush=True)
         write_results(args.name, payload, table(payload))
     for config in args.configs:
-        payload["trees"].append(tree_row(store, config, knn_table))
+        payload["trees"].append(tree_row(store, config, knn_table, args.positions))
         print(payload["trees"][-1], flush=True)
         write_results(args.name, payload, table(payload))
 
@@ -155,11 +163,12 @@ def table(payload: dict) -> str:
              f"{payload['n_trained']} trained)", ""]
     if payload["trees"]:
         lines += ["| tree | WordSim (l2) | SimLex (l2) | spearman(tree, l2) | 10-NN contrast (l2) | ÷ l2 | Tree price | "
-                  "build s | load |", "|---|---|---|---|---|---|---|---|---|"]
+                  "Tree × full_kl | build s | load |", "|---|---|---|---|---|---|---|---|---|---|"]
         for r in payload["trees"]:
+            cost = f"{r['tree_cost_ratio']:.2f}" if "tree_cost_ratio" in r else "-"
             lines.append(f"| {r['config']} | {r['wordsim']:.3f} ({r['l2_wordsim']:.3f}) | {r['simlex']:.3f} "
                          f"({r['l2_simlex']:.3f}) | {r['spearman']:.3f} | {r['contrast']:.3f} ({r['l2_contrast']:.3f}) | "
-                         f"{r['contrast'] / r['l2_contrast']:.2f} | {r['tree_price']:.3f} | {r['build_s']:.0f} | "
+                         f"{r['contrast'] / r['l2_contrast']:.2f} | {r['tree_price']:.3f} | {cost} | {r['build_s']:.0f} | "
                          f"{r['load']:.1f} |")
     if payload["sinkhorn"]:
         lines += ["", "| knn shape | exponent | support-mode Sinkhorn price |", "|---|---|---|"]

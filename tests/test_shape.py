@@ -208,3 +208,22 @@ def test_refit_keeps_the_topology_and_takes_a_shape(points):
     assert price(shaped.to_tree()) < 0.9 * price(plain.to_tree())  # 0.64 against 0.73 here
     with pytest.raises(ConfigError, match="shape = 'rank'"):
         TreeRefit(shape="rank").fit(x, trained, trees=built.to_tree())
+
+
+def test_ward_top_size_keeps_the_graph_merges_below_and_rebuilds_the_top(points):
+    x, trained = points
+    knn = KnnMetric(k=10, progress=False).fit(x, trained)
+    table = (knn.indices_, knn.costs_)
+    graph = WardTreeBuilder(fit_weights=False).fit(x, trained, knn=table)
+    topped = WardTreeBuilder(fit_weights=False, top_size=20).fit(x, trained, knn=table)
+    assert topped.params_["top_size"] == 20 and topped.params_["n_nodes"] == graph.params_["n_nodes"]  # binary
+    g, t = graph.to_tree(), topped.to_tree()
+    rows = np.flatnonzero(trained)
+    # a pair whose lowest common ancestor holds <= 20 tokens in the graph tree is merged the same way
+    sizes = np.bincount(g.parent[rows], minlength=len(g.parent))  # tokens hung directly: leaf clusters
+    i, j = rows[:-1], rows[1:]
+    same_leaf = g.parent[i] == g.parent[j]
+    np.testing.assert_allclose(g.distance(i[same_leaf], j[same_leaf]), t.distance(i[same_leaf], j[same_leaf]))
+    assert sizes.max() <= 2  # a binary merge tree: at most two tokens share a parent
+    with pytest.raises(ConfigError, match="top_size must be an integer >= 2 or unset, got 1"):
+        WardTreeBuilder(top_size=1).validate()
