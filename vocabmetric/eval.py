@@ -29,6 +29,15 @@ The datasets are the copies shipped in gensim's test data
 separated ``word1 word2 score`` lines after ``#`` comments. Cost: one O(k) / O(d) /
 O(depth) lookup per pair; a few milliseconds per metric.
 
+A Spearman over fewer than :data:`MIN_PAIRS` covered pairs is flagged (``!`` in the table
+and a warning line): a 1000-token BPE covers a handful of WordSim pairs, too few to rank.
+
+Beside l2 (:func:`metric_contrast`): every metric on the same seeded *trained* pairs (the
+tokens whose vectors were learned or imported, not the borrowed or composed ones): the
+10-NN contrast (mean cost of 10-NN pairs over the median cost of random pairs, l2's beside
+it) and Spearman(metric, l2) over the random pairs. The static near/far price of each
+penalty is :mod:`vocabmetric.price`'s.
+
 Example
 -------
 >>> from vocabmetric import open_store                      # doctest: +SKIP
