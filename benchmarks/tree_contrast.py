@@ -40,8 +40,8 @@ from vocabmetric import open_store  # noqa: E402
 from vocabmetric.eval import evaluate, metric_contrast  # noqa: E402
 from vocabmetric.metrics import CostShape, TreeBuilder, TreeRefit, WardTreeBuilder, shape_table  # noqa: E402
 from vocabmetric.operator import CostOperator  # noqa: E402
-from vocabmetric.price import SINKHORN_EPS, SINKHORN_SUPPORT, near_far_prices  # noqa: E402
-from vocabmetric.regularizers import SinkhornDivergence, TreeWasserstein, full_kl  # noqa: E402
+from vocabmetric.price import near_far_prices, sinkhorn_on  # noqa: E402
+from vocabmetric.regularizers import TreeWasserstein, full_kl  # noqa: E402
 from vocabmetric.store import TREE  # noqa: E402
 
 BUILDERS = {"kmeans": TreeBuilder, "ward": WardTreeBuilder}
@@ -128,10 +128,10 @@ def sinkhorn_row(store, spec: str) -> dict:
     if shape.shape != "none":
         shape_table(table, shape, f"knn {spec}:")
     op = CostOperator(table.indices_, table.costs_, table.cap_, store.fingerprint)
-    sink = SinkhornDivergence(op, eps=SINKHORN_EPS, support=SINKHORN_SUPPORT, tol=1e-3)
+    sink, how = sinkhorn_on(op)
     (price,) = near_far_prices(store, {("sinkhorn", "knn"): sink})
-    return {"knn_shape": spec, "exponent": getattr(shape, "exponent_", 1.0), "sinkhorn_price": price.price,
-            "load": os.getloadavg()[0]}
+    return {"knn_shape": spec, "exponent": getattr(shape, "exponent_", 1.0), "symmetrized": how,
+            "sinkhorn_price": price.price, "load": os.getloadavg()[0]}
 
 
 def main(argv=None) -> None:
@@ -171,8 +171,9 @@ def table(payload: dict) -> str:
                          f"{r['contrast'] / r['l2_contrast']:.2f} | {r['tree_price']:.3f} | {cost} | {r['build_s']:.0f} | "
                          f"{r['load']:.1f} |")
     if payload["sinkhorn"]:
-        lines += ["", "| knn shape | exponent | support-mode Sinkhorn price |", "|---|---|---|"]
-        lines += [f"| {r['knn_shape']} | {r['exponent']:.3g} | {r['sinkhorn_price']:.3f} |" for r in payload["sinkhorn"]]
+        lines += ["", "| knn shape | exponent | symmetrized | support-mode Sinkhorn price |", "|---|---|---|---|"]
+        lines += [f"| {r['knn_shape']} | {r['exponent']:.3g} | {r['symmetrized']} | {r['sinkhorn_price']:.3f} |"
+                  for r in payload["sinkhorn"]]
     lines += ["", "Pairs over trained tokens; prices over 200 synthetic contexts (vocabmetric.price). Targets: tree "
               "WordSim/SimLex ≥ 0.8× l2's, contrast within 10% of l2's, spearman ≥ 0.80, price ≤ 0.33.",
               f"Machine: {payload['machine'].get('cpu')}, {payload['machine'].get('cores')} cores (shared: see load)."]

@@ -66,3 +66,19 @@ def test_cli_eval_prints_the_truth_and_the_price(small_store):
     assert set(data) == {"human", "contrast", "price"} and data["price"] == []
     assert {r["metric"] for r in data["contrast"]} == set(small_store.metrics)
     assert all(r["pairs"] == "trained" for r in data["contrast"])
+
+
+def test_mutual_operator_is_the_symmetric_intersection():
+    from vocabmetric.operator import CostOperator
+    from vocabmetric.price import mutual_operator, union_degree
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(300, 5))
+    d = np.linalg.norm(x[:, None] - x[None], axis=2)
+    op = CostOperator.from_dense(d, 8, cap=float(d.max()))
+    dense, mutual = op.dense(), mutual_operator(op)
+    both = (dense < op.cap) & (dense.T < op.cap)
+    assert mutual.is_symmetric and both.sum() > 300
+    np.testing.assert_array_equal(mutual.dense() < op.cap, both | np.eye(300, dtype=bool))
+    np.testing.assert_allclose(mutual.dense()[both], np.minimum(dense, dense.T)[both], rtol=1e-6)
+    assert union_degree(op) >= op.symmetrized().indices.shape[1]  # an upper bound of the union's width

@@ -19,7 +19,9 @@ stranger cost. This measures that gap on synthetic contexts, before any training
 
 Penalties (:func:`store_penalties`): the support-mode Sinkhorn divergence on every stored
 truncated metric (``eps`` :data:`SINKHORN_EPS`, ``support`` :data:`SINKHORN_SUPPORT`, the
-settings of ``experiments/penalty_experiment.py``), Tree-Wasserstein on the tree (all its
+settings of ``experiments/penalty_experiment.py``; symmetrized as the penalty does, or, where
+a hub would make that operator too large, on the mutual neighbours: the metric column says
+``(mutual)``), Tree-Wasserstein on the tree (all its
 trees), Sliced-Wasserstein on the unit embeddings (64 random directions) and ``full_kl``.
 The prices on a model's own next-token distributions are another measurement (the GRPO
 experiments); these are static and synthetic, and fast: 2·n_contexts positions per penalty,
@@ -110,16 +112,69 @@ def moved_logits(contexts: Mapping[str, np.ndarray], target: str, moved: float =
     return np.log(q).astype(np.float32)
 
 
+#: Largest symmetrized operator (bytes) the price builds; above it the mutual kNN operator is used.
+SYMMETRIZED_BYTES = 2 << 30
+
+
+def union_degree(op) -> int:
+    """The widest row of ``op.symmetrized()`` without building it: out-degree plus in-degree,
+    an upper bound (a pair stored both ways counts twice). O(V·k)."""
+    idx = np.asarray(op.indices)
+    out = (idx >= 0).sum(1)
+    into = np.bincount(idx[idx >= 0].ravel(), minlength=op.vocab_size)
+    return int((out + into).max(initial=0))
+
+
+def mutual_operator(op):
+    """The symmetric operator of the pairs stored in *both* directions (mutual neighbours),
+    each at the smaller cost; rows padded to the original k. The union would be symmetric
+    too, but a hub (among thousands of tokens' k nearest, common in high dimension) widens
+    every row of it to the hub's degree. O(V·k·log(V·k))."""
+    from .operator import CostOperator
+
+    idx, costs = np.asarray(op.indices, np.int64), np.asarray(op.costs, np.float64)
+    vocab_size, k = idx.shape
+    rows = np.repeat(np.arange(vocab_size), k)
+    cols, cs = idx.ravel(), costs.ravel()
+    ok = cols >= 0
+    rows, cols, cs = rows[ok], cols[ok], cs[ok]
+    key, back = rows * vocab_size + cols, cols * vocab_size + rows
+    order = np.argsort(key)
+    found = np.searchsorted(key[order], back)
+    found = np.minimum(found, len(key) - 1)
+    mutual = key[order][found] == back
+    rows, cols = rows[mutual], cols[mutual]
+    cs = np.minimum(cs[mutual], cs[order][found[mutual]])
+    out_idx, out_cost = np.full((vocab_size, k), -1, np.int32), np.full((vocab_size, k), op.cap, np.float32)
+    sort = np.lexsort((cs, rows))
+    rows, cols, cs = rows[sort], cols[sort], cs[sort]
+    slot = np.arange(len(rows)) - np.searchsorted(rows, rows)
+    out_idx[rows, slot], out_cost[rows, slot] = cols, cs
+    return CostOperator(out_idx, out_cost, op.cap, op.fingerprint)
+
+
+def sinkhorn_on(op) -> tuple[Any, str]:
+    """Support-mode Sinkhorn (the price's settings) on ``op`` and how it was symmetrized:
+    ``"union"`` (the penalty's own ``symmetrized()``) or ``"mutual"`` when the union would
+    take more than :data:`SYMMETRIZED_BYTES` (see :func:`mutual_operator`)."""
+    from .regularizers import SinkhornDivergence
+
+    how = "union"
+    if not op.is_symmetric and op.vocab_size * union_degree(op) * 8 > SYMMETRIZED_BYTES:
+        op, how = mutual_operator(op), "mutual"
+    return SinkhornDivergence(op, eps=SINKHORN_EPS, support=SINKHORN_SUPPORT, tol=1e-3), how
+
+
 def store_penalties(store) -> dict[tuple[str, str], Any]:
     """``{(penalty, metric): penalty}``: support-mode Sinkhorn on every stored truncated metric,
     Tree-Wasserstein on the tree, Sliced-Wasserstein on the unit embeddings, and full_kl."""
-    from .regularizers import SinkhornDivergence, SlicedWasserstein, TreeWasserstein, full_kl
+    from .regularizers import SlicedWasserstein, TreeWasserstein, full_kl
 
     out: dict[tuple[str, str], Any] = {("kl", "-"): full_kl}
     for metric in store.metrics:
         if metric != TREE and metric not in EXACT_METRICS:
-            out["sinkhorn", metric] = SinkhornDivergence.from_store(store, metric, eps=SINKHORN_EPS,
-                                                                    support=SINKHORN_SUPPORT, tol=1e-3)
+            penalty, how = sinkhorn_on(store.operator(metric))
+            out["sinkhorn", metric if how == "union" else f"{metric} ({how})"] = penalty
     if TREE in store.metrics:
         out["tree", TREE] = TreeWasserstein.from_store(store)
     out["sliced", "embeddings"] = SlicedWasserstein.from_store(store)
