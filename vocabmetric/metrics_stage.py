@@ -51,7 +51,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from .errors import ConfigError
-from .metrics import GeodesicMetric, KnnMetric, L2Metric, TreeBuilder, UmapMetric, WardTreeBuilder
+from .metrics import SHAPE_KEYS, GeodesicMetric, KnnMetric, L2Metric, TreeBuilder, UmapMetric, WardTreeBuilder
 from .stages import Stages, stage_key
 from .store import TREE, TreeArrays, TruncatedMetric
 
@@ -81,7 +81,9 @@ def _resolved(builder: Any) -> dict[str, Any]:
     default (``n_trees`` 8 → 4, ``follow_knn`` added) rebuilds a cached tree instead of
     serving the one built under the old default."""
     names = inspect.signature(type(builder).__init__).parameters
-    return {n: getattr(builder, n) for n in names if n not in ("self", *_RESERVED) and hasattr(builder, n)}
+    skip = {"self", *_RESERVED} | (set(SHAPE_KEYS) if getattr(builder, "shape", "none") == "none" else set())
+    # an unshaped tree keeps the key it had before shaping existed: its cached build is still right
+    return {n: getattr(builder, n) for n in names if n not in skip and hasattr(builder, n)}
 
 
 def _split(name: str, table: Mapping[str, Any]) -> tuple[str, dict[str, Any]]:

@@ -59,7 +59,7 @@ from ._checks import (
 )
 from ._geodesic import GeodesicMetric as GeodesicMetric, bounded_dijkstra as bounded_dijkstra
 from ._knn import KnnMetric as KnnMetric, L2Metric as L2Metric, drop_self as drop_self, knn_graph as knn_graph
-from ._shape import SHAPES as SHAPES, CostShape as CostShape, shape_table as shape_table
+from ._shape import SHAPE_KEYS as SHAPE_KEYS, SHAPES as SHAPES, CostShape as CostShape, shape_table as shape_table
 from ._tree import MIN_EDGE as MIN_EDGE, TreeBuilder as TreeBuilder, TreeRefit as TreeRefit
 from ._tree_graph import WardTreeBuilder as WardTreeBuilder
 from ._umap import UmapMetric as UmapMetric
