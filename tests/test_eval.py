@@ -150,7 +150,8 @@ def test_small_store_eval_and_table(small_store):
     assert by["l2", "simlex999"].n_stored == by["l2", "simlex999"].n_pairs
     text = format_eval(rows)
     assert "wordsim353" in text and "cost the cap" in text
-    assert len(text.splitlines()) == 2 + len(rows) + 7
+    warnings = {r.dataset for r in rows if r.n_pairs < 30}
+    assert len(text.splitlines()) == 2 + len(rows) + 7 + len(warnings)
     assert "all-pairs" in text.splitlines()[0] and "covered" in text.splitlines()[0]
 
 
@@ -211,4 +212,37 @@ def test_tree_fidelity_on_the_small_store(small_store):
     assert f == tree_fidelity(small_store, n_pairs=3000, n_sources=200)  # seeded
     assert -1 <= f.spearman <= 1 and 0 < f.l2_contrast < 1 and f.tree_contrast > 0
     assert f.n_near > 0 and 0 < f.n_random <= 3000 and f.n_trees == small_store.n_trees
-    assert "spearman(tree, l2)" in format_fidelity(f) and "contrast" in format_fidelity(f)
+    assert "spearman(tree, l2)" in format_fidelity(f) and "random trained pairs" in format_fidelity(f)
+
+
+def test_contrast_of_every_metric_is_over_trained_pairs(small_store):
+    """Every metric beside l2 on the same seeded *trained* pairs; l2 beside itself is exact."""
+    from vocabmetric.query.evaluation import FIDELITY_NEAR, format_contrast, metric_contrast, trained_pairs
+
+    rows = metric_contrast(small_store, n_pairs=3000, n_sources=200)
+    assert rows == metric_contrast(small_store, n_pairs=3000, n_sources=200)  # seeded
+    assert [r.metric for r in rows] == small_store.metrics
+    (a, b), (i, j) = trained_pairs(small_store, n_pairs=3000, n_sources=200)
+    trained = small_store.trained
+    assert trained[a].all() and trained[b].all() and trained[i].all() and trained[j].all()
+    assert (a != b).all() and (i != j).all() and np.bincount(np.unique(i, return_inverse=True)[1]).max() <= FIDELITY_NEAR
+    by = {r.metric: r for r in rows}
+    l2 = by["l2"]
+    assert l2.spearman == pytest.approx(1.0) and l2.contrast == pytest.approx(l2.l2_contrast) and 0 < l2.contrast < 1
+    d_near, d_rand = (small_store.pair_costs(x, y, "l2").astype(np.float64) for x, y in ((i, j), (a, b)))
+    assert l2.contrast == pytest.approx(d_near.mean() / np.median(d_rand))
+    assert all(r.pairs == "trained" and r.n_near == len(i) for r in rows)
+    text = format_contrast(rows)
+    assert "over trained tokens only" in text and "tree" in text
+
+
+def test_few_pairs_are_flagged(small_store):
+    from vocabmetric.query.evaluation import MIN_PAIRS
+
+    rows = evaluate(small_store, ["l2"])
+    text = format_eval(rows)
+    few = [r for r in rows if r.n_pairs < MIN_PAIRS]
+    assert few, "the 1000-token BPE covers few pairs: the warning must show"
+    for r in few:
+        assert f"warning: {r.dataset}'s spearman rests on {r.n_pairs} pair" in text
+    assert sum(line.startswith("warning:") for line in text.splitlines()) == len({r.dataset for r in few})

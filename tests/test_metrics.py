@@ -8,7 +8,7 @@ import pytest
 from scipy.stats import spearmanr
 
 from vocabmetric.errors import VocabMetricError
-from vocabmetric.metrics import (GeodesicMetric, KnnMetric, L2Metric, TreeBuilder, UmapMetric, WardTreeBuilder,
+from vocabmetric.metrics import (GeodesicMetric, KnnMetric, L2Metric, TreeBuilder, UmapMetric, WardTreeBuilder, TreeRefit,
                                  bounded_dijkstra, knn_graph)
 
 
@@ -285,14 +285,14 @@ def test_every_builder_argument_is_checked_without_embeddings(builder, kwargs, m
 def test_default_builders_validate_and_fit_checks_first(data):
     from vocabmetric.errors import ConfigError
 
-    for builder in (KnnMetric, L2Metric, GeodesicMetric, UmapMetric, TreeBuilder, WardTreeBuilder):
+    for builder in (KnnMetric, L2Metric, GeodesicMetric, UmapMetric, TreeBuilder, WardTreeBuilder, TreeRefit):
         assert builder().validate() is not None
     x, trained = data
     with pytest.raises(ConfigError, match="n_components must be an integer >= 1"):
         UmapMetric(n_components=-1).fit(x, trained)
 
 
-@pytest.mark.parametrize("builder", [KnnMetric, L2Metric, GeodesicMetric, UmapMetric, TreeBuilder, WardTreeBuilder],
+@pytest.mark.parametrize("builder", [KnnMetric, L2Metric, GeodesicMetric, UmapMetric, TreeBuilder, WardTreeBuilder, TreeRefit],
                          ids=lambda b: b.__name__)
 def test_validate_covers_every_constructor_argument(builder):
     """A new constructor argument needs its rule in ``validate()``: no argument goes unchecked."""

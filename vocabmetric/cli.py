@@ -177,20 +177,26 @@ def export(
 def eval_(
     store: Path = typer.Argument(..., help="a metric.zarr store"),
     as_json: bool = typer.Option(False, "--json"),
+    price: bool = typer.Option(True, "--price/--no-price", help="the near/far price of each penalty (a few seconds each)"),
+    contexts: int = typer.Option(200, "--contexts", help="synthetic contexts of the near/far price"),
 ) -> None:
-    """Spearman correlation of each metric's cost with human similarity (WordSim353, SimLex-999)."""
-    from .query.evaluation import evaluate, format_eval
+    """Each metric against human similarity (WordSim353, SimLex-999) and beside l2 (10-NN contrast,
+    Spearman over random trained pairs), and each penalty's near/far price."""
+    from .query.evaluation import evaluate, format_contrast, format_eval, metric_contrast
+    from .query.price import format_prices, near_far_prices
 
     s = _open(store)
     try:
         rows = evaluate(s)
+        contrast = metric_contrast(s)
+        prices = near_far_prices(s, n_contexts=contexts) if price else []
     except VocabMetricError as exc:
         _fail(exc)
-    typer.echo(json.dumps([r._asdict() for r in rows], indent=2) if as_json else format_eval(rows))
-    if not as_json and "tree" in s.metrics:
-        from .query.evaluation import format_fidelity, tree_fidelity
-
-        typer.echo("\n" + format_fidelity(tree_fidelity(s)))
+    if as_json:
+        typer.echo(json.dumps({"human": [r._asdict() for r in rows], "contrast": [r._asdict() for r in contrast],
+                               "price": [r._asdict() for r in prices]}, indent=2))
+        return
+    typer.echo(format_eval(rows) + "\n\n" + format_contrast(contrast) + ("\n\n" + format_prices(prices) if prices else ""))
 
 
 @app.command()

@@ -13,6 +13,18 @@ Each table names a metric; its ``kind`` defaults to the table name::
     branching = 16
     n_trees = 4                   # k-means trees averaged (TreeBuilder only)
 
+Cost shaping (:class:`~vocabmetric.metrics.CostShape`), in any table but ``l2`` (exact on
+demand, so never shaped)::
+
+    [metrics.knn]
+    shape = "fraction"            # "none" (default), "power", "fraction", "rank" (not the tree)
+    shape_fraction = 0.2          # the median 10th neighbour costs 0.2·cap
+    shape_rank = 10
+    shape_exponent = 2.0          # shape = "power": cap·(c/cap)^2
+
+The fitted shape (its exponent and which metric properties it keeps) is stored in the
+metric's attrs under ``shape`` and shown by ``vocabmetric info``.
+
 Every other key is a keyword of the builder's constructor (see :mod:`vocabmetric.metrics`).
 The flat kNN graph that the geodesic, umap and ward builders read is built once, as its own
 cached stage, with the largest degree any of them needs; each metric is then a cached stage
@@ -39,7 +51,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from ..errors import ConfigError
-from ..metrics import GeodesicMetric, KnnMetric, L2Metric, TreeBuilder, UmapMetric, WardTreeBuilder
+from ..metrics import SHAPE_KEYS, GeodesicMetric, KnnMetric, L2Metric, TreeBuilder, UmapMetric, WardTreeBuilder
 from .stages import Stages, stage_key
 from ..store import TREE, TreeArrays, TruncatedMetric
 
@@ -69,7 +81,9 @@ def _resolved(builder: Any) -> dict[str, Any]:
     default (``n_trees`` 8 → 4, ``follow_knn`` added) rebuilds a cached tree instead of
     serving the one built under the old default."""
     names = inspect.signature(type(builder).__init__).parameters
-    return {n: getattr(builder, n) for n in names if n not in ("self", *_RESERVED) and hasattr(builder, n)}
+    skip = {"self", *_RESERVED} | (set(SHAPE_KEYS) if getattr(builder, "shape", "none") == "none" else set())
+    # an unshaped tree keeps the key it had before shaping existed: its cached build is still right
+    return {n: getattr(builder, n) for n in names if n not in skip and hasattr(builder, n)}
 
 
 def _split(name: str, table: Mapping[str, Any]) -> tuple[str, dict[str, Any]]:
@@ -141,8 +155,8 @@ def _graph_degree(builder: Any) -> int:
         return builder.k_graph
     if isinstance(builder, UmapMetric):
         return builder.n_neighbors - 1
-    if isinstance(builder, WardTreeBuilder):
-        return builder.n_neighbors
+    if isinstance(builder, WardTreeBuilder):  # its weight fit reads each token's 10 nearest
+        return max(builder.n_neighbors, 10 if builder.fit_weights else 0)
     return 0
 
 

@@ -34,8 +34,9 @@ embeddings (the pipeline calls it at config load; ``fit`` calls it first) and ra
 :class:`~vocabmetric.errors.ConfigError` naming the argument and its value.
 
 The modules, each importing only those above it:
-``_checks`` (inputs, argument checks, cap policy, the truncated base) ← ``_knn`` (faiss kNN, the kNN graph)
-← ``_geodesic`` (bounded Dijkstra), ``_umap``, ``_tree`` (k-means and Ward trees).
+``_shape`` (cost shaping) ← ``_checks`` (inputs, argument checks, cap policy, the truncated base) ← ``_knn``
+(faiss kNN, the kNN graph) ← ``_geodesic`` (bounded Dijkstra), ``_umap``, ``_tree`` (k-means trees) ← ``_tree_graph``
+(Ward trees on the kNN graph).
 
 Example
 -------
@@ -48,5 +49,7 @@ from .._util.vectors import l2_distance as l2_distance, normalized as normalized
 from ._checks import random_pairs as random_pairs
 from ._geodesic import GeodesicMetric as GeodesicMetric, bounded_dijkstra as bounded_dijkstra
 from ._knn import KnnMetric as KnnMetric, L2Metric as L2Metric, drop_self as drop_self, knn_graph as knn_graph
-from ._tree import TreeBuilder as TreeBuilder, WardTreeBuilder as WardTreeBuilder
+from ._shape import SHAPE_KEYS as SHAPE_KEYS, SHAPES as SHAPES, CostShape as CostShape, shape_table as shape_table
+from ._tree import TreeBuilder as TreeBuilder, TreeRefit as TreeRefit
+from ._tree_graph import WardTreeBuilder as WardTreeBuilder
 from ._umap import UmapMetric as UmapMetric

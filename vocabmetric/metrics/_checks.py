@@ -175,6 +175,8 @@ class TruncatedMetricBase:
     """
 
     kind = "?"
+    #: Cost shaping (:mod:`._shape`); builders that take it set these in ``__init__``.
+    shape, shape_exponent, shape_fraction, shape_rank = "none", 1.0, 0.25, 10
     indices_: np.ndarray
     costs_: np.ndarray
     cap_: float
@@ -200,4 +202,17 @@ class TruncatedMetricBase:
         self.costs_ = np.minimum(self.costs_, np.float32(self.cap_))
         self.params_ = {"kind": self.kind, "k": int(indices.shape[1]), "cap": self.cap_, "cap_statistic": statistic, **params}
         LOG.info("%s: V=%d k=%d cap=%.4g (%s)", type(self).__name__, len(indices), indices.shape[1], self.cap_, statistic)
+        if self.shape != "none":
+            from ._shape import shape_table
+
+            shape_table(self, self.cost_shape(), f"{type(self).__name__}:")
         return self
+
+    def cost_shape(self):
+        """The builder's :class:`~vocabmetric.metrics.CostShape` (not fitted)."""
+        from ._shape import CostShape
+
+        return CostShape(self.shape, exponent=self.shape_exponent, fraction=self.shape_fraction, rank=self.shape_rank)
+
+    def _set_shape(self, shape: str, exponent: float, fraction: float, rank: int) -> None:
+        self.shape, self.shape_exponent, self.shape_fraction, self.shape_rank = shape, exponent, fraction, rank

@@ -39,6 +39,9 @@ class GeodesicMetric(TruncatedMetricBase):
         Threads for the Dijkstra kernel (default: all cores).
     batch_size, progress, seed
         Sources per kernel call, progress bar, seed of the cap's random pairs.
+    shape, shape_exponent, shape_fraction, shape_rank
+        Cost shaping of the stored costs, applied after the cap is set (cap and neighbour
+        lists unchanged): :class:`~vocabmetric.metrics.CostShape`; default ``"none"``.
 
     Bounded Dijkstra from every trained source stops after ``k`` settled nodes besides the
     source: O(k·deg·log(k·deg)) per source, O(V·k) memory in all; no V×V object. The
@@ -50,9 +53,11 @@ class GeodesicMetric(TruncatedMetricBase):
     kind = "geodesic"
 
     def __init__(self, k_graph: int = 10, k: int = 128, cap: float | None = None, n_jobs: int | None = None, *,
-                 batch_size: int = 8192, n_cap_sources: int = 16, progress: bool | None = None, seed: int = 0):
+                 batch_size: int = 8192, n_cap_sources: int = 16, progress: bool | None = None, seed: int = 0, shape: str = "none", shape_exponent: float = 1.0,
+                 shape_fraction: float = 0.25, shape_rank: int = 10):
         self.k_graph, self.k, self.cap, self.n_jobs = k_graph, k, cap, n_jobs
         self.batch_size, self.n_cap_sources, self.progress, self.seed = batch_size, n_cap_sources, progress, seed
+        self._set_shape(shape, shape_exponent, shape_fraction, shape_rank)
 
     def validate(self, where: str | None = None) -> "GeodesicMetric":
         """Check every argument without embeddings (cheap; ``fit`` calls it first).
@@ -66,6 +71,7 @@ class GeodesicMetric(TruncatedMetricBase):
         check_integer(where, "n_jobs", self.n_jobs, 1, unset=True, also=(-1,))
         check_cap(where, self.cap)
         check_flag(where, "progress", self.progress)
+        self.cost_shape().validate(where)
         return self
 
     def fit(self, embeddings: Any, trained: Any = None, *, knn: Any = None) -> "GeodesicMetric":

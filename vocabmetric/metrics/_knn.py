@@ -46,6 +46,9 @@ class KnnMetric(TruncatedMetricBase):
         Show a progress bar; default: only when stderr is a TTY.
     seed : int
         Seed of the cap's random pairs.
+    shape, shape_exponent, shape_fraction, shape_rank
+        Cost shaping of the stored costs, applied after the cap is set (cap and neighbour
+        lists unchanged): :class:`~vocabmetric.metrics.CostShape`; default ``"none"``.
 
     Every kept distance is recomputed in float64 from the vectors; the self hit is dropped
     by id (with duplicate vectors it need not come first), and rows are re-sorted.
@@ -54,10 +57,12 @@ class KnnMetric(TruncatedMetricBase):
     kind = "knn"
 
     def __init__(self, k: int = 64, index: str = "flat", cap: float | None = None, *, hnsw_m: int = 32,
-                 ef_search: int | None = None, batch_size: int = 4096, progress: bool | None = None, seed: int = 0):
+                 ef_search: int | None = None, batch_size: int = 4096, progress: bool | None = None, seed: int = 0, shape: str = "none", shape_exponent: float = 1.0,
+                 shape_fraction: float = 0.25, shape_rank: int = 10):
         self.k, self.index, self.cap = k, index, cap
         self.hnsw_m, self.ef_search, self.batch_size = hnsw_m, ef_search, batch_size
         self.progress, self.seed = progress, seed
+        self._set_shape(shape, shape_exponent, shape_fraction, shape_rank)
 
     def validate(self, where: str | None = None) -> "KnnMetric":
         """Check every argument without embeddings (cheap; ``fit`` calls it first).
@@ -73,6 +78,7 @@ class KnnMetric(TruncatedMetricBase):
         check_integer(where, "ef_search", self.ef_search, 1, unset=True)
         check_cap(where, self.cap)
         check_flag(where, "progress", self.progress)
+        self.cost_shape().validate(where)
         return self
 
     def fit(self, embeddings: Any, trained: Any = None) -> "KnnMetric":

@@ -9,8 +9,8 @@ Two builders, same output (valid input to :class:`~vocabmetric.cost.TreeMetric`)
   graph is thin and neighbours share a low ancestor. (Plain binary k-means over the demo
   store's 99.5k tokens split 20% of 10-NN pairs within the top three levels of each tree,
   at a median token depth of 17.)
-* :class:`WardTreeBuilder` — scikit-learn's Ward agglomerative clustering constrained to
-  the symmetrized kNN graph; a binary tree.
+* :class:`~vocabmetric.metrics.WardTreeBuilder` (:mod:`._tree_graph`) — Ward agglomerative
+  clustering constrained to the symmetrized kNN graph: a binary tree built from the neighbours up.
 
 Both work on the unit vectors (as the l2 metric does). The length of the edge from a node
 up to its parent is the distance between their centroids (a token's "centroid" is its own
@@ -36,7 +36,6 @@ Example
 from __future__ import annotations
 
 import logging
-import warnings
 from typing import Any
 
 import numpy as np
@@ -46,8 +45,7 @@ from .._util.vectors import normalized
 from ..errors import VocabMetricError
 from ..cost import TreeEnsemble, TreeMetric
 from ._checks import (CAP_PAIRS, CAP_QUANTILE, argument_where, check_cap, check_flag, check_inputs, check_integer, check_k,
-                      check_knn, random_pairs)
-from ._knn import KnnMetric, knn_graph
+                      random_pairs)
 from ._tree_fit import check_sample_size, distinct_pairs, fit_forest_weights, nearest_indices
 
 LOG = logging.getLogger(__name__)
@@ -114,7 +112,45 @@ class _TreeResult:
         return self
 
 
-class TreeBuilder(_TreeResult):
+class _ShapedTree:
+    """The shape settings of a tree builder whose weights are fitted (mixin)."""
+
+    shape, shape_exponent, shape_fraction, shape_rank, fit_weights = "none", 1.0, 0.25, 10, True
+
+    def tree_shape(self):
+        """The :class:`~vocabmetric.metrics.CostShape` the weights are fitted through (None: plain l2)."""
+        from ._shape import CostShape
+
+        if self.shape == "none":
+            return None
+        self._shape = CostShape(self.shape, exponent=self.shape_exponent, fraction=self.shape_fraction,
+                                rank=self.shape_rank)
+        return self._shape
+
+
+def check_tree_shape(builder: Any, where: str) -> None:
+    """A tree's shape is valid, not ``"rank"``, and its weights are fitted (ConfigError naming it)."""
+    from ..errors import ConfigError
+    from ._shape import CostShape
+
+    CostShape(builder.shape, exponent=builder.shape_exponent, fraction=builder.shape_fraction,
+              rank=builder.shape_rank).validate(where)
+    if builder.shape == "rank":
+        raise ConfigError(f"{where} shape = 'rank' ranks a stored neighbour table; a tree's weights are fitted to "
+                          "distances: use shape = 'fraction' or 'power'")
+    if builder.shape != "none" and not builder.fit_weights:
+        raise ConfigError(f"{where} shape = {builder.shape!r} shapes the fitted weights: set fit_weights = true")
+    if builder.shape == "fraction" and builder.shape_rank > 10:
+        raise ConfigError(f"{where} shape_rank = {builder.shape_rank}: the tree reads each token's 10 nearest; "
+                          "use shape_rank <= 10")
+
+
+def shape_params(fitted: dict) -> dict:
+    """``{"shape": ...}`` for a tree's params when its weights were fitted through a shape."""
+    return {"shape": fitted["shape"]} if fitted and "shape" in fitted else {}
+
+
+class TreeBuilder(_ShapedTree, _TreeResult):
     """Recursive k-means trees (faiss); ``n_trees`` of them, averaged.
 
     Parameters
@@ -148,6 +184,10 @@ class TreeBuilder(_TreeResult):
         neighbours (0: plain k-means splits); see :func:`follow_neighbors`. Costs one
         10-NN search (shared with the weight fit; ``knn=`` when given) and O(rounds·V·10)
         per tree level.
+    shape, shape_exponent, shape_fraction, shape_rank
+        Fit the weights to shaped l2 distances (:class:`~vocabmetric.metrics.CostShape`,
+        ``"power"`` or ``"fraction"``; the cap is l2's, ``shape_rank`` ≤ 10): a tree whose
+        neighbours cost a chosen share of a stranger. Needs ``fit_weights``.
     n_pairs : int, optional
         Pairs of that fit; default :data:`FIT_PAIRS`, or every distinct trained pair where
         there are fewer. A given sample larger than the trained tokens' distinct pairs is a
@@ -160,10 +200,12 @@ class TreeBuilder(_TreeResult):
 
     def __init__(self, branching: int = 2, max_leaf_size: int = 16, max_depth: int = 32, cap: float | None = None, *,
                  n_trees: int = 4, niter: int = 20, seed: int = 0, progress: bool | None = None,
-                 fit_weights: bool = True, n_pairs: int | None = None, follow_knn: int = FOLLOW_ROUNDS):
+                 fit_weights: bool = True, n_pairs: int | None = None, follow_knn: int = FOLLOW_ROUNDS,
+                 shape: str = "none", shape_exponent: float = 1.0, shape_fraction: float = 0.25, shape_rank: int = 10):
         self.branching, self.max_leaf_size, self.max_depth, self.cap = branching, max_leaf_size, max_depth, cap
         self.n_trees, self.niter, self.seed, self.progress = n_trees, niter, seed, progress
         self.fit_weights, self.n_pairs, self.follow_knn = fit_weights, n_pairs, follow_knn
+        self.shape, self.shape_exponent, self.shape_fraction, self.shape_rank = shape, shape_exponent, shape_fraction, shape_rank
 
     def validate(self, where: str | None = None) -> "TreeBuilder":
         """Check every argument without embeddings (cheap; ``fit`` calls it first).
@@ -179,6 +221,7 @@ class TreeBuilder(_TreeResult):
         check_cap(where, self.cap)
         check_flag(where, "progress", self.progress)
         check_flag(where, "fit_weights", self.fit_weights)
+        check_tree_shape(self, where)
         return self
 
     def fit(self, embeddings: Any, trained: Any = None, *, knn: Any = None) -> "TreeBuilder":
@@ -201,12 +244,12 @@ class TreeBuilder(_TreeResult):
         fitted = {}
         if self.fit_weights:
             weights, fitted = fit_forest_weights(forest, root, trained_ids, emb, near, n_pairs, self.seed,
-                                                 argument_where(self, None))
+                                                 argument_where(self, None), shape=self.tree_shape())
             forest = [(parent, weight) for (parent, _), weight in zip(forest, weights)]
         return self._finish(forest, root, trained_ids, untrained_ids, self.cap, self.seed,
                             builder="kmeans", branching=self.branching, max_leaf_size=self.max_leaf_size,
                             max_depth=self.max_depth, fit_weights=bool(self.fit_weights), follow_knn=self.follow_knn,
-                            **({"weight_fit": fitted} if fitted else {}))
+                            **({"weight_fit": fitted} if fitted else {}), **shape_params(fitted))
 
     def _grow(self, unit: np.ndarray, trained_ids: np.ndarray, vocab_size: int, seed: int,
               bar: Any, neighbors: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
@@ -300,82 +343,59 @@ def follow_neighbors(labels: np.ndarray, members: np.ndarray, neighbors: np.ndar
     return labels
 
 
-class WardTreeBuilder(_TreeResult):
-    """Ward agglomerative clustering constrained to the symmetrized kNN graph (scikit-learn).
+class TreeRefit(_ShapedTree, _TreeResult):
+    """New edge weights for grown trees (a store's, say), their topology kept: the joint fit
+    of :class:`TreeBuilder` (``fit_weights``), optionally through a cost shape.
 
     Parameters
     ----------
-    n_neighbors : int
-        Degree of the kNN connectivity graph (before symmetrization).
-    cap, seed, progress
-        Fixed cap (default: p99 of random trained pairs), seed of those pairs, progress bar
-        of the kNN search when none is given.
+    cap, seed, n_pairs, shape, shape_exponent, shape_fraction, shape_rank
+        As :class:`TreeBuilder`'s.
 
-    The merge tree is binary (``2·n_trained − 1`` nodes for the trained tokens). When the
-    graph has several components, scikit-learn joins them (with a warning, silenced here)
-    before merging. Cost: scikit-learn's ``ward_tree`` on a sparse graph, O(V·deg·log V).
+    ``fit(embeddings, trained, trees=..., knn=None)``: ``trees`` a
+    :class:`~vocabmetric.cost.TreeMetric`, a :class:`~vocabmetric.cost.TreeEnsemble`
+    or a list of TreeMetrics over the same vocabulary with token i = node i and one root id
+    shared by all (TreeBuilder's trees: root = V; a Ward tree alone). The fit's ridge pulls
+    toward the trees' current weights (TreeBuilder's: toward the centroid distances), so a
+    refit without a shape moves a fitted tree only a little. Cost: the weight fit's,
+    O(n_pairs·T·depth) plus ≤ 200 LSMR steps; no tree is grown.
+
+    Example: ``TreeRefit(shape="fraction", shape_fraction=0.2).fit(emb, usable, trees=store.tree())``.
     """
 
-    def __init__(self, n_neighbors: int = 10, cap: float | None = None, *, seed: int = 0, progress: bool | None = None):
-        self.n_neighbors, self.cap, self.seed, self.progress = n_neighbors, cap, seed, progress
+    fit_weights = True
 
-    def validate(self, where: str | None = None) -> "WardTreeBuilder":
-        """Check every argument without embeddings (cheap; ``fit`` calls it first).
+    def __init__(self, cap: float | None = None, *, seed: int = 0, n_pairs: int | None = None, shape: str = "none",
+                 shape_exponent: float = 1.0, shape_fraction: float = 0.25, shape_rank: int = 10):
+        self.cap, self.seed, self.n_pairs = cap, seed, n_pairs
+        self.shape, self.shape_exponent, self.shape_fraction, self.shape_rank = shape, shape_exponent, shape_fraction, shape_rank
 
-        Raises :class:`~vocabmetric.errors.ConfigError` naming the argument and its value,
-        prefixed by ``where`` (the config table, ``"[metrics.tree]"``; default: the class name).
-        """
+    def validate(self, where: str | None = None) -> "TreeRefit":
+        """Check every argument (ConfigError naming it)."""
         where = argument_where(self, where)
-        check_integer(where, "n_neighbors", self.n_neighbors, 1)
         check_integer(where, "seed", self.seed, 0)
+        check_integer(where, "n_pairs", self.n_pairs, 1, unset=True)
         check_cap(where, self.cap)
-        check_flag(where, "progress", self.progress)
+        check_tree_shape(self, where)
         return self
 
-    def fit(self, embeddings: Any, trained: Any = None, *, knn: Any = None) -> "WardTreeBuilder":
-        from scipy.sparse import csr_matrix
-        from sklearn.cluster import AgglomerativeClustering
-
+    def fit(self, embeddings: Any, trained: Any = None, *, trees: Any, knn: Any = None) -> "TreeRefit":
         what = type(self).__name__
         self.validate()
         emb, mask = check_inputs(embeddings, trained, what)
         trained_ids, untrained_ids = np.flatnonzero(mask), np.flatnonzero(~mask)
-        n_t, vocab_size = len(trained_ids), len(emb)
-        n_nb = check_k(self.n_neighbors, n_t, what, "n_neighbors")
-        if knn is None:
-            base = KnnMetric(n_nb, progress=self.progress).fit(emb, mask)
-            knn = (base.indices_, base.costs_)
-        knn_idx, knn_dist = check_knn(knn, vocab_size, n_nb, what)
-        position = np.full(vocab_size, -1, dtype=np.int64)
-        position[trained_ids] = np.arange(n_t)
-        sub_idx = np.where(knn_idx[trained_ids] >= 0, position[np.maximum(knn_idx[trained_ids], 0)], -1)
-        indptr, nbr, _ = knn_graph(sub_idx, knn_dist[trained_ids], n_t)
-        connectivity = csr_matrix((np.ones(len(nbr)), nbr, indptr), shape=(n_t, n_t))
-        unit = normalized(emb)[trained_ids].astype(np.float64)
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=".*connected components.*")
-            ward = AgglomerativeClustering(n_clusters=1, linkage="ward", connectivity=connectivity,
-                                           compute_full_tree=True).fit(unit)
-        children = ward.children_  # merge i makes node n_t + i from two earlier nodes
-        n_merged = 2 * n_t - 1
-        centroid = np.empty((n_merged, unit.shape[1]))
-        size = np.ones(n_merged)
-        centroid[:n_t] = unit
-        up = np.full(n_merged, -1, dtype=np.int64)
-        for i, (a, b) in enumerate(children):
-            node = n_t + i
-            size[node] = size[a] + size[b]
-            centroid[node] = (size[a] * centroid[a] + size[b] * centroid[b]) / size[node]
-            up[a] = up[b] = node
-        edge = np.zeros(n_merged)
-        has_up = up >= 0
-        edge[has_up] = np.linalg.norm(centroid[has_up] - centroid[up[has_up]], axis=1)
-        # renumber: trained position p -> token trained_ids[p]; merge node n_t+i -> vocab_size+i
-        node_id = np.concatenate([trained_ids, vocab_size + np.arange(n_t - 1)])
-        parent = np.full(vocab_size + n_t - 1, -1, dtype=np.int64)
-        weight = np.zeros(vocab_size + n_t - 1)
-        parent[node_id[has_up]] = node_id[up[has_up]]
-        weight[node_id] = edge
-        root = int(node_id[-1]) if n_t > 1 else int(trained_ids[0])
-        return self._finish([(parent, weight)], root, trained_ids, untrained_ids, self.cap, self.seed,
-                            builder="ward", n_neighbors=n_nb)
+        trees = list(getattr(trees, "trees", [trees]) if not isinstance(trees, (list, tuple)) else trees)
+        roots = {int(np.flatnonzero(np.asarray(t.parent) < 0)[0]) for t in trees}
+        if len(roots) != 1 or any(t.vocab_size != len(emb) for t in trees):
+            raise VocabMetricError(f"{what}: the trees must share one root and the embeddings' {len(emb)} tokens; "
+                                   f"got roots {sorted(roots)[:4]}")
+        n_pairs = min(FIT_PAIRS, distinct_pairs(len(trained_ids))) if self.n_pairs is None else self.n_pairs
+        check_sample_size(len(trained_ids), n_pairs, argument_where(self, None))
+        near = nearest_indices(emb, mask, knn)
+        forest = [(np.asarray(t.parent, np.int64).copy(), np.asarray(t.weight, np.float64).copy()) for t in trees]
+        (root,) = roots
+        weights, fitted = fit_forest_weights(forest, root, trained_ids, emb, near, n_pairs, self.seed,
+                                             argument_where(self, None), shape=self.tree_shape())
+        forest = [(parent, weight) for (parent, _), weight in zip(forest, weights)]
+        return self._finish(forest, root, trained_ids, untrained_ids, self.cap, self.seed, builder="refit",
+                            weight_fit=fitted, **shape_params(fitted))

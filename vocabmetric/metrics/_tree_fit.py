@@ -165,20 +165,50 @@ def nearest_indices(embeddings: np.ndarray, mask: np.ndarray, knn: object) -> np
     return KnnMetric(min(NEAR_K, int(mask.sum()) - 1), progress=False).fit(embeddings, mask).indices_
 
 
+def shaped_l2(shape, embeddings: np.ndarray, trained_ids: np.ndarray, knn_indices: np.ndarray | None, seed: int,
+              where: str):
+    """``target(a, b)``: the l2 distance of token pairs through a fitted
+    :class:`~vocabmetric.metrics.CostShape` (None or ``"none"``: plain l2). The shape's cap is
+    l2's (:func:`~vocabmetric.metrics.choose_cap` over random trained pairs); ``"fraction"``
+    fits its exponent to the l2 distance of each trained token's ``rank``-th neighbour in
+    ``knn_indices``. ``"rank"`` shapes a neighbour table, not a tree: a ConfigError."""
+    from .._util.vectors import l2_distance
+    from ._checks import CAP_PAIRS, choose_cap, random_pairs
+
+    if shape is None or shape.shape == "none":
+        return lambda a, b: l2_distance(embeddings, a, b)
+    shape.validate(where)
+    if shape.shape == "rank":
+        raise ConfigError(f"{where} shape = 'rank' ranks a stored neighbour table; a tree's weights are fitted to "
+                          "distances: use shape = 'fraction' or 'power'")
+    cap, _ = choose_cap(l2_distance(embeddings, *random_pairs(trained_ids, CAP_PAIRS, seed)), np.zeros(0), None, where)
+    rank_costs = np.zeros(0)
+    if shape.shape == "fraction":
+        if knn_indices is None or knn_indices.shape[1] < shape.rank:
+            have = 0 if knn_indices is None else knn_indices.shape[1]
+            raise ConfigError(f"{where} shape_rank = {shape.rank} needs that many nearest neighbours, the tree "
+                              f"reads {have} (at most {NEAR_K}); lower shape_rank")
+        nb = knn_indices[trained_ids, shape.rank - 1]
+        ok = nb >= 0
+        rank_costs = l2_distance(embeddings, trained_ids[ok], nb[ok])
+    shape.fit(rank_costs, cap, where)
+    return lambda a, b: shape.transform(l2_distance(embeddings, a, b), cap)
+
+
 def fit_forest_weights(forest: list[tuple[np.ndarray, np.ndarray]], root: int, trained_ids: np.ndarray,
                        embeddings: np.ndarray, knn_indices: np.ndarray, n_pairs: int, seed: int,
-                       where: str) -> tuple[list[np.ndarray], dict]:
+                       where: str, shape=None) -> tuple[list[np.ndarray], dict]:
     """Fitted weights of a builder's trees (``(parent, weight)`` each, token i = node i, root
     ``root``, before untrained tokens are hung), jointly for their mean distance:
     :func:`sample_pairs` of the trained tokens (near pairs from ``knn_indices``, see
-    :func:`nearest_indices`), their l2 distances, :func:`fit_edge_weights` on the stacked
-    forest. ``where`` names the builder in errors."""
-    from .._util.vectors import l2_distance
+    :func:`nearest_indices`), their l2 distances (through ``shape``, :func:`shaped_l2`),
+    :func:`fit_edge_weights` on the stacked forest. ``where`` names the builder in errors."""
     from ..cost import TreeMetric
 
     vocab_size = len(embeddings)
     mask = np.zeros(vocab_size, bool)
     mask[trained_ids] = True
+    target = shaped_l2(shape, embeddings, trained_ids, knn_indices, seed, where)
     a, b = sample_pairs(trained_ids, knn_indices, n_pairs, seed, where)
     parents, depths, offset, ends_a, ends_b = [], [], 0, [], []
     for parent, weight in forest:
@@ -192,6 +222,8 @@ def fit_forest_weights(forest: list[tuple[np.ndarray, np.ndarray]], root: int, t
         offset += len(parent)
     fitted, stats = fit_edge_weights(np.concatenate(parents), np.concatenate([w for _, w in forest]),
                                      np.concatenate(depths), (np.concatenate(ends_a), np.concatenate(ends_b)),
-                                     l2_distance(embeddings, a, b), n_trees=len(forest), floor=0.0)
+                                     target(a, b), n_trees=len(forest), floor=0.0)
+    if shape is not None and shape.shape != "none":
+        stats["shape"] = shape.params_
     bounds = np.cumsum([0] + [len(p) for p, _ in forest])
     return [fitted[s:e] for s, e in zip(bounds[:-1], bounds[1:])], stats

@@ -37,6 +37,9 @@ class UmapMetric(TruncatedMetricBase):
         UMAP's neighbourhood size; UMAP is fed the precomputed l2 kNN (``knn=`` or built).
     cap, seed, progress
         As elsewhere; ``seed`` makes UMAP deterministic (and single-threaded).
+    shape, shape_exponent, shape_fraction, shape_rank
+        Cost shaping of the stored costs, applied after the cap is set (cap and neighbour
+        lists unchanged): :class:`~vocabmetric.metrics.CostShape`; default ``"none"``.
 
     Distances in the UMAP space are multiplied by ``scale_`` = p99(l2) / p99(umap) over the
     same random trained pairs, so the cap and the costs are on the l2 scale.
@@ -46,9 +49,11 @@ class UmapMetric(TruncatedMetricBase):
     kind = "umap"
 
     def __init__(self, n_components: int = 8, k: int = 64, n_neighbors: int = 15, cap: float | None = None,
-                 seed: int | None = 0, *, n_epochs: int | None = None, progress: bool | None = None):
+                 seed: int | None = 0, *, n_epochs: int | None = None, progress: bool | None = None, shape: str = "none", shape_exponent: float = 1.0,
+                 shape_fraction: float = 0.25, shape_rank: int = 10):
         self.n_components, self.k, self.n_neighbors, self.cap, self.seed = n_components, k, n_neighbors, cap, seed
         self.n_epochs, self.progress = n_epochs, progress
+        self._set_shape(shape, shape_exponent, shape_fraction, shape_rank)
 
     def validate(self, where: str | None = None) -> "UmapMetric":
         """Check every argument without embeddings (cheap; ``fit`` calls it first).
@@ -63,6 +68,7 @@ class UmapMetric(TruncatedMetricBase):
         check_integer(where, "n_epochs", self.n_epochs, 1, unset=True)
         check_cap(where, self.cap)
         check_flag(where, "progress", self.progress)
+        self.cost_shape().validate(where)
         return self
 
     def fit(self, embeddings: Any, trained: Any = None, *, knn: Any = None) -> "UmapMetric":

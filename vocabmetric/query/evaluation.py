@@ -29,6 +29,15 @@ The datasets are the copies shipped in gensim's test data
 separated ``word1 word2 score`` lines after ``#`` comments. Cost: one O(k) / O(d) /
 O(depth) lookup per pair; a few milliseconds per metric.
 
+A Spearman over fewer than :data:`MIN_PAIRS` covered pairs is flagged (``!`` in the table
+and a warning line): a 1000-token BPE covers a handful of WordSim pairs, too few to rank.
+
+Beside l2 (:func:`metric_contrast`): every metric on the same seeded *trained* pairs (the
+tokens whose vectors were learned or imported, not the borrowed or composed ones): the
+10-NN contrast (mean cost of 10-NN pairs over the median cost of random pairs, l2's beside
+it) and Spearman(metric, l2) over the random pairs. The static near/far price of each
+penalty is :mod:`vocabmetric.query.price`'s.
+
 Example
 -------
 >>> from vocabmetric import open_store                      # doctest: +SKIP
@@ -50,6 +59,9 @@ LOG = logging.getLogger(__name__)
 
 #: Dataset name → file name in gensim's test data.
 DATASETS = {"wordsim353": "wordsim353.tsv", "simlex999": "simlex999.txt"}
+#: Below this many covered pairs a Spearman is flagged: its 95% interval spans about ±0.35
+#: (Fisher z: 1.96/√(n − 3) at n = 30), too wide to rank one metric above another.
+MIN_PAIRS = 30
 
 
 class EvalRow(NamedTuple):
@@ -58,7 +70,7 @@ class EvalRow(NamedTuple):
     metric: str
     dataset: str
     spearman: float  # ρ(−cost, human similarity); NaN when fewer than 3 pairs are covered
-    n_pairs: int  # pairs whose words are both single usable tokens
+    n_pairs: int  # pairs whose words are both single usable tokens (a ρ over < MIN_PAIRS is flagged)
     n_total: int  # pairs in the dataset
     coverage: float  # n_pairs / n_total
     n_stored: int = 0  # covered pairs with a stored cost (not the cap); all of them for l2, tree
@@ -183,7 +195,8 @@ def format_eval(rows: Sequence[EvalRow]) -> str:
     for r in rows:
         rho, rho_all = ("n/a" if np.isnan(x) else f"{x:+.3f}" for x in (r.spearman, r.spearman_all))
         stored = f"{r.n_stored / r.n_pairs:.0%}" if r.n_pairs else "-"
-        lines.append(f"{r.metric:<12} {r.dataset:<12} {rho:>9} {f'{r.n_pairs}/{r.n_total}':>9} "
+        flag = "!" if r.n_pairs < MIN_PAIRS else " "
+        lines.append(f"{r.metric:<12} {r.dataset:<12} {rho:>9}{flag}{f'{r.n_pairs}/{r.n_total}':>9} "
                      f"{r.coverage:>9.1%} {rho_all:>10} {r.n_single:>8} {r.single_coverage:>8.1%} {stored:>7}")
     lines += [
         "",
@@ -194,14 +207,108 @@ def format_eval(rows: Sequence[EvalRow]) -> str:
         "stored: covered pairs with a stored cost; in truncated metrics (knn, geodesic, umap) the others",
         "cost the cap and tie. l2 and tree are exact for every pair.",
     ]
-    return "\n".join(lines)
+    return "\n".join(lines + few_pairs_warnings(rows))
 
 
-# -- the tree's fidelity to l2 ---------------------------------------------------------------
-#: Random trained pairs of the fidelity measurement, and the tokens whose 10 nearest make its near pairs.
+def few_pairs_warnings(rows: Sequence[EvalRow]) -> list[str]:
+    """One warning line per dataset whose Spearman rests on fewer than :data:`MIN_PAIRS`
+    covered pairs (marked ``!`` in the table); none when every dataset has enough."""
+    few = {r.dataset: r.n_pairs for r in rows if r.n_pairs < MIN_PAIRS}
+    return [f"warning: {name}'s spearman rests on {n} pair{'s' if n != 1 else ''} (< {MIN_PAIRS}): too few to rank "
+            f"metrics; its 95% interval is wider than ±0.35" for name, n in few.items()]
+
+
+# -- every metric beside l2: fidelity and contrast over trained pairs ------------------------
+#: Random trained pairs of the contrast measurement, and the tokens whose 10 nearest make its near pairs.
 FIDELITY_PAIRS = 20000
 FIDELITY_SOURCES = 2000
 FIDELITY_NEAR = 10
+#: Which tokens the random and near pairs are drawn from: the trained ones (their vectors
+#: were learned, or imported); borrowed and composed vectors are built from them.
+PAIRS = "trained"
+
+
+class MetricContrast(NamedTuple):
+    """One metric beside l2 over trained pairs (see :func:`metric_contrast`)."""
+
+    metric: str
+    contrast: float  # mean cost of 10-NN pairs ÷ median cost of random pairs
+    l2_contrast: float  # the same ratio under l2, on the same pairs
+    spearman: float  # ρ(cost, l2) over the random pairs (truncated metrics: most tie at the cap)
+    near_spearman: float  # ρ(cost, l2) over the 10-NN pairs
+    n_random: int
+    n_near: int
+    pairs: str = PAIRS  # the tokens the pairs were drawn from
+
+
+def trained_pairs(store, *, n_pairs: int = FIDELITY_PAIRS, n_sources: int = FIDELITY_SOURCES,
+                  seed: int = 0) -> tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]:
+    """``((a, b), (i, j))``: ``n_pairs`` random pairs of distinct trained tokens, and each of
+    ``n_sources`` random trained tokens with its :data:`FIDELITY_NEAR` nearest trained tokens
+    under l2 (the store's exact faiss index, searched deep enough to skip borrowed and
+    composed tokens). Seeded."""
+    from .._util.vectors import normalized
+
+    trained = np.asarray(store.trained, bool) & np.asarray(store.usable, bool)
+    ids = np.flatnonzero(trained)
+    if len(ids) < FIDELITY_NEAR + 2:
+        raise VocabMetricError(f"the contrast needs at least {FIDELITY_NEAR + 2} trained tokens, the store has {len(ids)}")
+    rng = np.random.default_rng(seed)
+    a, b = rng.choice(ids, n_pairs), rng.choice(ids, n_pairs)
+    a, b = a[a != b], b[a != b]
+    src = rng.choice(ids, min(n_sources, len(ids)), replace=False)
+    share = len(ids) / max(int(np.sum(store.usable)), 1)  # trained share of the index: search deeper when small
+    depth = min(int(np.ceil((FIDELITY_NEAR + 1) / share * 1.5)) + 8, int(np.sum(store.usable)))
+    _, found = store.faiss_index().search(normalized(store.embeddings()[src]).astype(np.float32), depth)
+    ok = (found >= 0) & (found != src[:, None]) & trained[np.maximum(found, 0)]
+    ok &= np.cumsum(ok, axis=1) <= FIDELITY_NEAR
+    i, j = np.broadcast_to(src[:, None], found.shape)[ok], found[ok].astype(np.int64)
+    return (a, b), (i, j)
+
+
+def metric_contrast(store, metrics: Sequence[str] | None = None, *, n_pairs: int = FIDELITY_PAIRS,
+                    n_sources: int = FIDELITY_SOURCES, seed: int = 0) -> list[MetricContrast]:
+    """Every metric beside l2 on the same trained pairs (:func:`trained_pairs`).
+
+    ``contrast = mean cost of the 10-NN pairs / median cost of the random pairs``: how much
+    of a stranger's price a neighbour costs (lower: near is cheaper). A metric that keeps
+    l2's ordering has ``spearman`` near 1 (meaningful for the exact ones, l2 and tree; a
+    truncated metric stores only near pairs, so its random pairs tie at the cap). Seeded;
+    cost O(n_pairs·(d + depth or k)) per metric plus one faiss search of ``n_sources`` rows.
+    """
+    from scipy.stats import spearmanr
+
+    metrics = list(store.metrics if metrics is None else metrics)
+    (a, b), (i, j) = trained_pairs(store, n_pairs=n_pairs, n_sources=n_sources, seed=seed)
+    l2_r, l2_n = (store.pair_costs(x, y, "l2").astype(np.float64) for x, y in ((a, b), (i, j)))
+    l2_contrast = float(l2_n.mean() / np.median(l2_r))
+    rows = []
+    for metric in metrics:
+        cost_r, cost_n = (store.pair_costs(x, y, metric).astype(np.float64) for x, y in ((a, b), (i, j)))
+        rho = (lambda x, y: float(spearmanr(x, y).statistic) if np.ptp(x) > 0 else float("nan"))
+        rows.append(MetricContrast(metric, float(cost_n.mean() / np.median(cost_r)), l2_contrast, rho(cost_r, l2_r),
+                                   rho(cost_n, l2_n), len(a), len(i)))
+    return rows
+
+
+def format_contrast(rows: Sequence[MetricContrast]) -> str:
+    """A table of :func:`metric_contrast`'s rows, with how to read it."""
+    if not rows:
+        return ""
+    header = f"{'metric':<12} {'10-NN contrast':>15} {'÷ l2':>6} {'spearman(·, l2)':>16} {'10-NN spearman':>15}"
+    lines = [header, "-" * len(header)]
+    for r in rows:
+        rho, near = ("n/a" if np.isnan(x) else f"{x:.3f}" for x in (r.spearman, r.near_spearman))
+        lines.append(f"{r.metric:<12} {r.contrast:>15.3f} {r.contrast / r.l2_contrast:>6.2f} {rho:>16} {near:>15}")
+    r = rows[0]
+    lines += [
+        "",
+        f"over {r.pairs} tokens only: {r.n_random} random pairs, {r.n_near} {FIDELITY_NEAR}-NN pairs (l2 nearest).",
+        f"10-NN contrast: mean cost of the {FIDELITY_NEAR}-NN pairs / median cost of the random pairs (lower: a",
+        "neighbour is cheaper than a stranger); ÷ l2: beside l2's. spearman(·, l2): over the random pairs (a",
+        "truncated metric's random pairs mostly cost the cap and tie; it is meaningful for l2 and tree).",
+    ]
+    return "\n".join(lines)
 
 
 class TreeFidelity(NamedTuple):
@@ -214,44 +321,23 @@ class TreeFidelity(NamedTuple):
     n_random: int
     n_near: int
     n_trees: int
+    pairs: str = PAIRS
 
 
 def tree_fidelity(store, *, n_pairs: int = FIDELITY_PAIRS, n_sources: int = FIDELITY_SOURCES, seed: int = 0) -> TreeFidelity:
-    """Spearman(tree cost, l2) over ``n_pairs`` random trained pairs, and the near/random contrast.
-
-    ``contrast = mean cost of near pairs / median cost of random pairs``; near pairs are each
-    of ``n_sources`` random trained tokens with its :data:`FIDELITY_NEAR` nearest under l2
-    (exact: the store's faiss index). A tree that keeps the metric has ``spearman`` near 1
-    and ``tree_contrast`` near ``l2_contrast`` (a higher one: near moves relatively dearer).
-    Seeded; cost O(n_pairs·(d + depth)) plus one faiss search of ``n_sources`` rows.
-    """
-    from scipy.stats import spearmanr
-
-    from .._util.vectors import normalized
-
-    ids = np.flatnonzero(store.usable)
-    if len(ids) < FIDELITY_NEAR + 2:
-        raise VocabMetricError(f"tree fidelity needs at least {FIDELITY_NEAR + 2} usable tokens, the store has {len(ids)}")
-    rng = np.random.default_rng(seed)
-    a, b = rng.choice(ids, n_pairs), rng.choice(ids, n_pairs)
-    a, b = a[a != b], b[a != b]
-    src = rng.choice(ids, min(n_sources, len(ids)), replace=False)
-    _, found = store.faiss_index().search(normalized(store.embeddings()[src]).astype(np.float32), FIDELITY_NEAR + 1)
-    ok = (found >= 0) & (found != src[:, None])
-    ok &= np.cumsum(ok, axis=1) <= FIDELITY_NEAR
-    i, j = np.broadcast_to(src[:, None], found.shape)[ok], found[ok].astype(np.int64)
-    tree_r, tree_n = (store.pair_costs(x, y, TREE).astype(np.float64) for x, y in ((a, b), (i, j)))
-    l2_r, l2_n = (store.pair_costs(x, y, "l2").astype(np.float64) for x, y in ((a, b), (i, j)))
-    return TreeFidelity(float(spearmanr(tree_r, l2_r).statistic), float(tree_n.mean() / np.median(tree_r)),
-                        float(l2_n.mean() / np.median(l2_r)), float(spearmanr(tree_n, l2_n).statistic),
-                        len(a), len(i), int(getattr(store, "n_trees", 1)))
+    """Spearman(tree cost, l2) over ``n_pairs`` random *trained* pairs, and the near/random
+    contrast: :func:`metric_contrast` of the tree. A tree that keeps the metric has
+    ``spearman`` near 1 and ``tree_contrast`` near ``l2_contrast``."""
+    (row,) = metric_contrast(store, [TREE], n_pairs=n_pairs, n_sources=n_sources, seed=seed)
+    return TreeFidelity(row.spearman, row.contrast, row.l2_contrast, row.near_spearman, row.n_random, row.n_near,
+                        int(getattr(store, "n_trees", 1)))
 
 
 def format_fidelity(f: TreeFidelity) -> str:
     """Three lines: the tree's Spearman against l2 and its contrast beside l2's."""
     return "\n".join([
         f"tree fidelity ({f.n_trees} tree{'s' if f.n_trees != 1 else ''}): spearman(tree, l2) {f.spearman:.3f} over "
-        f"{f.n_random} random trained pairs; {FIDELITY_NEAR}-NN spearman {f.near_spearman:.3f}",
+        f"{f.n_random} random {f.pairs} pairs; {FIDELITY_NEAR}-NN spearman {f.near_spearman:.3f}",
         f"near/random contrast (mean {FIDELITY_NEAR}-NN cost / median random cost): tree {f.tree_contrast:.3f}, "
         f"l2 {f.l2_contrast:.3f}",
         "a tree that keeps the metric has spearman near 1 and a contrast close to l2's.",

@@ -138,13 +138,35 @@ def info_table(store: Any) -> str:
         f"provenance   {provenance_line(emb['provenance'])}",
         "",
         _table(
-            ["metric", "kind", "k", "cap", "cap from"],
+            ["metric", "kind", "k", "cap", "shape", "cap from"],
             [
                 [m, a.get("kind", m), a.get("k", "exact" if a.get("exact") else "-"), f"{a.get('cap', float('nan')):.4g}",
-                 a.get("cap_statistic", "max of unit-vector distance" if a.get("exact") else "")]
+                 shape_cell(a.get("shape")), a.get("cap_statistic", "max of unit-vector distance" if a.get("exact") else "")]
                 for m, a in info["metrics"].items()
             ],
-            "<<><<",
+            "<<><<<",
         ),
     ]
+    shaped = [(m, a["shape"]) for m, a in info["metrics"].items() if isinstance(a.get("shape"), dict)]
+    lines += [f"shape of {m}: {shape_line(s)}" for m, s in shaped]
     return "\n".join(lines)
+
+
+def shape_cell(shape: Any) -> str:
+    """A metric's cost shaping in a few characters: ``none`` (also for stores built before
+    shaping was recorded), ``fraction^3.1``, ``power^2``, ``rank``."""
+    if not isinstance(shape, dict):
+        return "none"
+    exponent = shape.get("exponent")
+    return shape.get("shape", "?") + (f"^{exponent:.3g}" if exponent is not None else "")
+
+
+def shape_line(shape: dict) -> str:
+    """One line on a metric's cost shaping: the setting, the fitted exponent, what it keeps."""
+    what = shape.get("shape", "?")
+    if what == "fraction":
+        what += (f" {shape.get('fraction')} at the {shape.get('rank')}th neighbour (its median cost "
+                 f"{shape.get('median', float('nan')):.4g})")
+    if shape.get("exponent") is not None:
+        what += f", cost = cap·(c/cap)^{shape['exponent']:.3g}"
+    return f"{what}; keeps {shape.get('keeps', '?')}"

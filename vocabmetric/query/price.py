@@ -1,0 +1,216 @@
+"""The static near/far price of a penalty: what it charges for a neighbour over a stranger.
+
+A penalty's semantic discount can be no larger than the gap between what a neighbour and a
+stranger cost. This measures that gap on synthetic contexts, before any training:
+
+* **Contexts** (``n_contexts``, seeded). A top token ``t*``, drawn among the trained tokens
+  that have a trained nearest neighbour; *near* = its nearest trained token under l2 (the
+  store's exact faiss index); *far* = a random trained token outside its
+  :data:`FAR_OUTSIDE` nearest. The reference is Zipfian over a random order of the
+  vocabulary, ``log π_ref(x) = −ZIPF·log rank(x) − log Z``, with ``t*`` at rank 1 and near
+  and far both given the logit of rank :data:`TARGET_RANK`, so they have *equal* reference
+  probability.
+* **Moves.** ``p_near``: :data:`MOVED` (20%) of ``t*``'s reference mass moved onto near;
+  ``p_far``: the same mass onto far. Everything else is the reference.
+* **Price** = ``penalty(p_near, π_ref) / penalty(p_far, π_ref)``, the mean over contexts.
+  KL sees only probabilities, so its price is exactly 1 (no discount); a Wasserstein
+  penalty's is about ``cost(t*, near) / cost(t*, far)`` (exactly so for Tree-Wasserstein,
+  whose W1 of one move is the mass times the tree distance). Lower is a larger discount.
+
+Penalties (:func:`store_penalties`): the support-mode Sinkhorn divergence on every stored
+truncated metric (``eps`` :data:`SINKHORN_EPS`, ``support`` :data:`SINKHORN_SUPPORT`, the
+settings of ``experiments/penalty_experiment.py``; symmetrized as the penalty does, or, where
+a hub would make that operator too large, on the mutual neighbours: the metric column says
+``(mutual)``), Tree-Wasserstein on the tree (all its
+trees), Sliced-Wasserstein on the unit embeddings (64 random directions) and ``full_kl``.
+The prices on a model's own next-token distributions are another measurement (the GRPO
+experiments); these are static and synthetic, and fast: 2·n_contexts positions per penalty,
+a few seconds each at V = 100k.
+
+Example
+-------
+>>> print(format_prices(near_far_prices(open_store("metric.zarr"))))   # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping, NamedTuple, Sequence
+
+import numpy as np
+
+from ..errors import VocabMetricError
+from ..store import EXACT_METRICS, TREE
+
+#: Contexts of the price list, the share of t*'s mass moved, the reference's Zipf exponent,
+#: the rank whose logit near and far share, and how many of t*'s nearest far must avoid.
+N_CONTEXTS = 200
+MOVED = 0.2
+ZIPF = 1.5
+TARGET_RANK = 10
+FAR_OUTSIDE = 64
+SINKHORN_EPS = 0.05
+SINKHORN_SUPPORT = 64
+
+
+class Price(NamedTuple):
+    """One penalty's near/far price (see the module docstring)."""
+
+    penalty: str
+    metric: str  # the ground cost it reads ("-" for KL)
+    price: float  # mean over contexts of penalty(near move) / penalty(far move)
+    near: float  # mean penalty of the near move
+    far: float  # mean penalty of the far move
+    n_contexts: int
+
+
+def synthetic_contexts(store, n_contexts: int = N_CONTEXTS, *, seed: int = 0) -> dict[str, np.ndarray]:
+    """``{"top", "near", "far"}`` (n,) token ids and ``"ref"`` (n, V) float32 reference logits
+    (the module docstring's rule). Raises :class:`VocabMetricError` when the store has too few
+    trained tokens."""
+    from .._util.vectors import normalized
+
+    trained = np.asarray(store.trained, bool) & np.asarray(store.usable, bool)
+    ids = np.flatnonzero(trained)
+    if len(ids) < FAR_OUTSIDE + 2:
+        raise VocabMetricError(f"the near/far price needs more than {FAR_OUTSIDE + 1} trained tokens, "
+                               f"the store has {len(ids)}")
+    rng = np.random.default_rng(seed)
+    n = min(n_contexts, len(ids))
+    top = rng.choice(ids, n, replace=False)
+    depth = min(FAR_OUTSIDE + 1, int(np.sum(store.usable)))
+    _, found = store.faiss_index().search(normalized(store.embeddings()[top]).astype(np.float32), depth)
+    near = np.full(n, -1, np.int64)
+    far = np.empty(n, np.int64)
+    for c in range(n):
+        hits = [int(h) for h in found[c] if h >= 0 and h != top[c] and trained[h]]
+        near[c] = hits[0] if hits else -1
+        avoid = set(hits) | {int(top[c])}
+        far[c] = next(x for x in rng.choice(ids, 64) if int(x) not in avoid)
+    keep = near >= 0
+    top, near, far = top[keep], near[keep], far[keep]
+    vocab_size = store.vocab_size
+    logit_of_rank = -ZIPF * np.log(np.arange(1, vocab_size + 1, dtype=np.float64))
+    ref = np.empty((len(top), vocab_size), np.float32)
+    for c in range(len(top)):
+        order = rng.permutation(vocab_size)  # order[r] = the token at rank r + 1
+        z = np.empty(vocab_size)
+        z[order] = logit_of_rank
+        z[order[0]], z[top[c]] = z[top[c]], z[order[0]]  # t* at rank 1
+        z[near[c]] = z[far[c]] = logit_of_rank[TARGET_RANK - 1]
+        ref[c] = z - np.logaddexp.reduce(z)
+    return {"top": top, "near": near, "far": far, "ref": ref}
+
+
+def moved_logits(contexts: Mapping[str, np.ndarray], target: str, moved: float = MOVED) -> np.ndarray:
+    """(n, V) float32 log-probabilities: each reference with ``moved`` of its top token's mass
+    moved onto ``contexts[target]`` (``"near"`` or ``"far"``)."""
+    q = np.exp(contexts["ref"].astype(np.float64))
+    rows = np.arange(len(q))
+    mass = moved * q[rows, contexts["top"]]
+    q[rows, contexts["top"]] -= mass
+    q[rows, contexts[target]] += mass
+    return np.log(q).astype(np.float32)
+
+
+#: Largest symmetrized operator (bytes) the price builds; above it the mutual kNN operator is used.
+SYMMETRIZED_BYTES = 2 << 30
+
+
+def union_degree(op) -> int:
+    """The widest row of ``op.symmetrized()`` without building it: out-degree plus in-degree,
+    an upper bound (a pair stored both ways counts twice). O(V·k)."""
+    idx = np.asarray(op.indices)
+    out = (idx >= 0).sum(1)
+    into = np.bincount(idx[idx >= 0].ravel(), minlength=op.vocab_size)
+    return int((out + into).max(initial=0))
+
+
+def mutual_operator(op):
+    """The symmetric operator of the pairs stored in *both* directions (mutual neighbours),
+    each at the smaller cost; rows padded to the original k. The union would be symmetric
+    too, but a hub (among thousands of tokens' k nearest, common in high dimension) widens
+    every row of it to the hub's degree. O(V·k·log(V·k))."""
+    from ..cost import CostOperator
+
+    idx, costs = np.asarray(op.indices, np.int64), np.asarray(op.costs, np.float64)
+    vocab_size, k = idx.shape
+    rows = np.repeat(np.arange(vocab_size), k)
+    cols, cs = idx.ravel(), costs.ravel()
+    ok = cols >= 0
+    rows, cols, cs = rows[ok], cols[ok], cs[ok]
+    key, back = rows * vocab_size + cols, cols * vocab_size + rows
+    order = np.argsort(key)
+    found = np.searchsorted(key[order], back)
+    found = np.minimum(found, len(key) - 1)
+    mutual = key[order][found] == back
+    rows, cols = rows[mutual], cols[mutual]
+    cs = np.minimum(cs[mutual], cs[order][found[mutual]])
+    out_idx, out_cost = np.full((vocab_size, k), -1, np.int32), np.full((vocab_size, k), op.cap, np.float32)
+    sort = np.lexsort((cs, rows))
+    rows, cols, cs = rows[sort], cols[sort], cs[sort]
+    slot = np.arange(len(rows)) - np.searchsorted(rows, rows)
+    out_idx[rows, slot], out_cost[rows, slot] = cols, cs
+    return CostOperator(out_idx, out_cost, op.cap, op.fingerprint)
+
+
+def sinkhorn_on(op) -> tuple[Any, str]:
+    """Support-mode Sinkhorn (the price's settings) on ``op`` and how it was symmetrized:
+    ``"union"`` (the penalty's own ``symmetrized()``) or ``"mutual"`` when the union would
+    take more than :data:`SYMMETRIZED_BYTES` (see :func:`mutual_operator`)."""
+    from ..regularizers import SinkhornDivergence
+
+    how = "union"
+    if not op.is_symmetric and op.vocab_size * union_degree(op) * 8 > SYMMETRIZED_BYTES:
+        op, how = mutual_operator(op), "mutual"
+    return SinkhornDivergence(op, eps=SINKHORN_EPS, support=SINKHORN_SUPPORT, tol=1e-3), how
+
+
+def store_penalties(store) -> dict[tuple[str, str], Any]:
+    """``{(penalty, metric): penalty}``: support-mode Sinkhorn on every stored truncated metric,
+    Tree-Wasserstein on the tree, Sliced-Wasserstein on the unit embeddings, and full_kl."""
+    from ..regularizers import SlicedWasserstein, TreeWasserstein, full_kl
+
+    out: dict[tuple[str, str], Any] = {("kl", "-"): full_kl}
+    for metric in store.metrics:
+        if metric != TREE and metric not in EXACT_METRICS:
+            penalty, how = sinkhorn_on(store.operator(metric))
+            out["sinkhorn", metric if how == "union" else f"{metric} ({how})"] = penalty
+    if TREE in store.metrics:
+        out["tree", TREE] = TreeWasserstein.from_store(store)
+    out["sliced", "embeddings"] = SlicedWasserstein.from_store(store)
+    return out
+
+
+def near_far_prices(store, penalties: Mapping[tuple[str, str], Any] | None = None, *, n_contexts: int = N_CONTEXTS,
+                    seed: int = 0) -> list[Price]:
+    """The price of every penalty (default :func:`store_penalties`) on the same seeded
+    contexts. Cost: 2·n_contexts positions of each penalty's forward pass."""
+    import torch
+
+    contexts = synthetic_contexts(store, n_contexts, seed=seed)
+    ref = torch.from_numpy(contexts["ref"])
+    moves = {t: torch.from_numpy(moved_logits(contexts, t)) for t in ("near", "far")}
+    rows = []
+    for (name, metric), penalty in (store_penalties(store) if penalties is None else penalties).items():
+        with torch.no_grad():
+            value = {t: penalty(z, ref).double().numpy() for t, z in moves.items()}
+        ratio = value["near"] / np.maximum(value["far"], np.finfo(np.float64).tiny)
+        rows.append(Price(name, metric, float(ratio.mean()), float(value["near"].mean()), float(value["far"].mean()),
+                          len(ratio)))
+    return rows
+
+
+def format_prices(rows: Sequence[Price]) -> str:
+    """A table of :func:`near_far_prices`' rows, with how to read it."""
+    if not rows:
+        return ""
+    header = f"{'penalty':<10} {'metric':<12} {'near/far price':>15} {'near':>10} {'far':>10}"
+    lines = [header, "-" * len(header)]
+    lines += [f"{r.penalty:<10} {r.metric:<12} {r.price:>15.3f} {r.near:>10.4g} {r.far:>10.4g}" for r in rows]
+    lines += [
+        "",
+        f"near/far price over {rows[0].n_contexts} synthetic contexts (seeded): the penalty of moving {MOVED:.0%} of the top",
+        "token's mass onto its nearest trained neighbour, over moving it onto a stranger of equal reference",
+        "probability (1.0 = no discount, as KL; lower: near is cheaper). Static: no training, no model.",
+    ]
+    return "\n".join(lines)
