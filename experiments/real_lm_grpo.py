@@ -25,7 +25,7 @@ Setup.
   model); ``exact KL`` (``full_kl`` over the full vocabulary, through the adapter);
   ``sinkhorn import`` and ``tree import`` (support-mode Sinkhorn, m = 64, ε = cap/15, its
   support costs the l2 distance of the store's unit embeddings capped at the ``knn`` cap, the
-  operator the mutual-kNN one (:func:`mutual_knn`: the default union symmetrization of
+  operator the mutual-kNN one (``CostOperator.mutual()``: the default union symmetrization of
   SmolLM2's kNN graph needs 17 GB); and the store's Tree-Wasserstein, both on the store built
   from SmolLM2's own input embeddings, ``--import-store``); ``sinkhorn word2vec`` (the same
   Sinkhorn on the store of word2vec over the demo corpus with SmolLM2's tokenizer,
@@ -148,42 +148,6 @@ def load_policy(model_dir: Path, device: str, train_blocks: int):
 
 
 # -- penalties and their strengths ------------------------------------------------------------
-def mutual_knn(op):
-    """The symmetric cost on mutual k-nearest-neighbour pairs: ``c(i, j) = c(j, i) =`` the smaller
-    stored cost where each of i, j lists the other, the cap elsewhere; at most k a row.
-
-    Why not ``op.symmetrized()`` (the union of both directions, which Sinkhorn uses by
-    default): on SmolLM2's own input embeddings a few hub tokens sit in the k-NN lists of
-    tens of thousands of tokens, and the union pads every row to the largest degree:
-    ``V · max_degree · 8`` bytes, measured at a 17 GB peak and 150 s to build. Mutual pairs
-    keep the debiasing's symmetric cost at ``V · k`` size; the pairs dropped are priced at cap.
-    O(V·k·log(V·k)).
-    """
-    import numpy as np
-
-    from vocabmetric import CostOperator
-
-    V, k = op.indices.shape
-    rows = np.repeat(np.arange(V, dtype=np.int64), k)
-    cols, costs = op.indices.ravel().astype(np.int64), op.costs.ravel()
-    stored = (cols >= 0) & (cols != rows)
-    rows, cols, costs = rows[stored], cols[stored], costs[stored]
-    key, back = rows * V + cols, cols * V + rows
-    order = np.argsort(key)
-    at = np.minimum(np.searchsorted(key[order], back), len(key) - 1)
-    mutual = key[order][at] == back
-    rows, cols = rows[mutual], cols[mutual]
-    costs = np.minimum(costs[mutual], costs[order][at][mutual])
-    by_row = np.lexsort((costs, rows))
-    rows, cols, costs = rows[by_row], cols[by_row], costs[by_row]
-    slot = np.arange(len(rows)) - np.searchsorted(rows, rows)  # rank inside the row
-    width = int(slot.max()) + 1 if len(slot) else 1
-    indices = np.full((V, width), -1, np.int64)
-    table = np.full((V, width), op.cap, np.float32)
-    indices[rows, slot], table[rows, slot] = cols, costs
-    return CostOperator(indices, table, op.cap, op.fingerprint)
-
-
 def make_penalties(arms, import_store, w2v_store):
     """{arm: regularizer} for the arms that use a store; full_kl for the KL arms."""
     from vocabmetric import open_store
@@ -201,7 +165,7 @@ def make_penalties(arms, import_store, w2v_store):
             stores[path] = open_store(path)
         store = stores[path]
         if arm.startswith("sinkhorn"):
-            op = mutual_knn(store.operator("knn"))  # cap and fingerprint; the support costs come from l2
+            op = store.operator("knn").mutual()  # cap and fingerprint; the support costs come from l2
             embeddings = np.asarray(store.embeddings(normalized=True), np.float32)
             out[arm] = SinkhornDivergence(op, eps=op.cap * SINKHORN_EPS_OF_CAP, embeddings=embeddings, **SINKHORN)
         else:

@@ -164,7 +164,7 @@ def test_import_row_count_mismatch_and_bad_files(tmp_path):
     with pytest.raises(ConfigError, match="missing.npy.*does not exist"):
         import_embeddings(tmp_path / "missing.npy", 50)
     (tmp_path / "emb.pt").write_bytes(b"x")
-    with pytest.raises(ConfigError, match="emb.pt.*safetensors or .npy"):
+    with pytest.raises(ConfigError, match="emb.pt.*safetensors, .npy or .gguf"):
         import_embeddings(tmp_path / "emb.pt", 50)
     np.save(tmp_path / "flat.npy", np.zeros(50, np.float32))
     with pytest.raises(VocabMetricError, match=r"flat.npy.*shape \(50,\)"):

@@ -169,7 +169,7 @@ def test_missing_files_and_packages(tmp_path):
         load_matrix(tmp_path / "nothere.gguf", 10)
     with pytest.raises(TokenizerError, match="no installed package 'no_such_pkg'"):
         load_tokenizer("gguf:pkg:no_such_pkg/x.gguf")
-    assert resolve_source("pkg:vocabmetric/static").is_dir()
+    assert resolve_source("pkg:vocabmetric/query/service/static").is_dir()
     assert resolve_source("a/b.gguf", tmp_path) == tmp_path / "a" / "b.gguf"
 
 

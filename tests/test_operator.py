@@ -140,3 +140,33 @@ def test_tree_rejects_invalid_structures():
         TreeMetric([-1, 0], [0, -1], [1])
 
 
+
+
+def test_mutual_keeps_the_pairs_both_tokens_list_symmetric_at_the_smaller_cost():
+    """A hub listed by everyone keeps only its own neighbours (no row widens, unlike the
+    union), the cost is symmetric, and a pair only one token lists costs the cap."""
+    # token 0 is a hub: every token lists it; 0 lists 1 and 2
+    indices = [[1, 2], [0, 2], [0, 1], [0, 2]]
+    costs = [[0.1, 0.4], [0.2, 0.3], [0.5, 0.35], [0.6, 0.9]]
+    op = CostOperator(indices, costs, cap=1.0, fingerprint="f")
+    mutual = op.mutual()
+    assert mutual.is_symmetric and mutual.fingerprint == "f" and mutual.k <= 2 < op.symmetrized().k
+    assert mutual.cost(0, 1) == pytest.approx(0.1) == mutual.cost(1, 0)
+    assert mutual.cost(0, 2) == pytest.approx(0.4) == mutual.cost(2, 0)
+    assert mutual.cost(1, 2) == pytest.approx(0.3) == mutual.cost(2, 1)
+    assert mutual.cost(3, 0) == 1.0 == mutual.cost(0, 3)  # 3 lists 0, 0 does not list 3: cap
+
+
+def test_mutual_is_the_brute_force_mutual_pairs_on_a_random_operator():
+    rng = np.random.default_rng(7)
+    V, k = 40, 6
+    indices = np.stack([rng.choice(np.delete(np.arange(V), i), k, replace=False) for i in range(V)])
+    costs = np.sort(rng.uniform(0.1, 0.9, (V, k)), axis=1).astype(np.float32)
+    op = CostOperator(indices, costs, cap=1.0)
+    stored = {(i, int(j)): float(c) for i in range(V) for j, c in zip(indices[i], costs[i])}
+    mutual = op.mutual()
+    for i in range(V):
+        for j in range(V):
+            if i != j:
+                want = min(stored[i, j], stored[j, i]) if (i, j) in stored and (j, i) in stored else 1.0
+                assert mutual.cost(i, j) == pytest.approx(want)

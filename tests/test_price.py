@@ -70,13 +70,13 @@ def test_cli_eval_prints_the_truth_and_the_price(small_store):
 
 def test_mutual_operator_is_the_symmetric_intersection():
     from vocabmetric.cost import CostOperator
-    from vocabmetric.query.price import mutual_operator, union_degree
+    from vocabmetric.query.price import union_degree
 
     rng = np.random.default_rng(0)
     x = rng.normal(size=(300, 5))
     d = np.linalg.norm(x[:, None] - x[None], axis=2)
     op = CostOperator.from_dense(d, 8, cap=float(d.max()))
-    dense, mutual = op.dense(), mutual_operator(op)
+    dense, mutual = op.dense(), op.mutual()
     both = (dense < op.cap) & (dense.T < op.cap)
     assert mutual.is_symmetric and both.sum() > 300
     np.testing.assert_array_equal(mutual.dense() < op.cap, both | np.eye(300, dtype=bool))

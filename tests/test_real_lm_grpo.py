@@ -91,19 +91,3 @@ def test_quick_run_trains_smollm2_through_the_trl_adapter():
     assert len(run["train_log"]) == 3
 
 
-def test_mutual_knn_keeps_the_pairs_both_tokens_list_symmetric_at_the_smaller_cost():
-    """The experiment's Sinkhorn operator: a hub listed by everyone keeps only its own
-    neighbours (no row widens), and the cost is symmetric."""
-    from real_lm_grpo import mutual_knn
-
-    from vocabmetric import CostOperator
-
-    # token 0 is a hub: every token lists it; 0 lists 1 and 2
-    indices = [[1, 2], [0, 2], [0, 1], [0, 2]]
-    costs = [[0.1, 0.4], [0.2, 0.3], [0.5, 0.35], [0.6, 0.9]]
-    op = mutual_knn(CostOperator(indices, costs, cap=1.0, fingerprint="f"))
-    assert op.is_symmetric and op.fingerprint == "f" and op.k <= 2
-    assert op.cost(0, 1) == pytest.approx(0.1) == op.cost(1, 0)
-    assert op.cost(0, 2) == pytest.approx(0.4) == op.cost(2, 0)
-    assert op.cost(1, 2) == pytest.approx(0.3) == op.cost(2, 1)
-    assert op.cost(3, 0) == 1.0 == op.cost(0, 3)  # 3 lists 0, 0 does not list 3: cap

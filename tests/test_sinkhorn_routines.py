@@ -151,3 +151,18 @@ def test_both_kernels_keep_the_geometry_protocol(op):
     dense = DenseLogKernel(torch.rand(2, 5, 5, dtype=torch.float64))
     assert isinstance(sparse, SparseGeometry) and not isinstance(sparse, DenseGeometry)
     assert isinstance(dense, DenseGeometry) and not isinstance(dense, SparseGeometry)
+
+
+def test_symmetrize_mutual_solves_on_the_mutual_pairs():
+    rng = np.random.default_rng(3)
+    V, k = 60, 6
+    indices = np.stack([rng.choice(np.delete(np.arange(V), i), k, replace=False) for i in range(V)])
+    asym = CostOperator(indices, np.sort(rng.uniform(0.1, 0.9, (V, k)), axis=1).astype(np.float32), cap=1.0)
+    assert not asym.is_symmetric
+    reg = SinkhornDivergence(asym, support=8, symmetrize="mutual")
+    assert reg.op.is_symmetric and reg.op.k <= k
+    np.testing.assert_array_equal(reg.op.indices, asym.mutual().indices)
+    z, r = torch.randn(3, V, dtype=torch.float64), torch.randn(3, V, dtype=torch.float64)
+    assert torch.isfinite(reg(z, r)).all()
+    with pytest.raises(VocabMetricError, match="symmetrize"):
+        SinkhornDivergence(asym, symmetrize="both")

@@ -40,12 +40,11 @@ from ..errors import ConfigError, CorpusError, VocabMetricError
 from .metrics_stage import build_metrics, check_neighbour_counts, validate_metrics
 from .stages import StageResult, Stages, save_array, stage_key
 from ..store import open_store, write_store
-from ..vocab.tokenizer import load_tokenizer
+from ..vocab.tokenizer import SPEC_FORMS, TOKENIZER_KINDS, load_tokenizer
 
 LOG = logging.getLogger(__name__)
 
 #: The tokenizer kinds a spec names (``kind:rest``).
-TOKENIZER_KINDS = ("tiktoken", "hf")
 #: The store's ``corpus`` attributes of a build without a [corpus] (embeddings imported).
 NO_CORPUS = {"absent": True, "sources": [], "n_documents": 0, "n_tokens": 0, "seconds": 0.0,
              "tokens_per_second": 0.0, "note": "no [corpus]: token counts are absent (tokens/count is all zero)"}
@@ -163,8 +162,7 @@ def _check_config(config: PipelineConfig, base: Path, path: Path) -> None:
     if kind not in TOKENIZER_KINDS or not sep or not rest:
         near = [k for k in TOKENIZER_KINDS if kind[:1].lower() == k[0]] or difflib.get_close_matches(kind, TOKENIZER_KINDS, n=1)
         hint = f"; did you mean '{near[0]}:{rest}'?" if near and sep else ""
-        raise ConfigError(f"{path}: tokenizer.spec: {spec!r} is not 'tiktoken:<encoding>' nor "
-                          f"'hf:<tokenizer.json or model directory>'{hint}")
+        raise ConfigError(f"{path}: tokenizer.spec: {spec!r} is not one of {SPEC_FORMS}{hint}")
     if spec.startswith("hf:"):
         where = _resolve(spec[3:], base)
         if not where.exists():

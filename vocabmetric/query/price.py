@@ -125,43 +125,15 @@ def union_degree(op) -> int:
     return int((out + into).max(initial=0))
 
 
-def mutual_operator(op):
-    """The symmetric operator of the pairs stored in *both* directions (mutual neighbours),
-    each at the smaller cost; rows padded to the original k. The union would be symmetric
-    too, but a hub (among thousands of tokens' k nearest, common in high dimension) widens
-    every row of it to the hub's degree. O(V·k·log(V·k))."""
-    from ..cost import CostOperator
-
-    idx, costs = np.asarray(op.indices, np.int64), np.asarray(op.costs, np.float64)
-    vocab_size, k = idx.shape
-    rows = np.repeat(np.arange(vocab_size), k)
-    cols, cs = idx.ravel(), costs.ravel()
-    ok = cols >= 0
-    rows, cols, cs = rows[ok], cols[ok], cs[ok]
-    key, back = rows * vocab_size + cols, cols * vocab_size + rows
-    order = np.argsort(key)
-    found = np.searchsorted(key[order], back)
-    found = np.minimum(found, len(key) - 1)
-    mutual = key[order][found] == back
-    rows, cols = rows[mutual], cols[mutual]
-    cs = np.minimum(cs[mutual], cs[order][found[mutual]])
-    out_idx, out_cost = np.full((vocab_size, k), -1, np.int32), np.full((vocab_size, k), op.cap, np.float32)
-    sort = np.lexsort((cs, rows))
-    rows, cols, cs = rows[sort], cols[sort], cs[sort]
-    slot = np.arange(len(rows)) - np.searchsorted(rows, rows)
-    out_idx[rows, slot], out_cost[rows, slot] = cols, cs
-    return CostOperator(out_idx, out_cost, op.cap, op.fingerprint)
-
-
 def sinkhorn_on(op) -> tuple[Any, str]:
     """Support-mode Sinkhorn (the price's settings) on ``op`` and how it was symmetrized:
     ``"union"`` (the penalty's own ``symmetrized()``) or ``"mutual"`` when the union would
-    take more than :data:`SYMMETRIZED_BYTES` (see :func:`mutual_operator`)."""
+    take more than :data:`SYMMETRIZED_BYTES` (``op.mutual()``: the pairs stored in both directions)."""
     from ..regularizers import SinkhornDivergence
 
     how = "union"
     if not op.is_symmetric and op.vocab_size * union_degree(op) * 8 > SYMMETRIZED_BYTES:
-        op, how = mutual_operator(op), "mutual"
+        op, how = op.mutual(), "mutual"
     return SinkhornDivergence(op, eps=SINKHORN_EPS, support=SINKHORN_SUPPORT, tol=1e-3), how
 
 

@@ -409,20 +409,24 @@ def _hf_token_bytes(text: str, decoder: dict[str, int] | None) -> bytes:
     return text.replace("▁", " ").encode()  # sentencepiece's word-boundary mark
 
 
+#: The spec kinds, each with the form of what follows its colon (the one list: the config's
+#: early check and :func:`load_tokenizer` read it).
+TOKENIZER_KINDS = {"tiktoken": "<encoding>", "hf": "<tokenizer.json or model directory>", "gguf": "<file.gguf>"}
+SPEC_FORMS = ", ".join(f"'{kind}:{form}'" for kind, form in TOKENIZER_KINDS.items())
+
+
 def load_tokenizer(spec: str) -> TiktokenTokenizer | HFTokenizer:
     """Load a tokenizer from a spec: ``tiktoken:<encoding>``, ``hf:<path/to/tokenizer.json>`` or ``gguf:<file>``."""
     kind, sep, rest = spec.partition(":")
     if not sep or not rest:
-        raise TokenizerError(
-            f"tokenizer spec {spec!r} is not of the form 'tiktoken:<encoding>', 'hf:<tokenizer.json>' or 'gguf:<file>'"
-        )
+        raise TokenizerError(f"tokenizer spec {spec!r} is not of the form {SPEC_FORMS}")
     if kind == "tiktoken":
         return TiktokenTokenizer(rest)
     if kind == "hf":
         return HFTokenizer(rest)
     if kind == "gguf":
         return GGUFTokenizer(rest)
-    raise TokenizerError(f"unknown tokenizer kind {kind!r} in spec {spec!r}; use 'tiktoken:', 'hf:' or 'gguf:'")
+    raise TokenizerError(f"unknown tokenizer kind {kind!r} in spec {spec!r}; use {SPEC_FORMS}")
 
 
 #: How whitespace shows in tables and plots: a leading space must never look blank.

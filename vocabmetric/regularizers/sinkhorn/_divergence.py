@@ -118,7 +118,10 @@ class SinkhornDivergence(Penalty):
         Debiasing needs a symmetric cost: an asymmetric (kNN) operator is symmetrized
         (``op.symmetrized()``: the union of both directions, the smaller cost where both
         are stored) and a log line says so; an already symmetric operator is used as is.
-        ``symmetrize=False`` raises on an asymmetric operator instead.
+        ``symmetrize="mutual"`` keeps only the pairs stored in both directions
+        (``op.mutual()``: never wider than k a row, where a hub widens every row of the
+        union — use it on a model's own embeddings); ``symmetrize=False`` raises on an
+        asymmetric operator instead.
     eps : float
         Entropic regularization ε, in the units of the cost (stable down to 0.01·cap in
         float32).
@@ -214,7 +217,7 @@ class SinkhornDivergence(Penalty):
         debias: bool = True,
         support: int | None = None,
         embeddings: Any = None,
-        symmetrize: bool = True,
+        symmetrize: bool | str = True,
         eps_scaling: float = 0.5,
         chunk_size: int | None = None,
         acceleration: str = "auto",
@@ -247,14 +250,18 @@ class SinkhornDivergence(Penalty):
         self._configure(backend=backend, chunk_size=chunk_size)
         if backend == "triton" and support is None:
             raise self.config_error("backend='triton' is the fused support-mode solver; pass support=m")
+        if symmetrize not in (True, False, "union", "mutual"):
+            raise self.config_error(f"symmetrize must be True ('union'), 'mutual' or False, got {symmetrize!r}")
         if not op.is_symmetric:
             if not symmetrize:
                 raise self.config_error(
                     f"the cost operator {op} is not symmetric, and debiasing needs a "
-                    "symmetric cost; pass symmetrize=True or op.symmetrized()"
+                    "symmetric cost; pass symmetrize=True (or 'mutual') or op.symmetrized()"
                 )
-            LOG.info("%s: symmetrizing %s (cost(i,j) = cost(j,i) = the smaller stored cost)", where, op)
-            op = op.symmetrized()
+            mutual = symmetrize == "mutual"
+            LOG.info("%s: symmetrizing %s (%s; cost(i,j) = cost(j,i) = the smaller stored cost)", where, op,
+                     "the mutual pairs" if mutual else "the union of both directions")
+            op = op.mutual() if mutual else op.symmetrized()
         self.op = op
         self.eps, self.max_iter, self.tol, self.debias = float(eps), int(max_iter), float(tol), bool(debias)
         self.eps_scaling = float(eps_scaling)
