@@ -8,9 +8,9 @@ does not pay for it, nor need it installed.
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
+from ._util.lazy import lazy_exports
 from .errors import (
     ConfigError as ConfigError,
     CorpusError as CorpusError,
@@ -45,14 +45,4 @@ __all__ = [
     "TokenNotFound", "VocabMetricError", "CostOperator", "TreeEnsemble", "TreeMetric", *_LAZY,
 ]
 
-
-def __getattr__(name: str) -> Any:
-    if name not in _LAZY:
-        raise AttributeError(f"module 'vocabmetric' has no attribute {name!r}")
-    value = getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted({*globals(), *_LAZY})
+__getattr__, __dir__ = lazy_exports(__name__, _LAZY)

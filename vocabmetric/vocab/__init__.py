@@ -7,9 +7,9 @@ training side can check a fingerprint without them.
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
+from .._util.lazy import lazy_exports
 from .fingerprint import check_fingerprint as check_fingerprint, tokenizer_fingerprint as tokenizer_fingerprint
 from .provenance import PROVENANCE as PROVENANCE, provenance_codes as provenance_codes
 
@@ -20,10 +20,4 @@ _LAZY = {"Tokenizer": "tokenizer", "load_tokenizer": "tokenizer", "visible": "to
 
 __all__ = ["PROVENANCE", "check_fingerprint", "provenance_codes", "tokenizer_fingerprint", *_LAZY]
 
-
-def __getattr__(name: str) -> Any:
-    if name not in _LAZY:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
-    globals()[name] = value
-    return value
+__getattr__, __dir__ = lazy_exports(__name__, _LAZY)

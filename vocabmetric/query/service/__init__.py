@@ -63,9 +63,9 @@ only httpx.
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
+from ..._util.lazy import lazy_exports
 from ._schema import (
     BODY_TIMEOUT as BODY_TIMEOUT,
     HEADER_TIMEOUT as HEADER_TIMEOUT,
@@ -96,14 +96,4 @@ __all__ = ["BODY_TIMEOUT", "HEADER_TIMEOUT", "KEEP_ALIVE_TIMEOUT", "LIMIT_CONCUR
            "MAX_K", "MAX_PAIRS", "MAX_WORK", "Client", "PROJECTION_FORMAT",
            "decode_projection", "projection_bytes", *_LAZY]
 
-
-def __getattr__(name: str) -> Any:
-    if name not in _LAZY:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted({*globals(), *_LAZY})
+__getattr__, __dir__ = lazy_exports(__name__, _LAZY)
