@@ -105,10 +105,14 @@ def browser():
 
 
 def _wait(driver, condition, what: str, timeout: float = 45):  # generous: CI machines may be loaded
+    from selenium.common.exceptions import NoSuchElementException, StaleElementReferenceException
     from selenium.webdriver.support.ui import WebDriverWait
 
+    # a table re-rendered while the condition reads it is "not yet", not a failure
+    ignored = (NoSuchElementException, StaleElementReferenceException)
     try:
-        return WebDriverWait(driver, timeout, poll_frequency=0.05).until(lambda d: condition(d))
+        return WebDriverWait(driver, timeout, poll_frequency=0.05, ignored_exceptions=ignored).until(
+            lambda d: condition(d))
     except Exception as exc:
         status = driver.execute_script("return document.getElementById('status').textContent")
         raise AssertionError(f"timed out waiting for {what}; page status: {status!r}") from exc
