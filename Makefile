@@ -60,6 +60,8 @@ bench: $(STAMP) loadgen
 	$(BIN)/python benchmarks/sparse_kernel.py
 	$(BIN)/python benchmarks/sinkhorn_vs_pot.py
 	$(BIN)/python benchmarks/trl_step.py
+	$(BIN)/python benchmarks/train_step.py --repeats 3
+	$(BIN)/python benchmarks/gguf_import.py
 	$(BIN)/python experiments/penalty_experiment.py
 
 # On a CUDA machine, with its own python (GPU_PYTHON) that holds a CUDA torch and Triton:
