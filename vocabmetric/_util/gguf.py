@@ -38,6 +38,7 @@ from typing import Any, Callable
 import numpy as np
 
 from ..errors import ConfigError
+from .vectors import require_finite_rows
 
 LOG = logging.getLogger(__name__)
 
@@ -301,9 +302,6 @@ def dequantize_rows(entry: GGUFTensor, path: Path, rows: int, *, slice_bytes: in
                 raise ConfigError(f"{path}: tensor {entry.name!r} is quantized as {entry.qtype.name}, which gguf "
                                   f"{_gguf_version()} cannot dequantize; re-quantize the model to another type "
                                   "(F16, Q8_0, Q4_K …) or upgrade gguf") from None
-            finite = np.isfinite(out[lo:hi]).all(axis=1)
-            if not finite.all():
-                row = lo + int(np.argmin(finite))
-                raise ConfigError(f"{path}: tensor {entry.name!r} row {row} (token id {row}) holds NaN or inf; "
-                                  "the file is damaged: download or convert it again")
+            require_finite_rows(out[lo:hi], lo, f"{path}: tensor {entry.name!r}",
+                                "the file is damaged: download or convert it again")
     return out

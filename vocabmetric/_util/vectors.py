@@ -12,6 +12,8 @@ from typing import Any
 
 import numpy as np
 
+from ..errors import ConfigError
+
 LOG = logging.getLogger(__name__)
 
 #: Pairs per block in :func:`l2_distance`: bounds its scratch to a few × 2^16 · d floats.
@@ -68,6 +70,17 @@ def row_distances(vectors: np.ndarray, rows: np.ndarray, neighbours: np.ndarray,
         diff = unit[rows[s : s + block], None, :] - unit[np.maximum(nbr, 0)]
         out[s : s + block] = np.where(nbr >= 0, np.linalg.norm(diff, axis=-1), 0.0)
     return out
+
+
+def require_finite_rows(block: np.ndarray, first_row: int, where: str, remedy: str) -> None:
+    """Raise :class:`ConfigError` naming the first row of ``block`` (rows ``first_row…``) with NaN or inf.
+
+    ``where`` names the file and tensor; ``remedy`` says what to do. Cost O(rows·d).
+    """
+    finite = np.isfinite(block).all(axis=1)
+    if not finite.all():
+        row = first_row + int(np.argmin(finite))
+        raise ConfigError(f"{where} row {row} (token id {row}) holds NaN or inf; {remedy}")
 
 
 def _unit64(rows: np.ndarray) -> np.ndarray:

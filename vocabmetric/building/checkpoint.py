@@ -39,6 +39,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .._util.vectors import require_finite_rows
 from ..errors import ConfigError
 
 LOG = logging.getLogger(__name__)
@@ -256,11 +257,8 @@ def read_rows(entry: TensorEntry, rows: int, *, slice_bytes: int = SLICE_BYTES) 
                 np.left_shift(part, 16, out=out[lo:hi].view(np.uint32), dtype=np.uint32)
             else:
                 out[lo:hi] = part
-            finite = np.isfinite(out[lo:hi]).all(axis=1)
-            if not finite.all():
-                row = lo + int(np.argmin(finite))
-                raise ConfigError(f"{entry.file}: tensor {entry.name!r} row {row} (token id {row}) holds NaN or inf; "
-                                  "the checkpoint is damaged or was saved mid-divergence: use another one")
+            require_finite_rows(out[lo:hi], lo, f"{entry.file}: tensor {entry.name!r}",
+                                "the checkpoint is damaged or was saved mid-divergence: use another one")
     return out
 
 
