@@ -45,10 +45,12 @@ loadgen:
 test-slow: $(STAMP)
 	$(BIN)/python -m pytest -q -m slow
 
-# Every benchmark at its full sizes (about an hour on 2 cores); each writes its one result,
+# Every benchmark at its full sizes (about two hours on 2 cores); each writes its one result,
 # benchmarks/results/<name>.{json,md} with machine info (docs/results.md reads them), then the
-# regularizers chart and the near/far experiment (experiments/results/, docs/*.png).
-bench: $(STAMP) loadgen
+# regularizers chart and the near/far experiment (experiments/results/, docs/*.png). The tree
+# benchmarks read the demo store, which `run` builds (or finds cached). newcomer_load.py
+# compares against an old commit and is run by hand.
+bench: $(STAMP) loadgen run
 	$(BIN)/python benchmarks/pipeline_throughput.py
 	$(BIN)/python benchmarks/metrics_build.py
 	$(BIN)/python benchmarks/service_latency.py
@@ -62,6 +64,12 @@ bench: $(STAMP) loadgen
 	$(BIN)/python benchmarks/trl_step.py
 	$(BIN)/python benchmarks/train_step.py --repeats 3
 	$(BIN)/python benchmarks/gguf_import.py
+	$(BIN)/python benchmarks/checkpoint_import.py
+	$(BIN)/python benchmarks/corpus_memory.py
+	$(BIN)/python benchmarks/tree_cost.py --stores $(OUT)/metric.zarr
+	$(BIN)/python benchmarks/tree_fidelity.py --store $(OUT)/metric.zarr
+	$(BIN)/python benchmarks/tree_contrast.py --store $(OUT)/metric.zarr --name tree_contrast_demo --positions 1024 \
+	  --configs store ward:top_size=256:shape=fraction:shape_fraction=0.2 --knn-shapes none fraction=0.2
 	$(BIN)/python experiments/penalty_experiment.py
 
 # On a CUDA machine, with its own python (GPU_PYTHON) that holds a CUDA torch and Triton:
