@@ -476,3 +476,13 @@ def test_full_kl_never_nan_and_gradient_always_finite(data, direction, dtype):
     measuring, other = (logits, ref_logits) if direction == "reverse" else (ref_logits, logits)
     support_ok = ~(torch.isfinite(measuring) & torch.isneginf(other)).any(-1)
     assert torch.isfinite(value[support_ok]).all()
+
+
+@pytest.mark.parametrize("policy_device, ref_device", [("cpu", "meta"), ("meta", "cpu"), ("meta", "meta")])
+def test_full_kl_refuses_a_meta_or_other_device_input_instead_of_a_made_up_number(policy_device, ref_device):
+    # a meta tensor holds no values: the KL of one was returned as 0 (a wrong number, silently)
+    logits = torch.randn(3, 7, device=policy_device, requires_grad=True)
+    ref = torch.randn(3, 7, device=ref_device)
+    with pytest.raises(VocabMetricError, match=f"full_kl: reference logits are on {ref_device}, "
+                                               f"policy logits on {policy_device}"):
+        full_kl(logits, ref)

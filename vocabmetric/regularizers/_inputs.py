@@ -64,15 +64,22 @@ def check_width(vocab_size: int, logits: torch.Tensor, where: str) -> None:
     check_vocab_size(vocab_size, logits.shape[-1], where)
 
 
+def check_same_device(ref: torch.Tensor, logits: torch.Tensor, where: str) -> None:
+    """Raise unless the reference logits are on the policy logits' device (``meta`` included:
+    a meta tensor holds no values, and a penalty of one would be a made-up number)."""
+    if ref.device != logits.device or logits.device.type == "meta":
+        raise VocabMetricError(
+            f"{where}: reference logits are on {ref.device}, policy logits on {logits.device}; "
+            "both must hold values on one device: move the reference to the policy's "
+            "(ref.to(logits.device)), and materialize meta tensors (e.g. load the model's weights) first"
+        )
+
+
 def check_reference_shape(ref: Reference, logits: torch.Tensor, where: str) -> None:
     """Raise unless reference logits have the policy logits' shape, or a top-k pair
     ``(ids, logprobs)`` (tensors) has two ``[..., m]`` parts with the logits' leading dims."""
     if isinstance(ref, torch.Tensor):
-        if ref.device != logits.device:
-            raise VocabMetricError(
-                f"{where}: reference logits are on {ref.device}, policy logits on {logits.device}; "
-                "move the reference to the policy's device (ref.to(logits.device))"
-            )
+        check_same_device(ref, logits, where)
         if ref.shape != logits.shape:
             raise VocabMetricError(
                 f"{where}: reference logits {tuple(ref.shape)} and policy logits "

@@ -12,7 +12,7 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from ..errors import ConfigError, VocabMetricError
-from ._inputs import check_floating, chunk_rows, compute_dtype, raise_bad_logits
+from ._inputs import check_floating, check_same_device, chunk_rows, compute_dtype, raise_bad_logits
 from ._penalty import Penalty
 
 DIRECTIONS = ("reverse", "forward")
@@ -84,6 +84,7 @@ def full_kl(
             "a top-k pair (ids, logprobs) does not determine the exact KL (use a Wasserstein penalty, "
             "which takes one, or pass the reference's logits)"
         )
+    check_same_device(ref_logits, logits, where)
     if logits.shape != ref_logits.shape or logits.dim() == 0:
         raise VocabMetricError(
             f"{where}: logits {tuple(logits.shape)} and ref_logits {tuple(ref_logits.shape)} "
