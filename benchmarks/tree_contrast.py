@@ -88,7 +88,7 @@ def knn_shape(spec: str) -> CostShape:
     return CostShape(name, **({"fraction": float(value)} if name == "fraction" else {"exponent": float(value)}))
 
 
-def tree_row(store, config: str, knn_table, positions: int) -> dict:
+def tree_row(store, config: str, knn_table, positions: int, repeats: int = 2) -> dict:
     name, kw = parse_config(config)
     start = time.perf_counter()
     if name == "store":  # the store's own tree, as built
@@ -109,9 +109,9 @@ def tree_row(store, config: str, knn_table, positions: int) -> dict:
     timing = {}
     if positions:  # Tree-Wasserstein fwd+bwd beside full_kl, same run (the load changes between configs)
         logits, ref = peaky_logits(positions, store.vocab_size)
-        kl = measure(full_kl, logits, ref, 2)["seconds"]
-        tw = measure(TreeWasserstein(tree), logits, ref, 2)["seconds"]
-        timing = {"positions": positions, "full_kl_s": kl, "tree_s": tw, "tree_cost_ratio": tw / kl}
+        kl = measure(full_kl, logits, ref, repeats)["seconds"]
+        tw = measure(TreeWasserstein(tree), logits, ref, repeats)["seconds"]
+        timing = {"positions": positions, "repeats": repeats, "full_kl_s": kl, "tree_s": tw, "tree_cost_ratio": tw / kl}
     return {**timing, "config": config, "build_s": build_s, "n_trees": view.n_trees, "n_nodes": int(params["n_nodes"]),
             "shape": params.get("shape"), "components": params.get("components"),
             "wordsim": human[TREE, "wordsim353"], "simlex": human[TREE, "simlex999"],
@@ -141,6 +141,7 @@ def main(argv=None) -> None:
     parser.add_argument("--knn-shapes", nargs="*", default=[])
     parser.add_argument("--name", default="tree_contrast")
     parser.add_argument("--positions", type=int, default=0, help="time Tree-Wasserstein beside full_kl at N positions")
+    parser.add_argument("--repeats", type=int, default=2, help="best of this many timed calls (after a warm-up)")
     args = parser.parse_args(argv)
     store = open_store(args.store)
     knn = store.operator("knn")
@@ -153,7 +154,7 @@ def main(argv=None) -> None:
         print(payload["sinkhorn"][-1], flush=True)
         write_results(args.name, payload, table(payload))
     for config in args.configs:
-        payload["trees"].append(tree_row(store, config, knn_table, args.positions))
+        payload["trees"].append(tree_row(store, config, knn_table, args.positions, args.repeats))
         print(payload["trees"][-1], flush=True)
         write_results(args.name, payload, table(payload))
 
