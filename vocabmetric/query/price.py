@@ -206,17 +206,18 @@ def format_prices(rows: Sequence[Price]) -> str:
     if not rows:
         return ""
     sources = {r.contexts: r.n_contexts for r in rows}
+    width = max(12, *(len(r.metric) for r in rows))  # "geodesic (mutual)"
     if len(sources) == 1:
-        header = f"{'penalty':<10} {'metric':<12} {'near/far price':>15} {'near':>10} {'far':>10}"
+        header = f"{'penalty':<10} {'metric':<{width}} {'near/far price':>15} {'near':>10} {'far':>10}"
         lines = [header, "-" * len(header)]
-        lines += [f"{r.penalty:<10} {r.metric:<12} {r.price:>15.3f} {r.near:>10.4g} {r.far:>10.4g}" for r in rows]
+        lines += [f"{r.penalty:<10} {r.metric:<{width}} {r.price:>15.3f} {r.near:>10.4g} {r.far:>10.4g}" for r in rows]
     else:
         price = {(r.penalty, r.metric, r.contexts): r.price for r in rows}
-        header = f"{'penalty':<10} {'metric':<12}" + "".join(f" {s:>12}" for s in sources)
+        header = f"{'penalty':<10} {'metric':<{width}}" + "".join(f" {s:>12}" for s in sources)
         lines = [header, "-" * len(header)]
         for penalty, metric in dict.fromkeys((r.penalty, r.metric) for r in rows):
             cells = [price.get((penalty, metric, s)) for s in sources]
-            lines.append(f"{penalty:<10} {metric:<12}" + "".join(f" {'-' if c is None else f'{c:.3f}':>12}" for c in cells))
+            lines.append(f"{penalty:<10} {metric:<{width}}" + "".join(f" {'-' if c is None else f'{c:.3f}':>12}" for c in cells))
     lines += ["", f"near/far price: the penalty of moving {MOVED:.0%} of the top token's mass onto its nearest trained",
               "neighbour, over moving it onto a stranger of equal reference probability (1.0 = no discount, as KL;",
               "lower: near is cheaper). No training. References:"]
@@ -224,6 +225,6 @@ def format_prices(rows: Sequence[Price]) -> str:
         lines.append(f"  near/far price over {sources[SYNTHETIC]} synthetic contexts (seeded): Zipfian, near and far "
                      f"at rank {TARGET_RANK}")
     if MODEL in sources:
-        lines.append(f"  near/far price over {sources[MODEL]} positions of the model's own next-token distributions "
-                     "(seeded): its softmax, far's logit set to near's")
+        lines += [f"  near/far price over {sources[MODEL]} positions of the model's own next-token distributions",
+                  "  (seeded, real text): its softmax, t* its top token, far's logit set to near's"]
     return "\n".join(lines)
