@@ -16,10 +16,16 @@ store's trees with weights fitted again: :class:`~vocabmetric.metrics.TreeRefit`
 Ward on the 10-NN graph, fitted), each with
 optional ``:key=value`` settings of the builder, e.g. ``ward:shape=fraction:shape_fraction=0.2``.
 ``--knn-shapes`` measures support-mode Sinkhorn's price on the store's ``knn`` table shaped
-by each setting (``none``, ``fraction=0.2``, ``power=2``).
+by each setting (``none``, ``fraction=0.2``, ``power=2``). ``--price-model HF_DIR`` prices
+each tree and shape also on that model's own next-token distributions (200 seeded positions
+of gensim's Lee corpus, :func:`~vocabmetric.query.model_contexts.model_contexts`: the same
+contexts for every row), beside the synthetic price.
 
     PYTHONPATH=. .venv/bin/python benchmarks/tree_contrast.py --store /work/stores/demo/metric.zarr --name tree_contrast_demo \\
         --configs kmeans ward ward:shape=fraction:shape_fraction=0.2 --knn-shapes none fraction=0.2
+    PYTHONPATH=. .venv/bin/python benchmarks/tree_contrast.py --store /work/stores/smollm2-gguf/metric.zarr \
+        --name tree_contrast_smollm2_model --price-model /work/stores/smollm2-hf --knn-shapes none fraction=0.2 \
+        --configs ward:top_size=256:shape=fraction:shape_fraction=0.2
 """
 
 from __future__ import annotations
@@ -40,6 +46,7 @@ from vocabmetric import open_store  # noqa: E402
 from vocabmetric.query.evaluation import evaluate, metric_contrast  # noqa: E402
 from vocabmetric.metrics import CostShape, TreeBuilder, TreeRefit, WardTreeBuilder, shape_table  # noqa: E402
 from vocabmetric.cost import CostOperator  # noqa: E402
+from vocabmetric.query.model_contexts import model_contexts  # noqa: E402
 from vocabmetric.query.price import near_far_prices, sinkhorn_on  # noqa: E402
 from vocabmetric.regularizers import TreeWasserstein, full_kl  # noqa: E402
 from vocabmetric.store import TREE  # noqa: E402
@@ -88,7 +95,15 @@ def knn_shape(spec: str) -> CostShape:
     return CostShape(name, **({"fraction": float(value)} if name == "fraction" else {"exponent": float(value)}))
 
 
-def tree_row(store, config: str, knn_table, positions: int, repeats: int = 2) -> dict:
+def model_price(store, penalty, key: tuple[str, str], contexts) -> dict:
+    """``{"model_price": …}`` of one penalty on the model's contexts, or nothing without them."""
+    if contexts is None:
+        return {}
+    (price,) = near_far_prices(store, {key: penalty}, contexts=contexts)
+    return {"model_price": price.price, "model_contexts": price.n_contexts}
+
+
+def tree_row(store, config: str, knn_table, positions: int, repeats: int = 2, contexts=None) -> dict:
     name, kw = parse_config(config)
     start = time.perf_counter()
     if name == "store":  # the store's own tree, as built
@@ -104,7 +119,9 @@ def tree_row(store, config: str, knn_table, positions: int, repeats: int = 2) ->
     view = WithTree(store, tree)
     human = {(r.metric, r.dataset): r.spearman for r in evaluate(view, ["l2", TREE])}
     contrast = {r.metric: r for r in metric_contrast(view, ["l2", TREE])}
-    (price,) = near_far_prices(view, {("tree", TREE): TreeWasserstein(view.tree())})
+    penalty = TreeWasserstein(view.tree())
+    (price,) = near_far_prices(view, {("tree", TREE): penalty})
+    on_model = model_price(view, penalty, ("tree", TREE), contexts)
     t = contrast[TREE]
     timing = {}
     if positions:  # Tree-Wasserstein fwd+bwd beside full_kl, same run (the load changes between configs)
@@ -117,10 +134,10 @@ def tree_row(store, config: str, knn_table, positions: int, repeats: int = 2) ->
             "wordsim": human[TREE, "wordsim353"], "simlex": human[TREE, "simlex999"],
             "l2_wordsim": human["l2", "wordsim353"], "l2_simlex": human["l2", "simlex999"],
             "spearman": t.spearman, "near_spearman": t.near_spearman, "contrast": t.contrast,
-            "l2_contrast": t.l2_contrast, "tree_price": price.price, "load": os.getloadavg()[0]}
+            "l2_contrast": t.l2_contrast, "tree_price": price.price, **on_model, "load": os.getloadavg()[0]}
 
 
-def sinkhorn_row(store, spec: str) -> dict:
+def sinkhorn_row(store, spec: str, contexts=None) -> dict:
     base = store.operator("knn")
     table = type("Table", (), {})()
     table.indices_, table.costs_, table.cap_, table.params_ = base.indices, base.costs.copy(), base.cap, {}
@@ -131,7 +148,8 @@ def sinkhorn_row(store, spec: str) -> dict:
     sink, how = sinkhorn_on(op)
     (price,) = near_far_prices(store, {("sinkhorn", "knn"): sink})
     return {"knn_shape": spec, "exponent": getattr(shape, "exponent_", 1.0), "symmetrized": how,
-            "sinkhorn_price": price.price, "load": os.getloadavg()[0]}
+            "sinkhorn_price": price.price, **model_price(store, sink, ("sinkhorn", "knn"), contexts),
+            "load": os.getloadavg()[0]}
 
 
 def main(argv=None) -> None:
@@ -142,19 +160,24 @@ def main(argv=None) -> None:
     parser.add_argument("--name", default="tree_contrast")
     parser.add_argument("--positions", type=int, default=0, help="time Tree-Wasserstein beside full_kl at N positions")
     parser.add_argument("--repeats", type=int, default=2, help="best of this many timed calls (after a warm-up)")
+    parser.add_argument("--price-model", help="also price on this Hugging Face model's own next-token distributions")
     args = parser.parse_args(argv)
     store = open_store(args.store)
+    start = time.perf_counter()
+    contexts = model_contexts(store, args.price_model) if args.price_model else None
+    model_s = time.perf_counter() - start
     knn = store.operator("knn")
     knn_table = (knn.indices, knn.costs)
     payload = {"machine": machine_info(), "store": str(args.store), "V": store.vocab_size,
                "n_usable": int(store.usable.sum()), "n_trained": int((store.trained & store.usable).sum()),
-               "trees": [], "sinkhorn": []}
+               "trees": [], "sinkhorn": [], "price_model": args.price_model,
+               "model_contexts_s": model_s if contexts is not None else None}
     for spec in args.knn_shapes:
-        payload["sinkhorn"].append(sinkhorn_row(store, spec))
+        payload["sinkhorn"].append(sinkhorn_row(store, spec, contexts))
         print(payload["sinkhorn"][-1], flush=True)
         write_results(args.name, payload, table(payload))
     for config in args.configs:
-        payload["trees"].append(tree_row(store, config, knn_table, args.positions, args.repeats))
+        payload["trees"].append(tree_row(store, config, knn_table, args.positions, args.repeats, contexts))
         print(payload["trees"][-1], flush=True)
         write_results(args.name, payload, table(payload))
 
@@ -164,21 +187,28 @@ def table(payload: dict) -> str:
              f"{payload['n_trained']} trained)", ""]
     if payload["trees"]:
         lines += ["| tree | WordSim (l2) | SimLex (l2) | spearman(tree, l2) | 10-NN contrast (l2) | ÷ l2 | Tree price | "
-                  "Tree × full_kl | build s | load |", "|---|---|---|---|---|---|---|---|---|---|"]
+                  "on the model's own | Tree × full_kl | build s | load |", "|---|---|---|---|---|---|---|---|---|---|---|"]
         for r in payload["trees"]:
             cost = f"{r['tree_cost_ratio']:.2f}" if "tree_cost_ratio" in r else "-"
             lines.append(f"| {r['config']} | {r['wordsim']:.3f} ({r['l2_wordsim']:.3f}) | {r['simlex']:.3f} "
                          f"({r['l2_simlex']:.3f}) | {r['spearman']:.3f} | {r['contrast']:.3f} ({r['l2_contrast']:.3f}) | "
-                         f"{r['contrast'] / r['l2_contrast']:.2f} | {r['tree_price']:.3f} | {cost} | {r['build_s']:.0f} | "
+                         f"{r['contrast'] / r['l2_contrast']:.2f} | {r['tree_price']:.3f} | {on_model(r)} | {cost} | {r['build_s']:.0f} | "
                          f"{r['load']:.1f} |")
     if payload["sinkhorn"]:
-        lines += ["", "| knn shape | exponent | symmetrized | support-mode Sinkhorn price |", "|---|---|---|---|"]
-        lines += [f"| {r['knn_shape']} | {r['exponent']:.3g} | {r['symmetrized']} | {r['sinkhorn_price']:.3f} |"
-                  for r in payload["sinkhorn"]]
+        lines += ["", "| knn shape | exponent | symmetrized | support-mode Sinkhorn price | on the model's own |",
+                  "|---|---|---|---|---|"]
+        lines += [f"| {r['knn_shape']} | {r['exponent']:.3g} | {r['symmetrized']} | {r['sinkhorn_price']:.3f} | "
+                  f"{on_model(r)} |" for r in payload["sinkhorn"]]
     lines += ["", "Pairs over trained tokens; prices over 200 synthetic contexts (vocabmetric.query.price). Targets: tree "
               "WordSim/SimLex ≥ 0.8× l2's, contrast within 10% of l2's, spearman ≥ 0.80, price ≤ 0.33.",
+              *([f"On the model's own: {payload['price_model']}'s next-token distributions at seeded positions of "
+                 "gensim's Lee corpus (vocabmetric.query.model_contexts)."] if payload.get("price_model") else []),
               f"Machine: {payload['machine'].get('cpu')}, {payload['machine'].get('cores')} cores (shared: see load)."]
     return "\n".join(lines) + "\n"
+
+
+def on_model(row: dict) -> str:
+    return f"{row['model_price']:.3f} ({row['model_contexts']})" if "model_price" in row else "-"
 
 
 if __name__ == "__main__":

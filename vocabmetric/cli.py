@@ -178,18 +178,33 @@ def eval_(
     store: Path = typer.Argument(..., help="a metric.zarr store"),
     as_json: bool = typer.Option(False, "--json"),
     price: bool = typer.Option(True, "--price/--no-price", help="the near/far price of each penalty (a few seconds each)"),
-    contexts: int = typer.Option(200, "--contexts", help="synthetic contexts of the near/far price"),
+    contexts: int = typer.Option(200, "--contexts", help="contexts of the near/far price (synthetic, and model positions)"),
+    price_model: Optional[Path] = typer.Option(None, "--price-model", help="also price on this causal LM's own next-token "
+                                               "distributions: a Hugging Face model directory with the store's tokenizer"),
+    price_text: Optional[Path] = typer.Option(None, "--price-text", help="--price-model: the text it reads, any corpus "
+                                              "file `build` reads, one passage a line [default: gensim's Lee corpus]"),
 ) -> None:
     """Each metric against human similarity (WordSim353, SimLex-999) and beside l2 (10-NN contrast,
-    Spearman over random trained pairs), and each penalty's near/far price."""
+    Spearman over random trained pairs), and each penalty's near/far price (synthetic contexts; with
+    --price-model, also the model's own next-token distributions, side by side)."""
     from .query.evaluation import evaluate, format_contrast, format_eval, metric_contrast
-    from .query.price import format_prices, near_far_prices
+    from .query.price import format_prices, near_far_prices, store_penalties
 
     s = _open(store)
+    prices = []
     try:
+        if price and price_model is not None:  # its errors before the minutes of the rest
+            from .query.model_contexts import load_causal_lm, model_contexts
+
+            model = load_causal_lm(price_model, s)
+            texts = _passages(price_text) if price_text is not None else None
         rows = evaluate(s)
         contrast = metric_contrast(s)
-        prices = near_far_prices(s, n_contexts=contexts) if price else []
+        if price:
+            penalties = store_penalties(s)
+            prices = near_far_prices(s, penalties, n_contexts=contexts)
+            if price_model is not None:
+                prices += near_far_prices(s, penalties, contexts=model_contexts(s, model, contexts, texts=texts))
     except VocabMetricError as exc:
         _fail(exc)
     if as_json:
@@ -197,6 +212,15 @@ def eval_(
                                "price": [r._asdict() for r in prices]}, indent=2))
         return
     typer.echo(format_eval(rows) + "\n\n" + format_contrast(contrast) + ("\n\n" + format_prices(prices) if prices else ""))
+
+
+def _passages(path: Path) -> list[str]:
+    """The non-empty lines of a corpus file's documents (any format ``build`` reads)."""
+    from .building.corpus import expand_sources, iter_documents
+    from .building.corpus.wikipedia import plain_text
+
+    texts = (plain_text(d.text) if d.wiki else d.text for source in expand_sources([str(path)]) for d in iter_documents(source))
+    return [line.strip() for text in texts for line in text.splitlines() if line.strip()]
 
 
 @app.command()
