@@ -155,6 +155,23 @@ def test_build_from_a_model_directory_with_no_corpus(tmp_path, tokenizer_file, v
     assert all(r.cached for r in again.stages)
 
 
+def test_imported_embeddings_build_the_sharpened_knn_and_the_ward_tree_by_default(tmp_path, tokenizer_file, vocab_size):
+    from vocabmetric import open_store
+    from vocabmetric.building.pipeline import build
+    from vocabmetric.query.report import info_table
+
+    directory = _save(_model("llama", True, vocab_size, seed=5), tmp_path / "m", tokenizer_file)
+    config = tmp_path / "defaults.toml"
+    config.write_text(f'[tokenizer]\nspec = "hf:{directory}"\n[embeddings]\nmethod = "import"\npath = "{directory}"\n'
+                      '[metrics.knn]\nk = 16\n[metrics.tree]\n')
+    store = open_store(build(config, tmp_path / "out", progress=False).store_path)
+    shape = store.metric_attrs("knn")["shape"]
+    assert shape["shape"] == "fraction" and shape["fraction"] == 0.2 and shape["rank"] == 10
+    tree = store.metric_attrs("tree")
+    assert tree["builder"] == "ward" and tree["top_size"] == 256 and tree["shape"]["shape"] == "fraction"
+    assert "fraction" in info_table(store)
+
+
 def test_a_tied_head_is_said_in_the_store(tmp_path, tokenizer_file, vocab_size):
     from vocabmetric import open_store
     from vocabmetric.building.pipeline import build

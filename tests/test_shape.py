@@ -227,3 +227,36 @@ def test_ward_top_size_keeps_the_graph_merges_below_and_rebuilds_the_top(points)
     assert sizes.max() <= 2  # a binary merge tree: at most two tokens share a parent
     with pytest.raises(ConfigError, match="top_size must be an integer >= 2 or unset, got 1"):
         WardTreeBuilder(top_size=1).validate()
+
+
+def test_a_fraction_that_would_flatten_the_cost_warns_naming_the_setting(points):
+    x, trained = points
+    # the 10th neighbour of these points costs far more than 0.05 of the cap: asking for 0.9 raises it
+    with pytest.warns(UserWarning, match=r"shape_fraction = 0\.9 flattens this cost.*exponent is 0\.\d+ < 1"):
+        KnnMetric(k=16, shape="fraction", shape_fraction=0.9, progress=False).fit(x, trained)
+
+
+# -- defaults by embeddings -----------------------------------------------------------------
+def test_imported_embeddings_get_the_sharpened_knn_and_the_ward_tree_unless_a_table_says_otherwise():
+    from vocabmetric.building.metrics_stage import IMPORTED_DEFAULTS, with_embedding_defaults
+
+    metrics = {"knn": {"k": 32}, "geodesic": {"k_graph": 10, "k": 64}, "tree": {}}
+    assert with_embedding_defaults(metrics, "word2vec") == metrics  # word2vec: the builders' own defaults
+    got = with_embedding_defaults(metrics, "import")
+    assert got["knn"] == {"k": 32, **IMPORTED_DEFAULTS["knn"]}
+    assert got["tree"] == IMPORTED_DEFAULTS["tree"] and got["tree"]["builder"] == "ward"
+    assert got["geodesic"] == metrics["geodesic"]  # a path metric: no default shape
+    # a table's own keys win; a set shape takes no shape default; another builder no tree default
+    kept = with_embedding_defaults({"knn": {"shape": "none"}, "tree": {"builder": "kmeans", "n_trees": 2},
+                                    "near": {"kind": "knn", "shape_fraction": 0.1}}, "import")
+    assert kept["knn"] == {"shape": "none"} and kept["tree"] == {"builder": "kmeans", "n_trees": 2}
+    assert kept["near"]["shape"] == "fraction" and kept["near"]["shape_fraction"] == 0.1
+    # a small k reads the fraction at its last neighbour, not at an absent 10th
+    assert with_embedding_defaults({"knn": {"k": 4}}, "import")["knn"]["shape_rank"] == 4
+
+
+def test_a_kmeans_key_without_a_builder_on_imported_embeddings_says_which_builder_to_name():
+    from vocabmetric.building.metrics_stage import with_embedding_defaults
+
+    with pytest.raises(ConfigError, match=r'metrics\.tree\.n_trees: .*defaults to "ward".*set builder = "kmeans"'):
+        with_embedding_defaults({"tree": {"n_trees": 4}}, "import")

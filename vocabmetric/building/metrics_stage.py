@@ -10,6 +10,7 @@ Each table names a metric; its ``kind`` defaults to the table name::
     [metrics.umap]                # UmapMetric
     n_components = 8
     [metrics.tree]                # TreeBuilder (builder = "kmeans") or WardTreeBuilder ("ward")
+    builder = "kmeans"            # the default for word2vec; "ward" for imported embeddings
     branching = 16
     n_trees = 4                   # k-means trees averaged (TreeBuilder only)
 
@@ -23,7 +24,8 @@ demand, so never shaped)::
     shape_exponent = 2.0          # shape = "power": cap·(c/cap)^2
 
 The fitted shape (its exponent and which metric properties it keeps) is stored in the
-metric's attrs under ``shape`` and shown by ``vocabmetric info``.
+metric's attrs under ``shape`` and shown by ``vocabmetric info``. Imported embeddings fill in
+:data:`IMPORTED_DEFAULTS` where a table leaves keys out (:func:`with_embedding_defaults`).
 
 Every other key is a keyword of the builder's constructor (see :mod:`vocabmetric.metrics`).
 The flat kNN graph that the geodesic, umap and ward builders read is built once, as its own
@@ -51,7 +53,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from ..errors import ConfigError
-from ..metrics import SHAPE_KEYS, GeodesicMetric, KnnMetric, L2Metric, TreeBuilder, UmapMetric, WardTreeBuilder
+from ..metrics import SHAPE_KEYS, CostShape, GeodesicMetric, KnnMetric, L2Metric, TreeBuilder, UmapMetric, WardTreeBuilder
 from .stages import Stages, stage_key
 from ..store import TREE, TreeArrays, TruncatedMetric
 
@@ -67,6 +69,53 @@ _RESERVED = {"progress"}
 SMALL_MAP = 5000
 SMALL_MAP_EPOCHS = 100
 PROJECTION = "projection2d"
+
+
+#: What a ``[metrics.*]`` table gets, for each key it leaves out, when the embeddings are imported
+#: from a model (``[embeddings] method = "import"``). A model's own embeddings live in hundreds of
+#: dimensions where every distance is alike (SmolLM2-135M: a 10-NN pair costs 0.75 of a random
+#: pair under l2), so the knn cost is sharpened and the tree is grown from the neighbours up:
+#: measured in docs/results.md ("Contrast and price"), reasoned in docs/building.md ("Defaults
+#: by embeddings"). word2vec stores keep the builders' own defaults.
+IMPORTED_DEFAULTS: dict[str, dict[str, Any]] = {
+    "knn": {"shape": "fraction", "shape_fraction": 0.2},
+    TREE: {"builder": "ward", "top_size": 256, "shape": "fraction", "shape_fraction": 0.2},
+}
+
+
+def with_embedding_defaults(metrics: Mapping[str, Any], method: str) -> dict[str, Any]:
+    """The ``[metrics.*]`` tables with :data:`IMPORTED_DEFAULTS` filled in where ``method`` is
+    ``"import"`` (keys a table sets win; a table that sets ``shape`` takes no shape default, one
+    that names another tree ``builder`` no tree default). Any other method: unchanged.
+
+    A tree table that leaves ``builder`` out but sets a key only the k-means builder takes
+    (``n_trees``, ``branching`` …) is a :class:`ConfigError` saying which builder to name.
+    """
+    if method != "import":
+        return dict(metrics)
+    out = {}
+    for name, table in metrics.items():
+        if not isinstance(table, dict):
+            out[name] = table  # validate_metrics names it
+            continue
+        kind = table.get("kind", name)
+        defaults = dict(IMPORTED_DEFAULTS.get(kind, {}))
+        if kind == TREE and table.get("builder", "ward") != "ward":
+            defaults = {}
+        if "shape" in table:
+            defaults = {k: v for k, v in defaults.items() if k not in SHAPE_KEYS}
+        elif kind == "knn" and isinstance(table.get("k"), int) and table["k"] < CostShape().rank:
+            defaults["shape_rank"] = max(1, table["k"])  # the fraction is read at the last stored neighbour
+        if kind == TREE and "builder" not in table:
+            ward = set(inspect.signature(WardTreeBuilder).parameters)
+            kmeans_only = sorted(set(table) - ward - {"kind"})
+            if kmeans_only:
+                raise ConfigError(
+                    f"metrics.tree.{kmeans_only[0]}: with imported embeddings the tree builder defaults to "
+                    f'"ward", which takes no {kmeans_only[0]}; set builder = "kmeans" to grow k-means trees '
+                    "(docs/building.md, \"Defaults by embeddings\"), or remove the key")
+        out[name] = {**defaults, **table}
+    return out
 
 
 def _builder_class(kind: str, table: Mapping[str, Any]) -> type:

@@ -37,7 +37,7 @@ from .corpus import expand_sources, tokenize_corpus
 from .compose import compose_untrained
 from .embeddings import Embeddings, apply_untrained_policy, import_embeddings, train_word2vec
 from ..errors import ConfigError, CorpusError, VocabMetricError
-from .metrics_stage import build_metrics, check_neighbour_counts, validate_metrics
+from .metrics_stage import build_metrics, check_neighbour_counts, validate_metrics, with_embedding_defaults
 from .stages import StageResult, Stages, save_array, stage_key
 from ..store import open_store, write_store
 from ..vocab.tokenizer import SPEC_FORMS, TOKENIZER_KINDS, load_tokenizer
@@ -188,6 +188,7 @@ def _check_config(config: PipelineConfig, base: Path, path: Path) -> None:
         raise ConfigError(f"{path}: embeddings.deterministic = true trains on one thread; remove "
                           f"embeddings.workers = {config.embeddings.workers} or set it to 1")
     try:
+        config.metrics = with_embedding_defaults(config.metrics, config.embeddings.method)
         validate_metrics(config.metrics)
     except ConfigError as exc:
         raise ConfigError(f"{path}: {exc}") from None

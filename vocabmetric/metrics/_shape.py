@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import logging
 import math
+import warnings
 from typing import Any
 
 import numpy as np
@@ -121,6 +122,13 @@ class CostShape:
                                        "lower shape_rank or use shape = 'power'")
             self.exponent_ = math.log(self.fraction) / math.log(median / cap)
             self.median_ = median
+            if self.exponent_ < 1:
+                warnings.warn(
+                    f"{where} shape_fraction = {self.fraction:g} flattens this cost instead of sharpening it: its "
+                    f"{self.rank}-th neighbour already costs {median / cap:.3g} of the cap, so the fitted exponent "
+                    f"is {self.exponent_:.3g} < 1 and a neighbour costs more of a stranger's price than unshaped; "
+                    f"set shape_fraction below {median / cap:.3g} to sharpen it, or shape = 'none'", UserWarning,
+                    stacklevel=2)
         self.params_ = self._params(cap)
         LOG.info("%s %s", where, self.params_["keeps"])
         return self
