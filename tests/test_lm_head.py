@@ -205,6 +205,40 @@ def test_only_what_requires_grad_gets_one_and_no_grad_gives_the_value():
     torch.testing.assert_close(value, loss.detach(), rtol=1e-12, atol=0)
 
 
+def test_a_hugging_face_model_gets_the_gradients_of_its_own_logits():
+    """A Llama built from a config, head tied to the embeddings: the penalty from
+    ``model.model(...).last_hidden_state`` and ``model.lm_head.weight`` gives every parameter
+    the gradient that the penalty on ``model(...).logits`` gives, padding masked."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                                   num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=32,
+                                   tie_word_embeddings=True)
+    policy = transformers.LlamaForCausalLM(cfg).double()
+    reference = transformers.LlamaForCausalLM(cfg).double().eval()
+    ids = torch.randint(0, VOCAB, (2, 9))
+    attention = torch.ones(2, 9, dtype=torch.long)
+    attention[1, 6:] = 0
+    mask = attention.bool()
+    with torch.no_grad():
+        ref_hidden = reference.model(input_ids=ids, attention_mask=attention).last_hidden_state
+    penalty = PENALTIES["tree"]
+    grads = []
+    for path in ("chunked", "plain"):
+        policy.zero_grad()
+        if path == "chunked":
+            hidden = policy.model(input_ids=ids, attention_mask=attention).last_hidden_state
+            loss = lm_head_penalty(penalty, hidden, policy.lm_head.weight, ref_hidden=ref_hidden,
+                                   ref_weight=reference.lm_head.weight, mask=mask, chunk_size=5)
+        else:
+            logits = policy(input_ids=ids, attention_mask=attention).logits
+            loss = aggregate(penalty(logits, reference(input_ids=ids, attention_mask=attention).logits.detach()), mask)
+        loss.backward()
+        grads.append([loss.detach()] + [p.grad.clone() for p in policy.parameters()])
+    assert policy.lm_head.weight is policy.model.embed_tokens.weight and float(grads[0][0]) > 0
+    assert_same(grads[0], grads[1], rtol=1e-9, atol=1e-12)
+
+
 class LargestAllocation(TorchDispatchMode):
     """Records the largest number of elements of any tensor a torch op returns (factory
     functions included: every buffer a penalty fills, numba's too, is made by torch)."""
