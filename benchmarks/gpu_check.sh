@@ -6,7 +6,10 @@
 #      gpu-marked tests included            -> results/test_gpu_cuda.log
 #   2. benchmarks/regularizers.py --device cuda, V = 100,277, N = 1,024 and 8,192, the rows
 #      that issue 25 targets (≤ 200 s)        -> results/regularizers_cuda.{json,md}
-#   3. benchmarks/train_step.py --device cuda, Qwen2.5-1.5B's shape in bf16 (≤ 150 s)
+#   3. benchmarks/chunked_head.py --device cuda, lm_head_penalty against the plain path at
+#      Qwen2.5-1.5B's head (V = 151,936, d = 1,536, bf16), N = 8,192 (≤ 75 s)
+#                                           -> results/chunked_head_cuda.{json,md}
+#   4. benchmarks/train_step.py --device cuda, Qwen2.5-1.5B's shape in bf16 (≤ 150 s)
 #                                           -> results/train_step_cuda.{json,md}
 #   then a summary                          -> results/gpu_check_cuda.md
 # A step that runs out of its time is stopped and named in the summary; the benchmarks
@@ -76,12 +79,16 @@ if (( DRY )); then
   run_step "tests (collected only)" 120 "$PY" -m pytest -q --collect-only -m "gpu or not gpu" "${TESTS[@]}"
   run_step "regularizers" 300 "$PY" benchmarks/regularizers.py --device cpu --malloc default --vocab 2048 \
     --positions 8 --repeats 1 --name regularizers_cuda --only tree "sinkhorn support m=64"
+  run_step "chunked_head" 120 "$PY" benchmarks/chunked_head.py --device cpu --positions 64 --vocab 2048 \
+    --width 32 --reps 1 --name chunked_head_cuda
   run_step "train_step" 300 "$PY" benchmarks/train_step.py --device cpu --tiny --only sinkhorn
 else
   run_step "tests" 150 bash -c "$PY -m pytest -q -m 'gpu or not gpu' ${TESTS[*]} 2>&1 | tee $OUT/test_gpu_cuda.log; exit \${PIPESTATUS[0]}"
   run_step "regularizers" 200 "$PY" benchmarks/regularizers.py --device cuda --vocab 100277 --positions 1024 8192 \
     --repeats 2 --name regularizers_cuda --only tree "sliced L=16" "sinkhorn support m=64" \
     "sinkhorn full newton ε=cap/15 (cold), kNN" "sinkhorn full newton ε=cap/15 (warm), kNN"
+  run_step "chunked_head" 75 "$PY" benchmarks/chunked_head.py --device cuda --dtype bfloat16 --vocab 151936 \
+    --width 1536 --positions 8192 --reps 3
   run_step "train_step" 150 "$PY" benchmarks/train_step.py --device cuda --repeats 3
 fi
 

@@ -41,4 +41,4 @@ def test_the_dry_run_writes_every_result(tmp_path):
     run = subprocess.run(["bash", str(SCRIPT), "--dry-run"], cwd=ROOT, capture_output=True, text=True, timeout=900,
                          env={**os.environ, "GPU_PYTHON": sys.executable, "BENCH_RESULTS": str(tmp_path)})
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
-    assert {"regularizers_cuda.json", "train_step.json", "gpu_check_cuda.md"} <= {p.name for p in tmp_path.iterdir()}
+    assert {"regularizers_cuda.json", "chunked_head_cuda.json", "train_step.json", "gpu_check_cuda.md"} <= {p.name for p in tmp_path.iterdir()}
