@@ -63,6 +63,7 @@ bench: $(STAMP) loadgen run
 	$(BIN)/python benchmarks/sinkhorn_vs_pot.py
 	$(BIN)/python benchmarks/trl_step.py
 	$(BIN)/python benchmarks/train_step.py --repeats 3
+	$(BIN)/python benchmarks/chunked_head.py
 	$(BIN)/python benchmarks/gguf_import.py
 	$(BIN)/python benchmarks/checkpoint_import.py
 	$(BIN)/python benchmarks/corpus_memory.py
