@@ -164,11 +164,7 @@ def compare_cpu(args, names) -> list[dict]:
         for method in METHODS:
             row[method] = _subprocess(args, "--memory", name, method)
         row["times_s"] = _subprocess(args, "--timing", name)["times_s"]
-        finish_row(row)
-        rows.append(row)
-        print(summary_line(row), file=sys.stderr)
-        if getattr(args, "on_row", None):
-            args.on_row(rows)
+        record(rows, row, args)
     return rows
 
 
@@ -202,12 +198,17 @@ def run_gpu(args, names) -> list[dict]:
             row["times_s"][method] = times
             del inputs
             torch.cuda.empty_cache()
-        finish_row(row)
-        rows.append(row)
-        print(summary_line(row), file=sys.stderr)
-        if getattr(args, "on_row", None):
-            args.on_row(rows)
+        record(rows, row, args)
     return rows
+
+
+def record(rows: list[dict], row: dict, args) -> None:
+    """Finish ``row``, append it, say it on stderr and hand the rows to ``args.on_row`` (if any)."""
+    finish_row(row)
+    rows.append(row)
+    print(summary_line(row), file=sys.stderr)
+    if getattr(args, "on_row", None):
+        args.on_row(rows)
 
 
 def finish_row(row: dict) -> None:
