@@ -18,9 +18,9 @@ optional ``:key=value`` settings of the builder, e.g. ``ward:shape=fraction:shap
 ``--knn-shapes`` measures support-mode Sinkhorn's price on the store's ``knn`` table shaped
 by each setting (``none``, ``fraction=0.2``, ``power=2``). ``--price-model MODEL`` (a Hugging
 Face directory or a GGUF file) prices each tree and shape also on that model's own next-token
-distributions (200 seeded positions
-of gensim's Lee corpus, :func:`~vocabmetric.query.model_contexts.model_contexts`: the same
-contexts for every row), beside the synthetic price.
+distributions (200 seeded positions of gensim's Lee corpus,
+:func:`~vocabmetric.query.model_contexts.model_contexts`: the same contexts for every row),
+beside the synthetic price.
 
     PYTHONPATH=. .venv/bin/python benchmarks/tree_contrast.py --store /work/stores/demo/metric.zarr --name tree_contrast_demo \\
         --configs kmeans ward ward:shape=fraction:shape_fraction=0.2 --knn-shapes none fraction=0.2
