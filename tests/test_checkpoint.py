@@ -170,6 +170,10 @@ def test_imported_embeddings_build_the_sharpened_knn_and_the_ward_tree_by_defaul
     tree = store.metric_attrs("tree")
     assert tree["builder"] == "ward" and tree["top_size"] == 256 and tree["shape"]["shape"] == "fraction"
     assert "fraction" in info_table(store)
+    config.write_text(config.read_text() + "n_trees = 2\n")  # two Ward trees, on halves of the coordinates
+    forest = open_store(build(config, tmp_path / "out", progress=False).store_path)
+    assert forest.metric_attrs("tree")["builder"] == "ward" and forest.metric_attrs("tree")["n_trees"] == 2
+    assert len(forest.tree().trees) == 2
 
 
 def test_a_tied_head_is_said_in_the_store(tmp_path, tokenizer_file, vocab_size):

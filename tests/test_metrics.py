@@ -269,6 +269,9 @@ BAD_ARGUMENTS = [
     (TreeBuilder, {"niter": 0}, r"niter must be an integer >= 1, got 0"),
     (WardTreeBuilder, {"n_neighbors": 0}, r"n_neighbors must be an integer >= 1, got 0"),
     (WardTreeBuilder, {"progress": "yes"}, r"progress must be true, false or unset, got 'yes'"),
+    (WardTreeBuilder, {"n_trees": 0}, r"n_trees must be an integer >= 1, got 0"),
+    (WardTreeBuilder, {"subspace": 0.0}, r"subspace = 0.0 must be a share of the coordinates in \(0, 1\]"),
+    (WardTreeBuilder, {"subspace": 1.5}, r"subspace = 1.5 must be"),
 ]
 
 

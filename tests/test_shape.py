@@ -229,6 +229,36 @@ def test_ward_top_size_keeps_the_graph_merges_below_and_rebuilds_the_top(points)
         WardTreeBuilder(top_size=1).validate()
 
 
+def test_several_ward_trees_merge_on_seeded_coordinate_shares_and_fit_their_mean(points):
+    """n_trees = 3: three different trees over the same tokens and root, each merged on its own
+    seeded half of the coordinates, their weights fitted so that the mean tracks l2 better than
+    one tree; n_trees = 1 is the plain tree, merged on every coordinate."""
+    from scipy.stats import spearmanr
+
+    x, trained = points
+    knn = KnnMetric(k=10, progress=False).fit(x, trained)
+    table = (knn.indices_, knn.costs_)
+    one = WardTreeBuilder(n_pairs=20_000).fit(x, trained, knn=table)
+    three = WardTreeBuilder(n_trees=3, n_pairs=20_000).fit(x, trained, knn=table)
+    again = WardTreeBuilder(n_trees=3, n_pairs=20_000).fit(x, trained, knn=table)
+    assert one.params_["n_trees"] == 1 and "subspace" not in one.params_
+    assert three.params_["n_trees"] == 3 and three.params_["subspace"] == 0.5
+    trees = three.to_trees()
+    assert len({t.parent.tobytes() for t in trees}) == 3  # three topologies
+    assert len({int(np.flatnonzero(t.parent < 0)[0]) for t in trees}) == 1  # one root
+    assert all(np.array_equal(a.parent, b.parent) for a, b in zip(trees, again.to_trees()))  # seeded
+    plain = WardTreeBuilder(n_pairs=20_000, fit_weights=False).fit(x, trained, knn=table)
+    assert not np.array_equal(plain.parent_, trees[0].parent)  # the first of three merges on its half only
+    rows = np.flatnonzero(trained)
+    rng = np.random.default_rng(0)
+    a, b = rng.choice(rows, 4000), rng.choice(rows, 4000)
+    ok = a != b
+    l2 = np.linalg.norm(x[a[ok]] / np.linalg.norm(x[a[ok]], axis=1, keepdims=True)
+                        - x[b[ok]] / np.linalg.norm(x[b[ok]], axis=1, keepdims=True), axis=1)
+    fidelity = {name: spearmanr(t.to_tree().distance(a[ok], b[ok]), l2)[0] for name, t in (("one", one), ("three", three))}
+    assert fidelity["three"] > fidelity["one"] + 0.1, fidelity  # 0.37 against 0.17 here
+
+
 def test_a_fraction_that_would_flatten_the_cost_warns_naming_the_setting(points):
     x, trained = points
     # the 10th neighbour of these points costs far more than 0.05 of the cap: asking for 0.9 raises it
@@ -258,5 +288,7 @@ def test_imported_embeddings_get_the_sharpened_knn_and_the_ward_tree_unless_a_ta
 def test_a_kmeans_key_without_a_builder_on_imported_embeddings_says_which_builder_to_name():
     from vocabmetric.building.metrics_stage import with_embedding_defaults
 
-    with pytest.raises(ConfigError, match=r'metrics\.tree\.n_trees: .*defaults to "ward".*set builder = "kmeans"'):
-        with_embedding_defaults({"tree": {"n_trees": 4}}, "import")
+    with pytest.raises(ConfigError, match=r'metrics\.tree\.branching: .*defaults to "ward".*set builder = "kmeans"'):
+        with_embedding_defaults({"tree": {"branching": 4}}, "import")
+    forest = with_embedding_defaults({"tree": {"n_trees": 2}}, "import")["tree"]  # Ward grows several trees too
+    assert forest["builder"] == "ward" and forest["n_trees"] == 2

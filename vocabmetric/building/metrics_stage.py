@@ -89,7 +89,7 @@ def with_embedding_defaults(metrics: Mapping[str, Any], method: str) -> dict[str
     that names another tree ``builder`` no tree default). Any other method: unchanged.
 
     A tree table that leaves ``builder`` out but sets a key only the k-means builder takes
-    (``n_trees``, ``branching`` …) is a :class:`ConfigError` saying which builder to name.
+    (``branching``, ``follow_knn`` …) is a :class:`ConfigError` saying which builder to name.
     """
     if method != "import":
         return dict(metrics)
@@ -131,7 +131,10 @@ def _resolved(builder: Any) -> dict[str, Any]:
     serving the one built under the old default."""
     names = inspect.signature(type(builder).__init__).parameters
     skip = {"self", *_RESERVED} | (set(SHAPE_KEYS) if getattr(builder, "shape", "none") == "none" else set())
-    # an unshaped tree keeps the key it had before shaping existed: its cached build is still right
+    # an unshaped tree keeps the key it had before shaping existed, one Ward tree the key it had
+    # before Ward forests: their cached builds are still right
+    if isinstance(builder, WardTreeBuilder) and builder.n_trees == 1:
+        skip |= {"n_trees", "subspace"}
     return {n: getattr(builder, n) for n in names if n not in skip and hasattr(builder, n)}
 
 
