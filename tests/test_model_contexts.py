@@ -133,6 +133,13 @@ def test_a_gguf_source_that_is_not_there_is_named(small_store, tmp_path):
     assert model_source(tmp_path / "Model.GGUF")[:2] == (tmp_path, {"gguf_file": "Model.GGUF"})
 
 
+def test_a_gguf_model_without_the_gguf_package_says_what_to_install(small_store, tmp_path, monkeypatch):
+    (tmp_path / "m.gguf").write_bytes(b"")
+    monkeypatch.setitem(sys.modules, "gguf", None)  # what `import gguf` meets when it is absent
+    with pytest.raises(ConfigError, match=r"m\.gguf is a GGUF file and the gguf package is not installed.*vocabmetric\[gguf\]"):
+        load_causal_lm(tmp_path / "m.gguf", small_store)
+
+
 @needs_smollm2_gguf
 def test_a_gguf_model_of_another_tokenizer_is_refused_naming_the_spec(small_store):
     """The real SmolLM2 file's tokenizer (read by transformers from the GGUF metadata) is not

@@ -117,7 +117,7 @@ def read_header(path: Path, keep: Callable[[str], bool] = lambda key: False) -> 
     Errors name the file: a missing, truncated or corrupt file, a ggml type ``gguf`` does not know.
     """
     path = Path(path)
-    gguf = _import_gguf(path)
+    gguf = import_gguf(path)
     if not path.is_file():
         raise ConfigError(f"GGUF file {path} does not exist" + ("" if path.suffix == ".gguf" else " (a .gguf file)"))
     try:
@@ -205,7 +205,8 @@ def _parse(path: Path, buf, keep: Callable[[str], bool], gguf) -> GGUFHeader:
     return GGUFHeader(path, version, metadata, tensors)
 
 
-def _import_gguf(path: Path):
+def import_gguf(path: Path):
+    """The ``gguf`` module, or a :class:`ConfigError` naming ``path`` and the extra to install."""
     try:
         import gguf
     except ImportError:

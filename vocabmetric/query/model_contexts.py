@@ -40,6 +40,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from .._util.gguf import import_gguf, resolve_source
 from ..errors import ConfigError, TokenizerError, VocabMetricError
 from ..vocab.fingerprint import check_fingerprint, tokenizer_fingerprint
 from .price import MODEL, N_CONTEXTS, near_and_far, trained_ids
@@ -67,8 +68,6 @@ def model_source(model: str | Path) -> tuple[Path, dict[str, str], str]:
     inside an installed package, as a pipeline's ``path`` names it), which transformers reads
     with ``gguf_file=`` (the ``gguf`` package; weights dequantized to float32).
     A missing directory or file is a :class:`ConfigError` naming it."""
-    from .._util.gguf import resolve_source
-
     text = str(model)
     if text.startswith("pkg:") or text.lower().endswith(".gguf"):
         file = resolve_source(text)
@@ -88,8 +87,8 @@ def load_causal_lm(model: str | Path, store) -> tuple[Any, Any]:
     """``(tokenizer, model)`` of a causal LM (:func:`model_source`: a Hugging Face model directory
     or a GGUF file), in float32 and eval mode, after checking that its tokenizer is the store's
     (the fingerprint) and its head covers the store's V ids. Errors: :class:`ConfigError` (no
-    such directory or file), :class:`VocabMetricError` (transformers, or for a GGUF file the
-    ``gguf`` package, not installed), :class:`TokenizerError` (no fast tokenizer to fingerprint),
+    such directory or file; for a GGUF file, the ``gguf`` package not installed),
+    :class:`VocabMetricError` (transformers not installed), :class:`TokenizerError` (no fast tokenizer to fingerprint),
     :class:`~vocabmetric.errors.FingerprintMismatch`."""
     path, source, name = model_source(model)
     try:
@@ -98,12 +97,8 @@ def load_causal_lm(model: str | Path, store) -> tuple[Any, Any]:
     except ImportError:
         raise VocabMetricError("the near/far price on a model's own distributions runs the model with transformers, "
                                "which is not installed: pip install 'vocabmetric[trl]' (or torch and transformers)") from None
-    if source:
-        try:
-            import gguf  # noqa: F401  (transformers reads GGUF files with it)
-        except ImportError:
-            raise VocabMetricError(f"{name}: transformers reads GGUF files with the gguf package, which is not "
-                                   "installed: pip install 'vocabmetric[gguf]'") from None
+    if source:  # transformers reads GGUF files with the gguf package
+        import_gguf(path / source["gguf_file"])
     tokenizer = AutoTokenizer.from_pretrained(path, **source)
     got = tokenizer_fingerprint(tokenizer)
     if got is None:
