@@ -180,7 +180,8 @@ def eval_(
     price: bool = typer.Option(True, "--price/--no-price", help="the near/far price of each penalty (a few seconds each)"),
     contexts: int = typer.Option(200, "--contexts", help="contexts of the near/far price (synthetic, and model positions)"),
     price_model: Optional[Path] = typer.Option(None, "--price-model", help="also price on this causal LM's own next-token "
-                                               "distributions: a Hugging Face model directory or a .gguf file (pkg:<package>/<file> too) with the store's tokenizer"),
+                                               "distributions: a Hugging Face model directory or a .gguf file "
+                                               "(pkg:<package>/<file> too) with the store's tokenizer"),
     price_text: Optional[Path] = typer.Option(None, "--price-text", help="--price-model: the text it reads, any corpus "
                                               "file `build` reads, one passage a line [default: gensim's Lee corpus]"),
 ) -> None:

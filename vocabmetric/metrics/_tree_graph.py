@@ -136,7 +136,7 @@ class WardTreeBuilder(_ShapedTree, _TreeResult):
             base = KnnMetric(need, progress=self.progress).fit(emb, mask)
             knn = (base.indices_, base.costs_)
         knn_idx, knn_dist = check_knn(knn, vocab_size, n_nb, what)
-        forest, roots, components = [], set(), 1
+        forest, roots = [], set()
         for t in range(self.n_trees):
             with warnings.catch_warnings():
                 if t:  # the graph's components are the same for every tree: said once
